@@ -1,0 +1,45 @@
+"""Architecture hyper-parameters shared by every model in the zoo."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_hidden", "mlp_out")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape.
+
+    arch: "llama" (RMSNorm, RoPE, gated MLP; covers SmolLM2, Llama 3, Qwen2, Mistral)
+    or "gpt2" (LayerNorm, learned positions, GELU MLP).
+    """
+
+    arch: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_ctx: int = 8192
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = True
+    qkv_bias: bool = False
+    activation: str = "silu"  # llama: silu (gate), gpt2: gelu_new
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def hook_names(self) -> tuple[str, ...]:
+        return tuple(f"{kind}.{layer}" for layer in range(self.n_layers) for kind in HOOK_KINDS)
