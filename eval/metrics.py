@@ -1,0 +1,222 @@
+"""Reconstruction metrics for any Dictionary: the one place these formulas live.
+
+Everything is computed by an exact streaming accumulator, so a metric over many
+batches equals the metric over their concatenation (up to float rounding):
+
+    stats = init(d, F)
+    for x_NxD, x_hat_NxD, codes_NxF in ...:
+        stats = update(stats, x_NxD, x_hat_NxD, codes_NxF)
+    metrics = finalize(stats)
+
+Per batch, a jitted reduction turns the (possibly large) device arrays into a
+few sums (vectors of length d and F at most); the running totals are kept on
+the host in float64 / int64, so precision does not degrade with the number of
+tokens. Definitions follow the SAE literature (Bricken et al. 2023 "Towards
+Monosemanticity"; Gao et al. 2024 "Scaling and evaluating sparse autoencoders";
+SAEBench, Karvonen et al. 2025), with the variance taken about the mean, not
+about zero (see `finalize`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# log10(density) histogram edges: 1e-8 .. 1 in quarter decades. A latent that
+# fires is counted in the bin of log10(density), clipped into [-8, 0]; latents
+# that never fired are reported separately as `n_dead`.
+LOG10_DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)
+
+# Guards the per-token ratios cos(x, x_hat) and ||x_hat|| / ||x|| against x = 0.
+_NORM_EPS = 1e-12
+
+
+def init(d: int, n_features: int) -> dict:
+    """Empty running totals for inputs of width `d` and `n_features` latents."""
+    return {
+        "n": 0,
+        "mean_D": np.zeros(d, np.float64),
+        "m2": 0.0,
+        "sse": 0.0,
+        "sum_sq_x": 0.0,
+        "sum_cos": 0.0,
+        "sum_norm_ratio": 0.0,
+        "sum_l0": 0.0,
+        "sum_l1": 0.0,
+        "fires_F": np.zeros(n_features, np.int64),
+    }
+
+
+@jax.jit
+def _batch_sums(x_NxD: jax.Array, x_hat_NxD: jax.Array, codes_NxF: jax.Array) -> dict:
+    """Per-batch sums. m2 is taken about the batch's own mean so the float32
+    sum stays well conditioned even when ||E[x]|| >> spread (residual streams)."""
+    x = x_NxD.astype(jnp.float32)
+    x_hat = x_hat_NxD.astype(jnp.float32)
+    codes = codes_NxF.astype(jnp.float32)
+    mean_D = jnp.mean(x, axis=0)
+    err = x - x_hat
+    norm_x = jnp.linalg.norm(x, axis=-1)
+    norm_hat = jnp.linalg.norm(x_hat, axis=-1)
+    fires = codes != 0
+    return {
+        "mean_D": mean_D,
+        "m2": jnp.sum(jnp.square(x - mean_D)),
+        "sse": jnp.sum(jnp.square(err)),
+        "sum_sq_x": jnp.sum(jnp.square(x)),
+        "sum_cos": jnp.sum(jnp.sum(x * x_hat, axis=-1) / jnp.maximum(norm_x * norm_hat, _NORM_EPS)),
+        "sum_norm_ratio": jnp.sum(norm_hat / jnp.maximum(norm_x, _NORM_EPS)),
+        "sum_l0": jnp.sum(fires, dtype=jnp.float32),
+        "sum_l1": jnp.sum(jnp.abs(codes)),
+        "fires_F": jnp.sum(fires, axis=0, dtype=jnp.int32),
+    }
+
+
+def update(stats: dict, x_NxD, x_hat_NxD, codes_NxF) -> dict:
+    """Fold one batch into the running totals (returns a new dict).
+
+    x_NxD: the target (the input for an autoencoder, the output hook's
+    activations for a transcoder); x_hat_NxD: the reconstruction; codes_NxF:
+    the latent activations (a latent "fires" on a token when its code != 0).
+
+    Mean and sum of squared deviations are merged with Chan, Golub & LeVeque's
+    (1979) pairwise update: with totals (n_a, mean_a, M2_a) and batch
+    (n_b, mean_b, M2_b), delta = mean_b - mean_a,
+    M2 = M2_a + M2_b + ||delta||^2 n_a n_b / (n_a + n_b). This is
+    Sum ||x - E[x]||^2 over all tokens seen, exactly, without the cancellation
+    of Sum ||x||^2 - n ||E[x]||^2.
+    """
+    n_b = int(x_NxD.shape[0])
+    if x_hat_NxD.shape != x_NxD.shape:
+        raise ValueError(f"x_hat shape {tuple(x_hat_NxD.shape)} != x shape {tuple(x_NxD.shape)}")
+    if codes_NxF.shape[0] != n_b or codes_NxF.shape[1] != stats["fires_F"].shape[0]:
+        raise ValueError(
+            f"codes shape {tuple(codes_NxF.shape)} does not match {n_b} tokens x "
+            f"{stats['fires_F'].shape[0]} features given to init()"
+        )
+    if x_NxD.shape[1] != stats["mean_D"].shape[0]:
+        raise ValueError(f"x has width {x_NxD.shape[1]}, init() was given d={stats['mean_D'].shape[0]}")
+    if n_b == 0:
+        return dict(stats)
+    b = jax.device_get(_batch_sums(x_NxD, x_hat_NxD, codes_NxF))
+    n_a = stats["n"]
+    n = n_a + n_b
+    mean_b = np.asarray(b["mean_D"], np.float64)
+    delta = mean_b - stats["mean_D"]
+    out = {
+        "n": n,
+        "mean_D": stats["mean_D"] + delta * (n_b / n),
+        "m2": stats["m2"] + float(b["m2"]) + float(delta @ delta) * n_a * n_b / n,
+        "fires_F": stats["fires_F"] + np.asarray(b["fires_F"], np.int64),
+    }
+    for key in ("sse", "sum_sq_x", "sum_cos", "sum_norm_ratio", "sum_l0", "sum_l1"):
+        out[key] = stats[key] + float(b[key])
+    return out
+
+
+def density_histogram(density_F: np.ndarray, edges: np.ndarray = LOG10_DENSITY_EDGES) -> dict:
+    """Histogram of log10(density) over latents that fired at least once.
+
+    Densities below 10**edges[0] go in the first bin; dead latents (density 0)
+    are not in any bin but counted in `n_dead`.
+    """
+    density_F = np.asarray(density_F, np.float64)
+    alive = density_F > 0
+    logd = np.clip(np.log10(density_F[alive]), edges[0], edges[-1])
+    counts, _ = np.histogram(logd, bins=edges)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "n_dead": int((~alive).sum())}
+
+
+def finalize(stats: dict) -> dict:
+    """Metrics from the running totals. With N tokens of width d:
+
+    mse                 = (1/N) Sum_n ||x_n - x_hat_n||^2 / d   (per element, as in SAELens/sparsify)
+    mse_per_token_sum   = (1/N) Sum_n ||x_n - x_hat_n||^2       (summed over d)
+    explained_variance  = 1 - Sum ||x - x_hat||^2 / Sum ||x - E[x]||^2
+                          (variance about the mean, not about zero; E[x] over all N tokens)
+    fvu                 = 1 - explained_variance  (fraction of variance unexplained)
+    l0                  = (1/N) Sum_n #{i : c_ni != 0}
+    l1                  = (1/N) Sum_n Sum_i |c_ni|
+    cosine              = (1/N) Sum_n <x_n, x_hat_n> / (||x_n|| ||x_hat_n||)
+    norm_ratio          = (1/N) Sum_n ||x_hat_n|| / ||x_n||
+    density_F[i]        = (1/N) #{n : c_ni != 0}
+    dead_frac           = fraction of latents with density 0 in this window
+    frac_density_gt_1pct, frac_density_gt_10pct = fraction of latents with density > 0.01, > 0.1
+    log10_density_hist  = see `density_histogram`
+
+    Scalars are Python floats; density_F is a numpy array (drop it with
+    `scalars()` before writing JSON).
+    """
+    n = stats["n"]
+    if n == 0:
+        raise ValueError("no tokens were accumulated: call update() with at least one batch before finalize()")
+    d = stats["mean_D"].shape[0]
+    density_F = stats["fires_F"] / n
+    ev = 1.0 - stats["sse"] / stats["m2"] if stats["m2"] > 0 else float("nan")
+    return {
+        "n_tokens": int(n),
+        "mse": stats["sse"] / (n * d),
+        "mse_per_token_sum": stats["sse"] / n,
+        "explained_variance": ev,
+        "fvu": 1.0 - ev,
+        "l0": stats["sum_l0"] / n,
+        "l1": stats["sum_l1"] / n,
+        "cosine": stats["sum_cos"] / n,
+        "norm_ratio": stats["sum_norm_ratio"] / n,
+        "dead_frac": float(np.mean(density_F == 0)),
+        "frac_density_gt_1pct": float(np.mean(density_F > 0.01)),
+        "frac_density_gt_10pct": float(np.mean(density_F > 0.10)),
+        "log10_density_hist": density_histogram(density_F),
+        "density_F": density_F,
+    }
+
+
+def scalars(metrics: dict) -> dict:
+    """The JSON-writable part of a metrics dict: everything but per-latent arrays."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (np.ndarray, jax.Array))}
+
+
+def evaluate_reconstruction(
+    dictionary,
+    batches_iter: Iterable,
+    n_batches: int | None = None,
+    target_hook_batches: Iterable | None = None,
+) -> dict:
+    """Reconstruction metrics of `dictionary` over `n_batches` batches [N, d_in].
+
+    For an autoencoder the target is the input itself. For a transcoder
+    (reads hook_in, writes hook_out) pass `target_hook_batches`, an iterator of
+    the hook_out activations for the same tokens in the same order; the
+    metrics then compare decode(encode(x_in)) with x_out. n_batches=None
+    consumes the (finite) iterator to its end.
+    """
+    batches: Iterator = iter(batches_iter)
+    targets: Iterator | None = None if target_hook_batches is None else iter(target_hook_batches)
+    stats = None
+    i = 0
+    while n_batches is None or i < n_batches:
+        try:
+            x_NxD = next(batches)
+        except StopIteration:
+            break
+        x_NxD = jnp.asarray(x_NxD)
+        codes_NxF = dictionary.encode(x_NxD)
+        x_hat_NxD = dictionary.decode(codes_NxF)
+        if targets is None:
+            y_NxD = x_NxD
+        else:
+            try:
+                y_NxD = jnp.asarray(next(targets))
+            except StopIteration:
+                raise ValueError(f"target_hook_batches ran out after {i} batches; it must align with batches_iter")
+            if y_NxD.shape[0] != x_NxD.shape[0]:
+                raise ValueError(f"target batch {i} has {y_NxD.shape[0]} rows, input batch has {x_NxD.shape[0]}")
+        if stats is None:
+            stats = init(y_NxD.shape[1], codes_NxF.shape[1])
+        stats = update(stats, y_NxD, x_hat_NxD, codes_NxF)
+        i += 1
+    if stats is None:
+        raise ValueError("batches_iter yielded no batches")
+    return finalize(stats)

@@ -1,0 +1,155 @@
+"""Reconstruction metrics vs hand-computed values and plain-numpy references."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval import metrics
+
+
+def _x_xhat_codes():
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]], np.float32)
+    x_hat = np.array([[1.0, 2.0], [2.0, 4.0], [5.0, 1.0]], np.float32)
+    codes = np.array([[0.0, 1.5, 0.0, 0.0], [2.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0]], np.float32)
+    return x, x_hat, codes
+
+
+def test_hand_computed_values():
+    x, x_hat, codes = _x_xhat_codes()
+    m = metrics.finalize(metrics.update(metrics.init(2, 4), x, x_hat, codes))
+    # errors (0,0), (1,0), (0,-1): squared error sum 2 over 3 tokens x 2 dims
+    assert m["n_tokens"] == 3
+    assert m["mse"] == pytest.approx(2 / 6)
+    assert m["mse_per_token_sum"] == pytest.approx(2 / 3)
+    # mean (3, 2); deviations (-2,0), (0,2), (2,-2): sum of squares 16 (about zero it would be 55)
+    assert m["explained_variance"] == pytest.approx(1 - 2 / 16)
+    assert m["fvu"] == pytest.approx(2 / 16)
+    assert m["l0"] == pytest.approx(4 / 3)
+    assert m["l1"] == pytest.approx(5 / 3)
+    # cos: 1; (3,4).(2,4) = 22 / (5 * sqrt 20); (5,0).(5,1) = 25 / (5 * sqrt 26)
+    assert m["cosine"] == pytest.approx((1 + 22 / (5 * math.sqrt(20)) + 25 / (5 * math.sqrt(26))) / 3, rel=1e-6)
+    assert m["norm_ratio"] == pytest.approx((1 + math.sqrt(20) / 5 + math.sqrt(26) / 5) / 3, rel=1e-6)
+    np.testing.assert_allclose(m["density_F"], [1 / 3, 1 / 3, 0, 2 / 3])
+    assert m["dead_frac"] == 0.25
+    assert m["frac_density_gt_1pct"] == 0.75
+    assert m["frac_density_gt_10pct"] == 0.75
+    hist = m["log10_density_hist"]
+    # log10(1/3) = -0.477 lies in [-0.5, -0.25) (bin 30), log10(2/3) = -0.176 in [-0.25, 0] (bin 31)
+    expected = [0] * 32
+    expected[30], expected[31] = 2, 1
+    assert hist["counts"] == expected
+    assert hist["n_dead"] == 1
+    assert len(hist["edges"]) == 33
+
+
+def _numpy_reference(x, x_hat, codes):
+    x, x_hat, codes = (np.asarray(a, np.float64) for a in (x, x_hat, codes))
+    err = ((x - x_hat) ** 2).sum(1)
+    var = ((x - x.mean(0)) ** 2).sum(1)
+    nx, nh = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+    return {
+        "mse": err.mean() / x.shape[1],
+        "explained_variance": 1 - err.sum() / var.sum(),
+        "l0": (codes != 0).sum(1).mean(),
+        "l1": np.abs(codes).sum(1).mean(),
+        "cosine": ((x * x_hat).sum(1) / (nx * nh)).mean(),
+        "norm_ratio": (nh / nx).mean(),
+    }
+
+
+def _random_case(n=1000, d=16, f=32, offset=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (offset + rng.normal(size=(n, d))).astype(np.float32)
+    x_hat = (x + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+    codes = np.maximum(rng.normal(size=(n, f)) - 1.0, 0).astype(np.float32)
+    codes[:, :3] = 0  # three dead latents
+    return x, x_hat, codes
+
+
+def test_streaming_equals_all_at_once_and_numpy():
+    x, x_hat, codes = _random_case()
+    whole = metrics.finalize(metrics.update(metrics.init(16, 32), x, x_hat, codes))
+    stats = metrics.init(16, 32)
+    for lo, hi in [(0, 100), (100, 101), (101, 500), (500, 1000)]:
+        stats = metrics.update(stats, jnp.asarray(x[lo:hi]), jnp.asarray(x_hat[lo:hi]), jnp.asarray(codes[lo:hi]))
+    streamed = metrics.finalize(stats)
+    ref = _numpy_reference(x, x_hat, codes)
+    for key, value in ref.items():
+        assert streamed[key] == pytest.approx(value, rel=1e-5), key
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-5), key
+    np.testing.assert_array_equal(streamed["density_F"], whole["density_F"])
+    np.testing.assert_array_equal(streamed["density_F"], (codes != 0).mean(0))
+    assert streamed["dead_frac"] == 3 / 32
+    assert streamed["log10_density_hist"] == whole["log10_density_hist"]
+
+
+def test_explained_variance_is_about_the_mean_with_large_offset():
+    # Residual streams have a large shared mean; variance about zero would give EV ~ 1.
+    x, x_hat, codes = _random_case(offset=100.0, seed=1)
+    stats = metrics.init(16, 32)
+    for lo in range(0, 1000, 250):
+        stats = metrics.update(stats, x[lo:lo + 250], x_hat[lo:lo + 250], codes[lo:lo + 250])
+    m = metrics.finalize(stats)
+    ref = _numpy_reference(x, x_hat, codes)
+    assert m["explained_variance"] == pytest.approx(ref["explained_variance"], rel=1e-4)
+    assert m["explained_variance"] == pytest.approx(1 - 0.09, abs=0.02)  # noise var 0.09 vs 1
+
+
+class _Linear:
+    """A tiny linear dictionary: codes = relu(x W), x_hat = codes W^T (test fixture)."""
+
+    hook = "resid_post.0"
+
+    def __init__(self, W_DxF):
+        self.W = jnp.asarray(W_DxF)
+        self.n_features = self.W.shape[1]
+
+    def encode(self, x):
+        return jnp.maximum(x @ self.W, 0)
+
+    def decode(self, c):
+        return c @ self.W.T
+
+
+def test_evaluate_reconstruction_matches_reference_and_transcoder_target():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    W = rng.normal(size=(8, 12)).astype(np.float32) / 4
+    dic = _Linear(W)
+    codes = np.maximum(x @ W, 0)
+    x_hat = codes @ W.T
+    batches = [x[i:i + 64] for i in range(0, 300, 64)]  # last batch is short
+    m = metrics.evaluate_reconstruction(dic, iter(batches), n_batches=None)
+    ref = _numpy_reference(x, x_hat, codes)
+    for key, value in ref.items():
+        assert m[key] == pytest.approx(value, rel=1e-5), key
+    assert m["n_tokens"] == 300
+    # n_batches stops early
+    assert metrics.evaluate_reconstruction(dic, iter(batches), n_batches=2)["n_tokens"] == 128
+    # transcoder: targets come from another hook
+    y = rng.normal(size=(300, 8)).astype(np.float32)
+    mt = metrics.evaluate_reconstruction(dic, iter(batches), None, target_hook_batches=[y[i:i + 64] for i in range(0, 300, 64)])
+    ref_t = _numpy_reference(y, x_hat, codes)
+    for key, value in ref_t.items():
+        assert mt[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_bad_input_is_named():
+    x, x_hat, codes = _x_xhat_codes()
+    with pytest.raises(ValueError, match="features"):
+        metrics.update(metrics.init(2, 5), x, x_hat, codes)
+    with pytest.raises(ValueError, match="no tokens"):
+        metrics.finalize(metrics.init(2, 4))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.update(metrics.init(2, 4), x, x_hat[:2], codes)
+
+
+def test_scalars_drop_arrays_and_are_json_writable():
+    import json
+
+    x, x_hat, codes = _x_xhat_codes()
+    m = metrics.finalize(metrics.update(metrics.init(2, 4), x, x_hat, codes))
+    s = metrics.scalars(m)
+    assert "density_F" not in s
+    json.dumps(s)
