@@ -1,0 +1,167 @@
+"""A trained SAE at inference time, in raw (unscaled) activation space.
+
+Saved parameters (names in weights.safetensors; F = width, D = d_in, E = d_out (= D unless transcoder)):
+
+  every architecture   W_enc [D, F], W_dec [F, E] (unit-norm rows), b_dec [E]
+  all but gated        b_enc [F]
+  jumprelu, batchtopk, threshold [F]   (BatchTopK's learned threshold, so it runs as JumpReLU;
+  matryoshka(batchtopk)                 the same value broadcast to all latents)
+  gated                b_gate [F], r_mag [F], b_mag [F]      (no b_enc)
+
+Encoders (pre = x @ W_enc + b_enc; no b_dec is subtracted from the input):
+
+  relu         f = relu(pre)
+  topk         f = relu(pre) kept at its k largest entries per token (matryoshka over topk likewise)
+  jumprelu     f = pre · 1[pre > threshold]   (batchtopk and matryoshka over batchtopk at inference)
+  gated        f = 1[x @ W_enc + b_gate > 0] · relu((x @ W_enc) ⊙ exp(r_mag) + b_mag)
+               (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs")
+
+Decoder: x̂ = f @ W_dec + b_dec.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saes.config import SAEConfig
+
+RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def param_names(config: SAEConfig) -> tuple[str, ...]:
+    """The saved parameter names of one architecture (see the module docstring)."""
+    if config.architecture == "gated":
+        return ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    if inference_mode(config) == "jumprelu":
+        names += ("threshold",)
+    return names
+
+
+def inference_mode(config: SAEConfig) -> str:
+    """relu | topk | jumprelu | gated: how a saved SAE encodes."""
+    sel = config.selection
+    if sel in ("batchtopk", "jumprelu"):
+        return "jumprelu"
+    return sel
+
+
+def encode_raw(params: dict, x_NxD: jax.Array, *, mode: str, k: int) -> jax.Array:
+    """Codes of a saved SAE (formulas in the module docstring)."""
+    x_NxD = x_NxD.astype(params["W_enc"].dtype)
+    if mode == "gated":
+        proj_NxF = x_NxD @ params["W_enc"]
+        gate_NxF = proj_NxF + params["b_gate"] > 0
+        mag_NxF = jax.nn.relu(proj_NxF * jnp.exp(params["r_mag"]) + params["b_mag"])
+        return jnp.where(gate_NxF, mag_NxF, 0.0)
+    pre_NxF = x_NxD @ params["W_enc"] + params["b_enc"]
+    if mode == "relu":
+        return jax.nn.relu(pre_NxF)
+    if mode == "jumprelu":
+        return jnp.where(pre_NxF > params["threshold"], pre_NxF, 0.0)
+    if mode == "topk":
+        vals_NxK, idx_NxK = jax.lax.top_k(jax.nn.relu(pre_NxF), k)
+        rows_Nx1 = jnp.arange(pre_NxF.shape[0])[:, None]
+        return jnp.zeros_like(pre_NxF).at[rows_Nx1, idx_NxK].set(vals_NxK)
+    raise ValueError(f"unknown inference mode {mode!r}")
+
+
+def decode_raw(params: dict, codes_NxF: jax.Array) -> jax.Array:
+    return codes_NxF.astype(params["W_dec"].dtype) @ params["W_dec"] + params["b_dec"]
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "k"))
+def _encode_jit(params, x_NxD, mode, k):
+    return encode_raw(params, x_NxD, mode=mode, k=k)
+
+
+@jax.jit
+def _decode_jit(params, codes_NxF):
+    return decode_raw(params, codes_NxF)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "k"))
+def _reconstruct_jit(params, x_NxD, mode, k):
+    return decode_raw(params, encode_raw(params, x_NxD, mode=mode, k=k))
+
+
+class SAE:
+    """A saved/trained SAE or transcoder; implements the Dictionary protocol (eval/dictionary.py).
+
+    Works on raw activations of `hook` (= hook_in); decodes into `hook_out`'s space.
+    """
+
+    def __init__(self, config: SAEConfig, params: dict[str, Any]):
+        config.validate()
+        missing = [n for n in param_names(config) if n not in params]
+        if missing:
+            raise ValueError(
+                f"{config.architecture} SAE needs parameters {list(param_names(config))}; missing {missing}"
+            )
+        self.config = config
+        self.params = {n: jnp.asarray(params[n], jnp.float32) for n in param_names(config)}
+        shapes = {
+            "W_enc": (config.d_in, config.width),
+            "W_dec": (config.width, config.d_out),
+            "b_dec": (config.d_out,),
+        }
+        for n, p in self.params.items():
+            want = shapes.get(n, (config.width,))
+            if p.shape != want:
+                raise ValueError(f"parameter {n} has shape {p.shape}, expected {want} for config {config.architecture}")
+
+    # Dictionary protocol -------------------------------------------------------------------
+    @property
+    def hook(self) -> str:
+        return self.config.hook_in
+
+    @property
+    def hook_out(self) -> str:
+        return self.config.hook_out
+
+    @property
+    def n_features(self) -> int:
+        return self.config.width
+
+    @property
+    def mode(self) -> str:
+        return inference_mode(self.config)
+
+    def encode(self, x_NxD) -> jax.Array:
+        return _encode_jit(self.params, jnp.asarray(x_NxD), self.mode, self.config.k)
+
+    def decode(self, codes_NxF) -> jax.Array:
+        return _decode_jit(self.params, jnp.asarray(codes_NxF))
+
+    def reconstruct(self, x_NxD) -> jax.Array:
+        return _reconstruct_jit(self.params, jnp.asarray(x_NxD), self.mode, self.config.k)
+
+    __call__ = reconstruct
+
+    @property
+    def directions_FxD(self) -> jax.Array:
+        return self.params["W_dec"]
+
+    def residual_directions(self, model) -> jax.Array:
+        """Where each latent writes in the residual stream: W_dec, or W_dec @ W_write for MLP-space hooks."""
+        write = model.write_matrix(self.hook_out)
+        if write is None:
+            return self.params["W_dec"]
+        return self.params["W_dec"] @ jnp.asarray(write, jnp.float32)
+
+    def __repr__(self) -> str:
+        c = self.config
+        kind = "transcoder" if c.is_transcoder else "SAE"
+        io = f"{c.hook_in}->{c.hook_out}" if c.is_transcoder else c.hook_in
+        return f"<{c.architecture} {kind} {io} d_in={c.d_in} width={c.width} k={c.k}>"
+
+
+def sae_from_params(config: SAEConfig | dict, params: dict[str, Any]) -> SAE:
+    """Build an SAE from a config (or its dict) and raw-space parameters named as in the module docstring."""
+    if isinstance(config, dict):
+        config = SAEConfig.from_dict(config)
+    return SAE(config, {n: np.asarray(v) for n, v in params.items()})
