@@ -1,0 +1,127 @@
+"""The decoder-only transformer skeleton shared by every architecture, with hook sites.
+
+A pre-norm block (what both GPT-2 and Llama compute), with the six hook sites in order:
+  resid_pre  = x
+  attn_out   = Attn(norm1(x))                      resid_mid  = x + attn_out
+  mlp_hidden = act(norm2(resid_mid) W_in)          mlp_out    = mlp_hidden W_down
+  resid_post = resid_mid + mlp_out                 (= resid_pre of the next layer)
+The architecture module (llama.py / gpt2.py) supplies norms, projections and positions.
+
+Padding: positions come from the attention mask (pos = cumsum(mask) - 1), so a left- or
+right-padded row computes exactly what the unpadded sequence computes; padded keys are
+masked out. Each query may always attend to itself, so padded rows stay finite (their values
+are meaningless but never NaN, and no real token ever reads them).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import gpt2, llama
+from .config import ModelConfig
+from .edits import apply_edit
+
+ARCHS = {"llama": llama, "gpt2": gpt2}
+
+
+def position_ids(mask_BxT):
+    """Token position counted from the first real token: cumsum(mask) - 1 (0 on left padding)."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def self_attention_mask(mask_BxT):
+    """[B, T, S] keep-mask: causal, real keys only, plus the diagonal (keeps pad rows finite)."""
+    T = mask_BxT.shape[1]
+    causal_TxS = jnp.tril(jnp.ones((T, T), bool))
+    eye_TxS = jnp.eye(T, dtype=bool)
+    return causal_TxS[None] & (mask_BxT.astype(bool)[:, None, :] | eye_TxS[None])
+
+
+def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
+    """softmax(q kᵀ / sqrt(E)) v per head (Vaswani et al. 2017), grouped-query: query head h
+    reads key/value head h // (H/K) (Ainslie et al. 2023) without materialising repeated keys."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxTxKxGxE = (q_BxTxHxE * (E**-0.5)).reshape(B, T, K, H // K, E)
+    s_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE)
+    s_BxKxGxTxS = jnp.where(keep_BxTxS[:, None, None], s_BxKxGxTxS, -jnp.inf)
+    w_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
+    o_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", w_BxKxGxTxS, v_BxSxKxE)
+    return o_BxTxKxGxE.reshape(B, T, H * E)
+
+
+class Sites(NamedTuple):
+    """Static description of what happens at hook sites: which hooks to capture and which edits
+    (their static keys, in order) to apply. Hashable: part of every compile key."""
+
+    capture: tuple[str, ...]
+    edits: tuple[tuple, ...]  # Edit.static_key() = (hook, kind, fn, n_positions)
+
+
+def make_site(sites: Sites, edit_args: list[dict], pos_BxT):
+    """Returns (site, captured): site(layer, kind, x) applies this hook's edits, records x if
+    captured, and returns the (edited) value."""
+    by_hook: dict[str, list[int]] = {}
+    for i, (hook, *_rest) in enumerate(sites.edits):
+        by_hook.setdefault(hook, []).append(i)
+    wanted = set(sites.capture)
+    captured: dict[str, jax.Array] = {}
+
+    def site(layer: int, kind: str, x):
+        name = f"{kind}.{layer}"
+        for i in by_hook.get(name, ()):
+            _, ekind, fn, _ = sites.edits[i]
+            x = apply_edit(ekind, fn, edit_args[i], x, pos_BxT)
+        if name in wanted:
+            captured[name] = x
+        return x
+
+    return site, captured
+
+
+def block(arch, cfg: ModelConfig, p: dict, layer: int, x_BxTxD, ctx, site: Callable, attend: Callable):
+    """One pre-norm transformer layer; `attend(layer, q, k, v)` does the attention (plain or
+    through a KV cache)."""
+    x_BxTxD = site(layer, "resid_pre", x_BxTxD)
+    q, k, v = arch.qkv(p, cfg, arch.attn_norm(p, cfg, x_BxTxD), ctx)
+    a_BxTxD = site(layer, "attn_out", arch.attn_proj(p, attend(layer, q, k, v)))
+    x_BxTxD = site(layer, "resid_mid", x_BxTxD + a_BxTxD)
+    m_BxTxF = site(layer, "mlp_hidden", arch.mlp_hidden(p, cfg, arch.mlp_norm(p, cfg, x_BxTxD)))
+    o_BxTxD = site(layer, "mlp_out", arch.mlp_proj(p, m_BxTxF))
+    return site(layer, "resid_post", x_BxTxD + o_BxTxD)
+
+
+def run_layers(cfg: ModelConfig, params, tokens_BxT, pos_BxT, site, attend, n_layers: int):
+    """Embedding then the first n_layers blocks; returns the residual stream after them."""
+    arch = ARCHS[cfg.arch]
+    ctx = arch.position_context(cfg, pos_BxT)
+    x_BxTxD = arch.embed(params, cfg, tokens_BxT, pos_BxT)
+    for layer in range(n_layers):
+        x_BxTxD = block(arch, cfg, params["layers"][layer], layer, x_BxTxD, ctx, site, attend)
+    return x_BxTxD
+
+
+def unembed_matrix_DxV(params):
+    return params["unembed"] if "unembed" in params else params["embed"].T
+
+
+def logits_from_resid(cfg: ModelConfig, params, x_BxTxD):
+    """final norm, then W_U. Tied models contract against the embedding directly (no transpose copy)."""
+    h_BxTxD = ARCHS[cfg.arch].final_norm(params, cfg, x_BxTxD)
+    if "unembed" in params:
+        return h_BxTxD @ params["unembed"]
+    return jnp.einsum("...d,vd->...v", h_BxTxD, params["embed"])
+
+
+def forward(cfg: ModelConfig, sites: Sites, n_layers: int, want_logits: bool,
+            params, tokens_BxT, mask_BxT, edit_args):
+    """The whole forward pass as one pure function (jitted by LanguageModel per static structure)."""
+    pos_BxT = position_ids(mask_BxT)
+    keep_BxTxS = self_attention_mask(mask_BxT)
+    site, captured = make_site(sites, edit_args, pos_BxT)
+    x_BxTxD = run_layers(cfg, params, tokens_BxT, pos_BxT, site,
+                         lambda layer, q, k, v: attention(q, k, v, keep_BxTxS), n_layers)
+    logits = logits_from_resid(cfg, params, x_BxTxD) if want_logits else None
+    return logits, dict(captured)
