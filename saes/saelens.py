@@ -1,0 +1,279 @@
+"""SAELens interop: export our SAEs to SAELens's on-disk format and import SAELens SAEs.
+
+SAELens (v6) directory = `cfg.json` + `sae_weights.safetensors`:
+
+  cfg.json      architecture ("standard" | "topk" | "jumprelu" | "gated" | "transcoder" |
+                "jumprelu_transcoder"), d_in, d_sae, dtype, device, apply_b_dec_to_input,
+                normalize_activations ("none" | "expected_average_only_in" | "constant_norm_rescale"
+                | "layer_norm"), reshape_activations ("none" | "hook_z"), k and
+                rescale_acts_by_decoder_norm (topk), d_out (transcoders), and `metadata`
+                (sae_lens_version, model_name, hook_name, hook_head_index, prepend_bos, ...).
+                Before v6 the metadata fields sat at the top level (with hook_layer,
+                activation_fn_str, activation_fn_kwargs={"k": k} for TopK).
+  weights       W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_out], b_enc [d_sae];
+                threshold [d_sae] (jumprelu); gated has b_gate, b_mag, r_mag instead of b_enc.
+
+SAELens forward (sae_lens/saes/*.py), with s = x - b_dec·[apply_b_dec_to_input]:
+  standard  f = relu(s W_enc + b_enc)
+  topk      h = s W_enc + b_enc (× ‖W_dec_i‖ if rescale_acts_by_decoder_norm);
+            f = relu of the k largest h per token, 0 elsewhere
+  jumprelu  h = s W_enc + b_enc;  f = relu(h) · 1[h > threshold]
+  gated     f = 1[s W_enc + b_gate > 0] · relu(s (W_enc ⊙ exp(r_mag)) + b_mag)
+  decode    x̂ = f W_dec + b_dec   (topk with rescale: (f / ‖W_dec_i‖) W_dec + b_dec)
+
+Our SAEs (saes/sae.py) encode x W_enc + b_enc on raw activations, so an export writes
+apply_b_dec_to_input=False and normalize_activations="none" (scales are folded), and an import
+folds SAELens's variants into that form:
+  apply_b_dec_to_input:  b_enc ← b_enc − b_dec W_enc  (gated: b_gate likewise, b_mag ← b_mag − (b_dec W_enc) ⊙ exp(r_mag))
+  rescale_acts_by_decoder_norm:  W_enc ← W_enc·n, b_enc ← b_enc·n, W_dec ← W_dec / n  (n = ‖W_dec_i‖)
+  jumprelu:  threshold ← max(threshold, 0)  (makes our h·1[h > θ] equal relu(h)·1[h > θ])
+BatchTopK and Matryoshka-BatchTopK run as JumpReLU at inference, so they export as "jumprelu"
+(what SAELens itself does); our full config rides along in metadata["featureatlas"], so
+export → import restores the original architecture and weights bit for bit.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from saes.config import SAEConfig
+from saes.io import load_sae
+from saes.sae import SAE, inference_mode, param_names, sae_from_params
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+# The cfg.json layout we write is SAELens 6's (config fields at the top, run facts in `metadata`).
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+# Our hook names <-> TransformerLens hook names (what SAELens's hook_name refers to).
+_TL_HOOKS = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "resid_post": "blocks.{L}.hook_resid_post",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "mlp_hidden": "blocks.{L}.mlp.hook_post",
+}
+_FROM_TL = {v.split(".", 2)[2]: k for k, v in _TL_HOOKS.items()}  # "hook_resid_pre" -> "resid_pre"
+
+
+class SAELensFormatError(ValueError):
+    """A SAELens directory we cannot represent exactly; the message says why and what to do."""
+
+
+def to_transformerlens_hook(hook: str) -> tuple[str, int | None]:
+    """("blocks.L.hook_…", L) for our `kind.L` hook names; unknown names pass through unchanged."""
+    kind, _, layer = hook.partition(".")
+    if kind in _TL_HOOKS and layer.isdigit():
+        return _TL_HOOKS[kind].format(L=layer), int(layer)
+    return hook, None
+
+
+def from_transformerlens_hook(name: str) -> str:
+    """Our `kind.L` hook name for a TransformerLens name like blocks.15.hook_resid_post."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+        kind = _FROM_TL.get(".".join(parts[2:]))
+        if kind:
+            return f"{kind}.{parts[1]}"
+    return name
+
+
+def _saelens_architecture(config: SAEConfig) -> str:
+    mode = inference_mode(config)
+    if config.is_transcoder:
+        if mode == "relu":
+            return "transcoder"
+        if mode == "jumprelu":
+            return "jumprelu_transcoder"
+        raise SAELensFormatError(
+            f"SAELens has no {mode} transcoder; only ReLU and JumpReLU (incl. BatchTopK) transcoders export"
+        )
+    return {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}[mode]
+
+
+def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
+    """Write `sae` (or the SAE saved in a directory) as a SAELens directory; returns out_dir."""
+    sae = load_sae(sae_or_dir) if isinstance(sae_or_dir, (str, Path)) else sae_or_dir
+    c = sae.config
+    arch = _saelens_architecture(c)
+    hook_name, hook_layer = to_transformerlens_hook(c.hook_in)
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": c.model_id,
+        "hook_name": hook_name,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "exclude_special_tokens": True,  # our stores train without BOS
+        "dataset_path": "",
+        "neuronpedia_id": None,
+        "featureatlas": c.to_dict(),
+    }
+    cfg = {
+        "architecture": arch,
+        "d_in": c.d_in,
+        "d_sae": c.width,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+        # Pre-6 readers (and tools such as SAEBench / SAEDashboard) look for these at the top level.
+        "model_name": c.model_id,
+        "hook_name": hook_name,
+        "hook_layer": hook_layer if hook_layer is not None else 0,
+        "hook_head_index": None,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "finetuning_scaling_factor": False,
+        "prepend_bos": True,
+    }
+    if arch == "topk":
+        cfg["k"] = int(c.k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+        cfg["activation_fn_kwargs"] = {"k": int(c.k)}
+    if c.is_transcoder:
+        hook_out, layer_out = to_transformerlens_hook(c.hook_out)
+        cfg["d_out"] = c.d_out
+        metadata["hook_name_out"] = hook_out
+        metadata["hook_layer_out"] = layer_out
+        cfg["hook_name_out"] = hook_out
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: np.ascontiguousarray(np.asarray(v, np.float32)) for n, v in sae.params.items()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _read_dir(path: Path) -> tuple[dict, dict]:
+    cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
+    if not cfile.exists():
+        raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
+    if not wfile.exists():
+        raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
+    cfg = json.loads(cfile.read_text())
+    weights = {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
+    return cfg, weights
+
+
+def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
+    """Our own export: rebuild the exact config when the weights are untouched (same names)."""
+    ours = (cfg.get("metadata") or {}).get("featureatlas")
+    if not ours:
+        return None
+    config = SAEConfig.from_dict(ours)
+    if set(param_names(config)) != set(weights) or cfg.get("apply_b_dec_to_input", True):
+        return None
+    if config.width != cfg.get("d_sae") or config.d_in != cfg.get("d_in"):
+        return None
+    return sae_from_params(config, weights)
+
+
+def _our_architecture(cfg: dict) -> tuple[str, bool]:
+    """(our architecture, is_transcoder) for a SAELens cfg (v6, or pre-6 with activation_fn_str)."""
+    arch = cfg.get("architecture", "standard")
+    if arch == "standard" and cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk":
+        arch = "topk"
+    table = {
+        "standard": ("relu", False),
+        "topk": ("topk", False),
+        "jumprelu": ("jumprelu", False),
+        "batchtopk": ("jumprelu", False),  # BatchTopK runs as JumpReLU at inference
+        "gated": ("gated", False),
+        "transcoder": ("relu", True),
+        "jumprelu_transcoder": ("jumprelu", True),
+    }
+    if arch not in table:
+        raise SAELensFormatError(
+            f"SAELens architecture {arch!r} is not supported; supported: {', '.join(sorted(table))}"
+        )
+    return table[arch]
+
+
+def import_saelens(path: str | Path) -> SAE:
+    """Load a SAELens directory (cfg.json + sae_weights.safetensors) as our SAE.
+
+    The SAELens forward pass is folded into our raw-space form (see the module docstring), so
+    encode/decode compute what SAELens computes. Per-token normalisations (layer_norm,
+    constant_norm_rescale), an unfolded dataset scale (expected_average_only_in) and hook_z
+    reshaping have no exact equivalent and raise SAELensFormatError.
+    """
+    path = Path(path)
+    cfg, w = _read_dir(path)
+    restored = _restore_featureatlas(cfg, w)
+    if restored is not None:
+        return restored
+
+    meta = cfg.get("metadata") or {}
+    norm = cfg.get("normalize_activations", "none")
+    if norm is True:
+        norm = "expected_average_only_in"
+    if norm not in ("none", False, None):
+        raise SAELensFormatError(
+            f"normalize_activations={norm!r}: the SAE expects rescaled inputs; fold the scale into the "
+            "weights first (SAELens: sae.fold_activation_norm_scaling_factor(s); sae.save_model(dir))"
+            if norm == "expected_average_only_in"
+            else f"normalize_activations={norm!r} is a per-token normalisation with no linear equivalent; not supported"
+        )
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise SAELensFormatError("reshape_activations='hook_z' (per-head attention SAEs) is not supported")
+
+    arch, transcoder = _our_architecture(cfg)
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_out = int(cfg.get("d_out", d_in)) if transcoder else d_in
+    W_enc, W_dec, b_dec = w["W_enc"], w["W_dec"], w["b_dec"]
+    if "finetuning_scaling_factor" in w:  # decode(f · s) = f (s ⊙ W_dec)
+        W_dec = W_dec * w["finetuning_scaling_factor"][:, None]
+    shift_F = b_dec @ W_enc if (cfg.get("apply_b_dec_to_input", True) and not transcoder) else None
+
+    params: dict[str, np.ndarray] = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch == "gated":
+        b_gate, b_mag, r_mag = w["b_gate"], w["b_mag"], w["r_mag"]
+        if shift_F is not None:
+            b_gate = b_gate - shift_F
+            b_mag = b_mag - shift_F * np.exp(r_mag)
+        params.update(b_gate=b_gate, b_mag=b_mag, r_mag=r_mag)
+    else:
+        b_enc = w["b_enc"] if shift_F is None else w["b_enc"] - shift_F
+        params["b_enc"] = b_enc
+    if arch == "jumprelu":
+        if "threshold" in w:
+            threshold = w["threshold"]
+        elif "log_threshold" in w:
+            threshold = np.exp(w["log_threshold"])
+        elif "topk_threshold" in w:
+            threshold = np.full(d_sae, float(np.asarray(w["topk_threshold"]).reshape(-1)[0]), np.float32)
+        else:
+            raise SAELensFormatError(f"{path}: a jumprelu SAE needs a 'threshold' tensor; found {sorted(w)}")
+        params["threshold"] = np.maximum(threshold, 0).astype(np.float32)
+    k = int(cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 32)))
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        n_F = np.linalg.norm(W_dec, axis=1)
+        params["W_enc"] = W_enc * n_F[None, :]
+        params["b_enc"] = params["b_enc"] * n_F
+        params["W_dec"] = W_dec / n_F[:, None]
+
+    hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
+    hook_out_tl = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""
+    hook_out = from_transformerlens_hook(hook_out_tl) if transcoder and hook_out_tl else hook_in
+    if not hook_in:
+        raise SAELensFormatError(f"{path / CFG_FILE} names no hook (metadata.hook_name / hook_name)")
+    if transcoder and hook_out == hook_in:
+        raise SAELensFormatError(f"{path / CFG_FILE} is a transcoder but names no distinct metadata.hook_name_out")
+    config = SAEConfig(
+        architecture=arch,
+        d_in=d_in,
+        width=d_sae,
+        k=k,
+        hook_in=hook_in,
+        hook_out=hook_out,
+        d_out=d_out,
+        model_id=str(meta.get("model_name") or cfg.get("model_name") or ""),
+        normalisation_folded=True,
+    )
+    return sae_from_params(config, {n: np.asarray(v, np.float32) for n, v in params.items()})
