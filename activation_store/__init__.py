@@ -1,0 +1,14 @@
+"""Model zoo, corpora, harvesting and the HDF5 activation store.
+
+    from activation_store import ActivationStore, harvest, HarvestConfig, CorpusConfig
+"""
+from activation_store.corpus import CorpusConfig, CorpusError, PackedCorpus, build_corpus
+from activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, HarvestResult, harvest
+from activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, StoreMismatchError,
+                                    write_store)
+
+__all__ = [
+    "ActivationStore", "CorpusConfig", "CorpusError", "Float16OverflowError", "HarvestConfig", "HarvestError",
+    "HarvestResult", "PackedCorpus", "StoreCorruptedError", "StoreError", "StoreMismatchError", "build_corpus",
+    "harvest", "write_store",
+]
