@@ -46,7 +46,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         return ModelConfig(
             arch="gpt2", n_layers=cfg["n_layer"], d_model=d_model, d_mlp=cfg.get("n_inner") or 4 * d_model,
             n_heads=cfg["n_head"], n_kv_heads=cfg["n_head"], head_dim=d_model // cfg["n_head"],
-            vocab_size=cfg["vocab_size"], max_ctx=cfg.get("n_positions", 1024), rope_base=0.0,
+            vocab_size=cfg["vocab_size"], max_ctx=cfg.get("n_positions", 1024),
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5), tied_embeddings=True, qkv_bias=True,
             activation=cfg.get("activation_function", "gelu_new"),
             bos_id=cfg.get("bos_token_id"), eos_id=cfg.get("eos_token_id"), pad_id=cfg.get("pad_token_id"))
