@@ -92,10 +92,11 @@ def row_mask(n_valid_N: np.ndarray, context_length: int, contexts_N: np.ndarray,
     return (t >= start) & (t < n_valid_N[:, None]) & contexts_N[:, None]
 
 
-def chunk_contexts(context_length: int, dim: int, itemsize: int, n_contexts: int) -> int:
-    """Contexts per HDF5 chunk: the largest power of two whose chunk stays within ~1 MiB."""
+def chunk_contexts(context_length: int, dim: int, itemsize: int, n_contexts: int,
+                   chunk_bytes: int = CHUNK_TARGET_BYTES) -> int:
+    """Contexts per HDF5 chunk: the largest power of two whose chunk stays within `chunk_bytes`."""
     per_context = context_length * dim * itemsize
-    k = max(1, CHUNK_TARGET_BYTES // per_context)
+    k = max(1, chunk_bytes // per_context)
     return int(min(2 ** int(math.log2(k)), n_contexts))
 
 
@@ -173,6 +174,7 @@ def create_store(
     val_fraction: float = 0.05,
     bos_id: int | None = None,
     tokenizer: str = "",
+    chunk_bytes: int = CHUNK_TARGET_BYTES,
 ) -> Path:
     """Write the complete skeleton of a store (every dataset allocated, n_committed = 0).
 
@@ -239,7 +241,7 @@ def create_store(
         stats = f.create_group("stats")
         for hook in hooks:
             d = int(dims[hook])
-            k = chunk_contexts(T, d, itemsize, N)
+            k = chunk_contexts(T, d, itemsize, N, chunk_bytes)
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all chunks exist now: writes touch no metadata
             acts.create_dataset(hook, shape=(N * T, d), dtype=dtype, chunks=(k * T, d), dcpl=dcpl,
@@ -324,6 +326,8 @@ def write_store(
     dtype: str | None = None,
     commit_contexts: int = 64,
     val_fraction: float = 0.05,
+    bos_id: int | None = None,
+    chunk_bytes: int = CHUNK_TARGET_BYTES,
 ) -> "ActivationStore":
     """Write a complete store from in-memory arrays (synthetic data, tests, benchmarks).
 
@@ -345,7 +349,7 @@ def write_store(
     path = Path(path)
     create_store(path, tokens_NxT=tokens, n_valid_N=n_valid, doc_id_N=doc_ids, label_N=labels,
                  label_names=label_names, dims=dims, dtype=dtype, attrs=dict(attrs or {}),
-                 commit_contexts=commit_contexts, val_fraction=val_fraction)
+                 commit_contexts=commit_contexts, val_fraction=val_fraction, bos_id=bos_id, chunk_bytes=chunk_bytes)
     writer = StoreWriter(path, fsync=False)
     try:
         for c0 in range(0, N, commit_contexts):

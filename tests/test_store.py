@@ -1,0 +1,284 @@
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import jax
+import numpy as np
+import pytest
+
+from activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, create_store, val_context_mask,
+                                    write_store)
+from scripts.cli import main as cli
+
+N, T = 60, 16
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 250, (N, T)).astype(np.int32)
+    tokens[:, 0] = 1
+    n_valid = np.full(N, T, np.int32)
+    n_valid[::3] = rng.integers(2, T, len(n_valid[::3]))  # every third context padded
+    for c in range(N):
+        tokens[c, n_valid[c]:] = 0
+    a = rng.standard_normal((N * T, 8)).astype(np.float32)
+    a[:, 0] = np.arange(N * T)  # column 0 names the row, so batches can be traced back
+    b = rng.standard_normal((N * T, 3)).astype(np.float32) * 5
+    return dict(acts={"resid_post.0": a, "mlp_hidden.1": b}, tokens=tokens, n_valid=n_valid,
+                doc_ids=np.arange(N) // 2, labels=rng.integers(-1, 3, N))
+
+
+@pytest.fixture
+def arrays():
+    return _arrays()
+
+
+@pytest.fixture
+def store(tmp_path, arrays):
+    # 4 contexts per chunk (64 rows) so that shuffling has many blocks to permute
+    return write_store(tmp_path / "s.h5", arrays["acts"], arrays["tokens"], arrays["doc_ids"], arrays["labels"],
+                       ("x", "y", "z"), {"model_id": "synthetic"}, n_valid=arrays["n_valid"], commit_contexts=8,
+                       bos_id=1, chunk_bytes=4 * T * 8 * 4)
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _real_rows(arrays, exclude_bos=True, contexts=None):
+    t = np.arange(T)[None]
+    mask = (t >= (1 if exclude_bos else 0)) & (t < arrays["n_valid"][:, None])
+    if contexts is not None:
+        mask &= contexts[:, None]
+    return np.flatnonzero(mask.ravel())
+
+
+def test_round_trip_every_array(tmp_path, arrays, store):
+    assert store.hooks == ("resid_post.0", "mlp_hidden.1")
+    assert store.n_contexts == N and store.complete and store.context_length == T
+    assert store.dim("resid_post.0") == 8 and store.dim("mlp_hidden.1") == 3
+    assert np.array_equal(store.tokens, arrays["tokens"])
+    assert np.array_equal(store.n_valid, arrays["n_valid"])
+    assert np.array_equal(store.doc_ids, arrays["doc_ids"])
+    assert np.array_equal(store.labels, arrays["labels"])
+    assert store.label_names == ("x", "y", "z")
+    assert store.attrs["model_id"] == "synthetic" and store.attrs["n_committed"] == N
+    for hook, a in arrays["acts"].items():
+        assert np.array_equal(store.read_rows(hook, np.arange(N * T)), a)
+    assert store.verify() == []
+    # float16 storage keeps exactly the float16-rounded values
+    s16 = write_store(tmp_path / "h.h5", {k: v.astype(np.float16) for k, v in arrays["acts"].items()},
+                      arrays["tokens"])
+    assert s16.dtype == "float16"
+    assert np.array_equal(s16.read_rows("mlp_hidden.1", np.arange(N * T)),
+                          arrays["acts"]["mlp_hidden.1"].astype(np.float16).astype(np.float32))
+
+
+def test_writing_the_same_store_twice_gives_identical_bytes(tmp_path, arrays):
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for p in paths:
+        write_store(p, arrays["acts"], arrays["tokens"], n_valid=arrays["n_valid"])
+    assert _sha(paths[0]) == _sha(paths[1])
+
+
+def test_token_rows_skip_padding_and_bos_and_split_is_a_partition(arrays, store):
+    val = val_context_mask(N, 0.05)
+    assert np.array_equal(store.context_split("val"), val)
+    assert np.array_equal(store.token_rows("all", exclude_bos=False), _real_rows(arrays, False))
+    assert np.array_equal(store.token_rows("all"), _real_rows(arrays, True))
+    train, valr = store.token_rows("train"), store.token_rows("val")
+    assert np.intersect1d(train, valr).size == 0
+    assert np.array_equal(np.union1d(train, valr), store.token_rows("all"))
+    assert np.array_equal(train, _real_rows(arrays, True, ~val))
+    assert not np.isin(np.arange(0, N * T, T), train).any()  # no BOS rows
+    big = val_context_mask(200_000, 0.05)
+    assert abs(big.mean() - 0.05) < 0.003
+
+
+def test_read_rows_any_order_and_iter_chunks_streams_in_order(arrays, store):
+    a = arrays["acts"]["resid_post.0"]
+    rows = np.array([900, 3, 3, 512, 64, 63, 0])
+    assert np.array_equal(store.read_rows("resid_post.0", rows), a[rows])
+    with pytest.raises(StoreError, match="row indices must lie in"):
+        store.read_rows("resid_post.0", [N * T])
+    chunks = list(store.iter_chunks("resid_post.0", 100))
+    assert all(len(c) == 100 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 100
+    assert np.array_equal(np.concatenate(chunks), a[store.token_rows("train")])
+    val = np.concatenate(list(store.iter_chunks("mlp_hidden.1", 7, split="val", exclude_bos=False)))
+    assert np.array_equal(val, arrays["acts"]["mlp_hidden.1"][store.token_rows("val", exclude_bos=False)])
+
+
+def _take(it, n):
+    out = [np.asarray(next(it)) for _ in range(n)]
+    it.close()
+    return out
+
+
+def test_shuffled_batches_cover_each_train_row_once_per_epoch(store):
+    train = store.token_rows("train")
+    B = 37
+    n_batches = 2 * len(train) // B + 1
+    it = store.batches("resid_post.0", B, seed=5, shuffle_buffer_rows=128)
+    batches = _take(it, n_batches)
+    assert all(b.shape == (B, 8) and b.dtype == np.float32 for b in batches)
+    ids = np.concatenate(batches)[:, 0].astype(np.int64)
+    epoch0, epoch1 = ids[:len(train)], ids[len(train):2 * len(train)]
+    assert np.array_equal(np.sort(epoch0), train) and np.array_equal(np.sort(epoch1), train)
+    assert not np.array_equal(epoch0, train)  # actually shuffled
+    assert not np.array_equal(epoch0, epoch1)  # reshuffled per epoch
+
+
+def test_batches_are_deterministic_by_seed_and_resume_exactly(store):
+    kw = dict(seed=11, shuffle_buffer_rows=128)
+    ref = _take(store.batches("resid_post.0", 50, **kw), 40)  # > 2 epochs
+    again = _take(store.batches("resid_post.0", 50, **kw), 40)
+    assert all(np.array_equal(x, y) for x, y in zip(ref, again))
+    other = _take(store.batches("resid_post.0", 50, seed=12, shuffle_buffer_rows=128), 40)
+    assert not all(np.array_equal(x, y) for x, y in zip(ref, other))
+    for start in (1, 17, 33):
+        resumed = _take(store.batches("resid_post.0", 50, start_step=start, **kw), 40 - start)
+        assert all(np.array_equal(x, y) for x, y in zip(ref[start:], resumed))
+
+
+def test_unshuffled_val_batches_follow_store_order_with_bos(arrays, store):
+    rows = store.token_rows("val", exclude_bos=False)
+    got = np.concatenate(_take(store.batches("mlp_hidden.1", 5, shuffle=False, split="val", exclude_bos=False),
+                               len(rows) // 5))
+    assert np.array_equal(got, arrays["acts"]["mlp_hidden.1"][rows[:len(got)]])
+
+
+def test_batches_place_data_with_a_sharding(store):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    it = store.batches("resid_post.0", 16, sharding=sharding, dtype=np.float16)
+    x = next(it)
+    it.close()
+    assert x.sharding == sharding and x.dtype == np.float16 and x.shape == (16, 8)
+
+
+def test_batches_split_across_two_devices(store):
+    code = textwrap.dedent(f"""
+        import jax, numpy as np
+        from activation_store.store import ActivationStore
+        s = ActivationStore.open({str(store.path)!r})
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        it = s.batches("resid_post.0", 32, sharding=sh, seed=3)
+        x = next(it); it.close()
+        ref = next(s.batches("resid_post.0", 32, seed=3))
+        assert len(x.addressable_shards) == 2 and x.addressable_shards[0].data.shape == (16, 8)
+        assert np.array_equal(np.asarray(x), np.asarray(ref))
+        print("ok")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_stats_equal_numpy_and_are_cached_in_the_file(arrays, store):
+    x = arrays["acts"]["mlp_hidden.1"][store.token_rows("train")].astype(np.float64)
+    mean, msn = store.stats("mlp_hidden.1")
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(msn, (x ** 2).sum(1).mean(), rtol=1e-12)
+    with h5py.File(store.path, "r") as f:
+        info = f["stats/mlp_hidden.1/info"][()]
+        assert info[0] == 1 and info[1] == N and info[2] == len(x)
+        assert np.array_equal(f["stats/mlp_hidden.1/mean"][()], mean)
+    again = ActivationStore.open(store.path).stats("mlp_hidden.1")
+    assert np.array_equal(again[0], mean) and again[1] == msn
+
+
+def test_stats_fall_back_to_memory_when_the_file_cannot_be_written(arrays, store):
+    # Another open read handle in this process makes HDF5 refuse a read-write open.
+    with h5py.File(store.path, "r", locking=False):
+        before = _sha(store.path)
+        s = ActivationStore.open(store.path)
+        mean, _ = s.stats("resid_post.0")
+        x = arrays["acts"]["resid_post.0"][s.token_rows("train")].astype(np.float64)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+        assert _sha(store.path) == before
+        assert s.stats("resid_post.0")[0] is mean  # cached in memory
+
+
+def test_partial_store_shows_only_committed_contexts(tmp_path, arrays):
+    path = tmp_path / "p.h5"
+    full = write_store(path, arrays["acts"], arrays["tokens"], n_valid=arrays["n_valid"], commit_contexts=8)
+    with h5py.File(path, "r+") as f:
+        f["n_committed"][()] = 24
+    s = ActivationStore.open(path)
+    assert s.n_contexts == 24 and not s.complete and s.tokens.shape == (24, T)
+    assert s.token_rows("all").max() < 24 * T
+    it = s.batches("resid_post.0", 64)
+    ids = np.concatenate(_take(it, 3))[:, 0]
+    assert ids.max() < 24 * T
+    assert s.verify() == []
+    assert s.summary()["committed_fraction"] == pytest.approx(0.4)
+    assert full.n_contexts == N
+
+
+def test_missing_truncated_and_corrupted_files_are_reported(tmp_path, arrays, store):
+    with pytest.raises(FileNotFoundError, match="no activation store at"):
+        ActivationStore.open(tmp_path / "nope.h5")
+    data = open(store.path, "rb").read()
+    trunc = tmp_path / "trunc.h5"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreCorruptedError, match="truncated or corrupted.*--overwrite"):
+        ActivationStore.open(trunc)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\0" * 64 + data[64:])  # superblock destroyed
+    with pytest.raises(StoreCorruptedError, match="truncated or corrupted"):
+        ActivationStore.open(garbage)
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(StoreCorruptedError, match="not a featureatlas store"):
+        ActivationStore.open(plain)
+    # A flipped byte inside the activations is caught by verify's per-commit CRC.
+    with h5py.File(store.path, "r") as f:
+        offset = f["acts/mlp_hidden.1"].id.get_chunk_info(0).byte_offset
+    flipped = tmp_path / "flipped.h5"
+    buf = bytearray(data)
+    buf[offset + 5] ^= 0xFF
+    flipped.write_bytes(bytes(buf))
+    problems = ActivationStore.open(flipped).verify()
+    assert any("mlp_hidden.1: contexts [0, 8) fail their CRC" in p for p in problems)
+
+
+def test_verify_reports_nan_and_tampered_tokens(tmp_path, arrays):
+    acts = {k: v.copy() for k, v in arrays["acts"].items()}
+    acts["resid_post.0"][40, 3] = np.nan
+    s = write_store(tmp_path / "n.h5", acts, arrays["tokens"], n_valid=arrays["n_valid"])
+    assert any("1 committed rows hold NaN or Inf" in p for p in s.verify())
+    with h5py.File(s.path, "r+") as f:
+        f["tokens"][0, 1] += 1
+    assert any("corpus_fingerprint" in p for p in ActivationStore.open(s.path).verify())
+
+
+def test_create_store_leaves_no_partial_file_and_rejects_bad_shapes(tmp_path, arrays):
+    with pytest.raises(StoreError, match="n_valid must have shape"):
+        create_store(tmp_path / "x.h5", tokens_NxT=arrays["tokens"], n_valid_N=arrays["n_valid"][:5],
+                     doc_id_N=arrays["doc_ids"], label_N=arrays["labels"], label_names=(), dims={"h": 4},
+                     dtype="float32", attrs={})
+    with pytest.raises(StoreError, match="dtype must be one of"):
+        write_store(tmp_path / "y.h5", arrays["acts"], arrays["tokens"], dtype="bfloat16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_store_info_and_verify(tmp_path, store, capsys):
+    assert cli(["store", "info", str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "resid_post.0: 8, mlp_hidden.1: 3" in out and "committed_fraction  1" in out
+    assert cli(["store", "info", "--json", str(store.path)]) == 0
+    import json
+    info = json.loads(capsys.readouterr().out)
+    assert info["contexts"] == N and info["tokens"] == int(store.n_valid.sum()) and info["dtype"] == "float32"
+    assert cli(["store", "verify", str(store.path)]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(open(store.path, "rb").read()[:2000])
+    assert cli(["store", "verify", str(bad)]) == 1
+    assert "truncated or corrupted" in capsys.readouterr().out
+    assert cli(["store", "info", str(bad)]) == 2
