@@ -220,3 +220,56 @@ def evaluate_reconstruction(
     if stats is None:
         raise ValueError("batches_iter yielded no batches")
     return finalize(stats)
+
+
+def _take_rows(chunks: Iterable, n_rows: int) -> Iterator:
+    """The first n_rows rows of a stream of [<=B, d] arrays, the last chunk cut to fit."""
+    left = n_rows
+    for chunk in chunks:
+        if left <= 0:
+            return
+        yield chunk[:left]
+        left -= chunk.shape[0]
+
+
+def evaluate_dictionary(
+    dictionary,
+    store,
+    *,
+    lm=None,
+    n_tokens: int = 20_000,
+    n_contexts_ce: int = 32,
+    split: str = "val",
+    batch_size: int = 4096,
+    ce_batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Reconstruction metrics over the first `n_tokens` non-BOS tokens of `split` (store order), plus
+    the spliced CE/KL metrics (eval/splice.py) on `n_contexts_ce` contexts of `split` when `lm` is given.
+
+    Transcoders (a `hook_out` different from `hook`) are scored against the store's hook_out
+    activations of the same tokens. Returns one flat dict (`scalars()` makes it JSON-writable).
+    """
+    from eval.splice import contexts_from_store, splice_metrics
+
+    hook_in = dictionary.hook
+    hook_out = getattr(dictionary, "hook_out", hook_in) or hook_in
+    for hook in {hook_in, hook_out}:
+        if hook not in store.hooks:
+            raise ValueError(f"store {store.path} has no hook {hook!r} (it has {', '.join(store.hooks)}); "
+                             "harvest it or evaluate on another store")
+    if store.token_rows(split).size == 0:
+        raise ValueError(f"split {split!r} of store {store.path} has no tokens; use split='all' or a larger store")
+    inputs = _take_rows(store.iter_chunks(hook_in, batch_size, split=split, exclude_bos=True), n_tokens)
+    targets = None
+    if hook_out != hook_in:
+        targets = _take_rows(store.iter_chunks(hook_out, batch_size, split=split, exclude_bos=True), n_tokens)
+    out = {"hook": hook_in, "hook_out": hook_out, "split": split}
+    out.update(evaluate_reconstruction(dictionary, inputs, None, target_hook_batches=targets))
+    if lm is not None:
+        if store.weights_hash and lm.weights_hash and store.weights_hash != lm.weights_hash:
+            raise ValueError(f"store {store.path} was harvested from {store.model_id!r} (weights {store.weights_hash}), "
+                             f"but lm is {lm.model_id!r} (weights {lm.weights_hash}); splice with the same model")
+        tokens, mask = contexts_from_store(store, n_contexts_ce, split=split, seed=seed)
+        out.update(splice_metrics(lm, dictionary, tokens, mask, batch_size=ce_batch_size))
+    return out

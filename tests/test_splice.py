@@ -182,3 +182,42 @@ def test_smollm2_pca_dictionary_is_between_zero_and_identity(smollm2):
     ident = splice_metrics(lm, Identity(hook, lm.hook_dim(hook)), tokens, mask, batch_size=4, error_term=False)
     assert ident["ce_score"] == pytest.approx(1.0, abs=1e-4)
     assert ident["kl_spliced"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_evaluate_dictionary_on_a_store_from_the_model(lm, tmp_path):
+    from activation_store import write_store
+    from eval import evaluate_dictionary, splice_metrics
+    from eval.splice import contexts_from_store
+
+    rng = np.random.default_rng(5)
+    N, T = 40, 12
+    tokens = rng.integers(3, 300, size=(N, T)).astype(np.int32)
+    tokens[:, 0] = 1
+    n_valid = rng.integers(4, T + 1, size=N).astype(np.int32)
+    mask = (np.arange(T)[None] < n_valid[:, None]).astype(np.int32)
+    tokens[mask == 0] = 0
+    hooks = ("resid_mid.0", "mlp_out.0")
+    _, acts = lm.forward(lm.params, jnp.asarray(tokens), attention_mask_BxT=jnp.asarray(mask), capture=hooks)
+    store = write_store(tmp_path / "s.h5", {h: np.asarray(acts[h]).reshape(N * T, D) for h in hooks}, tokens,
+                        n_valid=n_valid, attrs={"model_id": lm.model_id, "weights_hash": lm.weights_hash},
+                        val_fraction=0.25, bos_id=1)
+    dic = Projection("resid_mid.0", _random_basis(D, 5, seed=6), hook_out="mlp_out.0")  # a transcoder
+
+    m = evaluate_dictionary(dic, store, lm=lm, n_tokens=60, n_contexts_ce=6, batch_size=16)
+    # Reconstruction: the first 60 val rows (no BOS, no padding) in store order.
+    rows = store.token_rows("val")[:60]
+    x_in, y = store.read_rows("resid_mid.0", rows), store.read_rows("mlp_out.0", rows)
+    y_hat = np.asarray(dic.decode(dic.encode(jnp.asarray(x_in))))
+    assert m["n_tokens"] == 60
+    fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert m["fvu"] == pytest.approx(fvu, rel=1e-4)
+    # Splice: the same numbers as splice_metrics on the chosen val contexts.
+    toks, msk = contexts_from_store(store, 6, split="val")
+    val_ids = np.flatnonzero(store.context_split("val"))
+    assert toks.shape == (6, T)
+    for row, m_row in zip(toks, msk):  # each is a val context, masked after its n_valid tokens
+        (match,) = [c for c in val_ids if np.array_equal(store.tokens[c], row)]
+        assert m_row.sum() == store.n_valid[match] and m_row[: store.n_valid[match]].all()
+    ref = splice_metrics(lm, dic, toks, msk)
+    assert m["ce_score"] == pytest.approx(ref["ce_score"], rel=1e-6)
+    assert m["ce_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5)
