@@ -194,3 +194,40 @@ def test_hook_name_mapping():
         assert tl.startswith("blocks.") and layer == int(ours.split(".")[1])
         assert from_transformerlens_hook(tl) == ours
     assert from_transformerlens_hook("hook_embed") == "hook_embed"
+
+
+def _fake_run(d, arch, l0_end, fvu_end, seed=0):
+    from eval.metrics import density_histogram
+
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"architecture": arch}))
+    rows = []
+    for step in range(1, 41):
+        t = step / 40
+        rows.append({"kind": "train", "step": step * 10, "tokens": step * 40960, "sae": d.name,
+                     "loss": 2.0 * (1 - 0.8 * t) + 0.01 * rng.random(), "mse": 1.5 * (1 - 0.8 * t),
+                     "l0": 200 * (1 - t) + l0_end * t, "fvu": 1 - (1 - fvu_end) * t, "dead_frac": 0.3 * (1 - t)})
+    density = np.concatenate([10 ** rng.uniform(-5, -0.5, size=900), np.zeros(100)])
+    rows.append({"kind": "eval", "step": 400, "tokens": 40 * 40960, "sae": d.name, "l0": l0_end, "fvu": fvu_end,
+                 "log10_density_hist": density_histogram(density)})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_plots_are_written(tmp_path):
+    from saes.plots import plot_frontier, plot_run
+
+    run = tmp_path / "run"
+    for i, (arch, l0, fvu) in enumerate([("topk", 16, 0.3), ("topk", 32, 0.2), ("topk", 64, 0.12),
+                                         ("relu", 40, 0.25), ("relu", 90, 0.15)]):
+        _fake_run(run / f"{arch}_{l0}", arch, l0, fvu, seed=i)
+    written = plot_run(run)
+    assert len(written) == 5 * 2 + 1
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert (run / "frontier.png").exists() and (run / "topk_16" / "density_hist.png").exists()
+    # summary rows work too
+    out = plot_frontier([{"l0": 10, "fvu": 0.4, "sae": "a"}, {"l0": 20, "fvu": 0.3, "sae": "b"}], tmp_path / "f.png")
+    assert out.stat().st_size > 5000
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(tmp_path / "empty_dir_that_does_not_exist")
