@@ -35,6 +35,11 @@ class ArraySource:
         """X rows for sorted token indices."""
         return np.asarray(self.X_NxD[cols])
 
+    def labels(self) -> np.ndarray:
+        if self.labels_N is None:
+            return np.full(self.n, -1, np.int64)
+        return np.asarray(self.labels_N)
+
 
 @dataclasses.dataclass
 class StoreSource:
@@ -75,7 +80,9 @@ class StoreSource:
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
         if self.full:
             start = 0
-            for X in self.store.iter_chunks(self.hook, chunk_size, split=self.split, exclude_bos=True):
+            native = np.float16 if self.store.dtype == "float16" else np.float32
+            for X in self.store.iter_chunks(self.hook, chunk_size, split=self.split, exclude_bos=True,
+                                            dtype=native):
                 yield start, X
                 start += len(X)
             if start != self.n:
