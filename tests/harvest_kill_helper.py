@@ -1,0 +1,55 @@
+"""A tiny harvest that SIGKILLs its own process at a chosen point (driven by tests/test_harvest.py).
+
+    python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 PHASE COMMIT_INDEX
+    python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 after SECONDS   # kill after a delay
+
+PHASE is one of the harvest's on_phase names ("created", "hook_written", "rows_flushed",
+"committed"); the process dies the first time that phase is reached for COMMIT_INDEX.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from activation_store.corpus import CorpusConfig
+from activation_store.harvest import HarvestConfig, harvest
+
+HOOKS = ("resid_post.0", "mlp_hidden.1")
+
+
+def tiny_model():
+    from activation_store.models import random_model
+
+    return random_model("llama", n_layers=2, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64, seed=0)
+
+
+def tiny_config(corpus_path, **overrides) -> HarvestConfig:
+    corpus = CorpusConfig(source=str(corpus_path), context_length=32, min_tokens=4, seed=0)
+    kw = dict(model="tiny", hooks=HOOKS, corpus=corpus, dtype="float16", batch_size=4, commit_contexts=8)
+    kw.update(overrides)
+    return HarvestConfig(**kw)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(corpus_path, out, phase, arg) -> None:
+    on_phase = None
+    if phase == "after":
+        delay = float(arg)
+
+        def on_phase(name, index):
+            if name == "created":  # start the clock once the (compiled) run begins
+                threading.Timer(delay, die).start()
+    else:
+        def on_phase(name, index):
+            if name == phase and index == int(arg):
+                die()
+    harvest(tiny_config(corpus_path), out, lm=tiny_model(), progress=False, on_phase=on_phase)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
