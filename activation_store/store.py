@@ -269,6 +269,9 @@ class StoreWriter:
         try:
             self.file = h5py.File(self.path, "r+")
         except OSError as err:
+            if "lock" in str(err).lower():
+                raise StoreError(f"store {self.path} is open for writing in another process (a harvest still "
+                                 "running?); wait for it or stop it, then run the command again") from None
             raise corrupted(self.path, str(err)) from None
         self.attrs = _decode_attrs(self.file.attrs)
         self.hooks = list(self.attrs["hooks"])

@@ -1,0 +1,137 @@
+"""Benchmark harvesting and the store reader.
+
+    .venv/bin/python scripts/bench_store.py [--tokens 24000] [--batch-size 16] [--random-weights]
+
+SmolLM2-135M at context 128 capturing resid_post.15 and mlp_hidden.15 in float16 over BBC News:
+harvest tokens/s (after a warm-up batch that compiles), the share of harvest time the writer thread
+spends writing, the bare forward's tokens/s and effective GFLOP/s next to this machine's fp32 matmul
+GFLOP/s, and the shuffled reader's tokens/s and MB/s (stored bytes) for resid_post.15.
+Prints one JSON object on its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from activation_store.corpus import CorpusConfig  # noqa: E402
+from activation_store.harvest import HarvestConfig, harvest  # noqa: E402
+from scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
+
+HOOKS = ("resid_post.15", "mlp_hidden.15")
+
+
+def forward_flops_per_token(cfg, n_layers: int, T: int) -> float:
+    """Matmul FLOPs per token of `n_layers` Llama blocks: 2·(QKV + O projections + gate/up/down)
+    plus 2·2·H·E·T for scores and the weighted sum over all T keys (the dense masked attention)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    proj = cfg.d_model * (q + 2 * kv) + q * cfg.d_model
+    mlp = 3 * cfg.d_model * cfg.d_mlp
+    attn = 2 * q * T
+    return 2.0 * n_layers * (proj + mlp + attn)
+
+
+def smollm2_shaped_random():
+    from activation_store.models import random_model
+
+    return random_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536,
+                        vocab_size=49152, max_ctx=8192, rope_base=100000.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=24000, help="tokens to harvest for the measurement")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--reader-batch", type=int, default=4096)
+    p.add_argument("--reader-batches", type=int, default=40)
+    p.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model (no weights needed)")
+    args = p.parse_args()
+
+    matmul = matmul_gflops()
+    t0 = time.perf_counter()
+    if args.random_weights:
+        lm, model = smollm2_shaped_random(), "random-smollm2-shape"
+    else:
+        from activation_store.models import load_model
+
+        lm, model = load_model("smollm2-135m"), "smollm2-135m"
+    load_s = time.perf_counter() - t0
+    T, B = 128, args.batch_size
+
+    # Warm-up: compile the exact forward the harvest runs, then time the bare forward.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, lm.config.vocab_size, (B, T)).astype(np.int32)
+    tokens[:, 0] = lm.tokenizer.bos_id
+    mask = np.ones_like(tokens)
+
+    def forward():
+        _, caps = lm.forward(lm.params, tokens, attention_mask_BxT=mask, capture=HOOKS, stop_at="capture")
+        return jax.block_until_ready(caps)
+
+    t0 = time.perf_counter()
+    forward()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - t0)
+    forward_tps = B * T / min(times)
+    n_layers = 1 + max(int(h.split(".")[1]) for h in HOOKS)
+    forward_gflops = forward_flops_per_token(lm.config, n_layers, T) * forward_tps / 1e9
+
+    cfg = HarvestConfig(model=model, hooks=HOOKS, corpus=CorpusConfig(source="bbc", context_length=T,
+                                                                        max_tokens=args.tokens),
+                        dtype="float16", batch_size=B, commit_contexts=4 * B)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        path = Path(tmp) / "store.h5"
+        result = harvest(cfg, path, lm=lm, progress=False)
+        store = result.store
+        harvest_tps = result.tokens_per_s
+
+        hook = HOOKS[0]
+        it = store.batches(hook, args.reader_batch, seed=0)
+        np.asarray(next(it))  # the first batch pays for opening and the first shuffle buffer
+        t0 = time.perf_counter()
+        for _ in range(args.reader_batches):
+            np.asarray(next(it))
+        reader_s = time.perf_counter() - t0
+        it.close()
+        rows = args.reader_batch * args.reader_batches
+        reader_tps = rows / reader_s
+        reader_mbps = rows * store.dim(hook) * np.dtype(store.dtype).itemsize / reader_s / 2**20
+        size_mb = path.stat().st_size / 2**20
+
+    emit({
+        "model": model,
+        "harvest_tokens_per_s": round(harvest_tps, 1),
+        "harvest_tokens": result.new_tokens,
+        "harvest_wall_s": round(result.wall_s, 2),
+        "write_share": round(result.write_s / result.wall_s, 4),
+        "write_stall_share": round(result.stall_s / result.wall_s, 4),
+        "padding_share": round(1 - result.new_tokens / (result.new_contexts * T), 4),
+        "batch_size": B,
+        "forward_tokens_per_s": round(forward_tps, 1),
+        "forward_gflops": round(forward_gflops, 2),
+        "matmul_gflops": round(matmul, 2),
+        "forward_over_matmul": round(forward_gflops / matmul, 3),
+        "reader_tokens_per_s": round(reader_tps, 1),
+        "reader_mb_per_s": round(reader_mbps, 1),
+        "reader_batch": args.reader_batch,
+        "store_mb": round(size_mb, 2),
+        "load_s": round(load_s, 2),
+        "compile_s": round(compile_s, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    })
+
+
+if __name__ == "__main__":
+    main()
