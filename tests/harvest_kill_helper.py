@@ -1,7 +1,7 @@
 """A tiny harvest that SIGKILLs its own process at a chosen point (driven by tests/test_harvest.py).
 
     python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 PHASE COMMIT_INDEX
-    python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 after SECONDS   # kill after a delay
+    python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 after SECONDS   # SECONDS after the first commit
 
 PHASE is one of the harvest's on_phase names ("created", "hook_written", "rows_flushed",
 "committed"); the process dies the first time that phase is reached for COMMIT_INDEX.
@@ -42,7 +42,7 @@ def main(corpus_path, out, phase, arg) -> None:
         delay = float(arg)
 
         def on_phase(name, index):
-            if name == "created":  # start the clock once the (compiled) run begins
+            if name == "committed" and index == 0:  # the model is compiled and running by now
                 threading.Timer(delay, die).start()
     else:
         def on_phase(name, index):

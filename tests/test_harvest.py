@@ -92,7 +92,7 @@ def test_rerun_of_a_complete_store_changes_nothing(tmp_path, lm, corpus_path, re
 
 
 KILL_POINTS = [("created", -1), ("committed", 0), ("hook_written", 1), ("rows_flushed", 2), ("rows_flushed", 4),
-               ("after", 0.05)]
+               ("after", 0.002), ("after", 0.02)]
 
 
 @pytest.mark.parametrize("phase,arg", KILL_POINTS, ids=[f"{p}-{a}" for p, a in KILL_POINTS])

@@ -282,3 +282,16 @@ def test_cli_store_info_and_verify(tmp_path, store, capsys):
     assert cli(["store", "verify", str(bad)]) == 1
     assert "truncated or corrupted" in capsys.readouterr().out
     assert cli(["store", "info", str(bad)]) == 2
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_store(store):
+    from activation_store.store import StoreWriter
+
+    writer = StoreWriter(store.path, fsync=False)
+    try:
+        code = f"from activation_store.store import StoreWriter; StoreWriter({str(store.path)!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert out.returncode != 0 and "open for writing in another process" in out.stderr
+    finally:
+        writer.close()
