@@ -243,12 +243,15 @@ def evaluate_dictionary(
     batch_size: int = 4096,
     ce_batch_size: int = 8,
     seed: int = 0,
+    error_term: bool = True,
 ) -> dict:
     """Reconstruction metrics over the first `n_tokens` non-BOS tokens of `split` (store order), plus
     the spliced CE/KL metrics (eval/splice.py) on `n_contexts_ce` contexts of `split` when `lm` is given.
 
     Transcoders (a `hook_out` different from `hook`) are scored against the store's hook_out
-    activations of the same tokens. Returns one flat dict (`scalars()` makes it JSON-writable).
+    activations of the same tokens. error_term=True also splices x_hat + (x - x_hat) (reported as
+    ce_with_error, which must equal ce_clean; costs one more forward pass per batch).
+    Returns one flat dict; `scalars()` drops density_F so the rest is JSON-writable.
     """
     from eval.splice import contexts_from_store, splice_metrics
 
@@ -271,5 +274,5 @@ def evaluate_dictionary(
             raise ValueError(f"store {store.path} was harvested from {store.model_id!r} (weights {store.weights_hash}), "
                              f"but lm is {lm.model_id!r} (weights {lm.weights_hash}); splice with the same model")
         tokens, mask = contexts_from_store(store, n_contexts_ce, split=split, seed=seed)
-        out.update(splice_metrics(lm, dictionary, tokens, mask, batch_size=ce_batch_size))
+        out.update(splice_metrics(lm, dictionary, tokens, mask, batch_size=ce_batch_size, error_term=error_term))
     return out

@@ -153,3 +153,28 @@ def test_scalars_drop_arrays_and_are_json_writable():
     s = metrics.scalars(m)
     assert "density_F" not in s
     json.dumps(s)
+
+
+def test_evaluate_reconstruction_with_a_trained_sae_object():
+    from saes import SAEConfig, sae_from_params
+
+    rng = np.random.default_rng(3)
+    D, F = 10, 24
+    W_enc = rng.normal(size=(D, F)).astype(np.float32)
+    b_enc = rng.normal(size=F).astype(np.float32) * 0.1
+    W_dec = rng.normal(size=(F, D)).astype(np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    b_dec = rng.normal(size=D).astype(np.float32)
+    sae = sae_from_params(SAEConfig(architecture="topk", d_in=D, width=F, k=3, hook_in="resid_post.0"),
+                          {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
+    x = (rng.normal(size=(500, D)) + 3.0).astype(np.float32)
+    m = metrics.evaluate_reconstruction(sae, (x[i:i + 128] for i in range(0, 500, 128)))
+    # plain-numpy TopK SAE: keep the 3 largest relu(pre) per token
+    pre = np.maximum(x.astype(np.float64) @ W_enc + b_enc, 0)
+    top = np.argsort(-pre, axis=1)[:, :3]
+    codes = np.zeros_like(pre)
+    np.put_along_axis(codes, top, np.take_along_axis(pre, top, 1), 1)
+    ref = _numpy_reference(x, codes @ W_dec + b_dec, codes)
+    for key, value in ref.items():
+        assert m[key] == pytest.approx(value, rel=1e-4), key
+    assert m["l0"] <= 3

@@ -11,7 +11,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def lm():
-    return random_model("llama", n_layers=2, d_model=D, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=300, seed=0)
+    return random_model("llama", n_layers=1, d_model=D, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=300, seed=0)
 
 
 class Identity:
@@ -89,7 +89,7 @@ def _numpy_ce_kl(logits_clean, logits_x, tokens, mask):
 
 def test_identity_dictionary_recovers_everything(lm):
     tokens, mask = _contexts()
-    m = splice_metrics(lm, Identity("resid_post.0", D), tokens, mask, batch_size=2)
+    m = splice_metrics(lm, Identity("resid_post.0", D), tokens, mask, batch_size=3)  # 2 batches, last padded
     assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-6)
     assert m["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
     assert m["ce_score"] == pytest.approx(1.0, abs=1e-5)
@@ -101,7 +101,7 @@ def test_identity_dictionary_recovers_everything(lm):
 
 def test_zero_dictionary_scores_zero(lm):
     tokens, mask = _contexts()
-    m = splice_metrics(lm, Zero("resid_mid.1", D), tokens, mask, batch_size=4)
+    m = splice_metrics(lm, Zero("resid_post.0", D), tokens, mask, batch_size=5)
     assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablation"], abs=1e-6)
     assert m["ce_score"] == pytest.approx(0.0, abs=1e-5)
     assert m["kl_score"] == pytest.approx(0.0, abs=1e-5)
@@ -110,7 +110,7 @@ def test_zero_dictionary_scores_zero(lm):
 def test_ce_and_kl_match_numpy_and_error_term_restores_clean(lm):
     tokens, mask = _contexts(seed=1)
     dic = Projection("resid_post.0", _random_basis(D, 8))
-    m = splice_metrics(lm, dic, tokens, mask, batch_size=3, error_term=True)
+    m = splice_metrics(lm, dic, tokens, mask, batch_size=5, error_term=True)
     T = tokens.shape[1]
     fn = lambda x: dic.decode(dic.encode(x.reshape(-1, D))).reshape(x.shape)  # noqa: E731
     logits_clean, _ = lm.forward(lm.params, jnp.asarray(tokens), attention_mask_BxT=jnp.asarray(mask))
@@ -129,8 +129,8 @@ def test_ce_and_kl_match_numpy_and_error_term_restores_clean(lm):
 def test_splicing_bos_changes_only_when_asked(lm):
     tokens, mask = _contexts(seed=2)
     dic = Zero("resid_post.0", D)
-    kept = splice_metrics(lm, dic, tokens, mask, error_term=False)
-    spliced = splice_metrics(lm, dic, tokens, mask, skip_bos=False, error_term=False)
+    kept = splice_metrics(lm, dic, tokens, mask, batch_size=5, error_term=False)
+    spliced = splice_metrics(lm, dic, tokens, mask, batch_size=5, skip_bos=False, error_term=False)
     assert kept["ce_spliced"] != pytest.approx(spliced["ce_spliced"], abs=1e-4)
 
 
@@ -151,7 +151,7 @@ def test_transcoder_splice_equals_two_pass_reference(lm):
     assert m["kl_spliced"] == pytest.approx(kl, rel=1e-4)
     assert m["ce_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5)
     with pytest.raises(ValueError, match="does not come before"):
-        splice_metrics(lm, Projection("mlp_out.1", _random_basis(D, 2), hook_out="resid_mid.0"), tokens, mask)
+        splice_metrics(lm, Projection("mlp_out.0", _random_basis(D, 2), hook_out="resid_mid.0"), tokens, mask)
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_evaluate_dictionary_on_a_store_from_the_model(lm, tmp_path):
     from eval.splice import contexts_from_store
 
     rng = np.random.default_rng(5)
-    N, T = 40, 12
+    N, T = 40, 16
     tokens = rng.integers(3, 300, size=(N, T)).astype(np.int32)
     tokens[:, 0] = 1
     n_valid = rng.integers(4, T + 1, size=N).astype(np.int32)
@@ -203,7 +203,7 @@ def test_evaluate_dictionary_on_a_store_from_the_model(lm, tmp_path):
                         val_fraction=0.25, bos_id=1)
     dic = Projection("resid_mid.0", _random_basis(D, 5, seed=6), hook_out="mlp_out.0")  # a transcoder
 
-    m = evaluate_dictionary(dic, store, lm=lm, n_tokens=60, n_contexts_ce=6, batch_size=16)
+    m = evaluate_dictionary(dic, store, lm=lm, n_tokens=60, n_contexts_ce=5, batch_size=16, ce_batch_size=5)
     # Reconstruction: the first 60 val rows (no BOS, no padding) in store order.
     rows = store.token_rows("val")[:60]
     x_in, y = store.read_rows("resid_mid.0", rows), store.read_rows("mlp_out.0", rows)
@@ -212,12 +212,12 @@ def test_evaluate_dictionary_on_a_store_from_the_model(lm, tmp_path):
     fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert m["fvu"] == pytest.approx(fvu, rel=1e-4)
     # Splice: the same numbers as splice_metrics on the chosen val contexts.
-    toks, msk = contexts_from_store(store, 6, split="val")
+    toks, msk = contexts_from_store(store, 5, split="val")
     val_ids = np.flatnonzero(store.context_split("val"))
-    assert toks.shape == (6, T)
+    assert toks.shape == (5, T)
     for row, m_row in zip(toks, msk):  # each is a val context, masked after its n_valid tokens
         (match,) = [c for c in val_ids if np.array_equal(store.tokens[c], row)]
         assert m_row.sum() == store.n_valid[match] and m_row[: store.n_valid[match]].all()
-    ref = splice_metrics(lm, dic, toks, msk)
+    ref = splice_metrics(lm, dic, toks, msk, batch_size=5)
     assert m["ce_score"] == pytest.approx(ref["ce_score"], rel=1e-6)
     assert m["ce_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5)
