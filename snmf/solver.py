@@ -314,7 +314,7 @@ def fit_full_batch(
     checkpoint: str | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
-    on_iter: Callable[[int, float, float], None] | None = None,
+    on_iter: Callable[[int, float, float, float], None] | None = None,
     progress: bool = False,
 ) -> SNMFFit:
     """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations.
@@ -323,7 +323,8 @@ def fit_full_batch(
     checkpoint: .npz path written atomically every `checkpoint_every` iterations (and at the
       end); with resume=True an existing checkpoint is continued, giving the same result as an
       uninterrupted run (the step is deterministic).
-    on_iter(iteration, loss, best_loss) is called after every iteration (1-based).
+    on_iter(iteration, loss, best_loss, ‖A‖²) is called after every iteration (1-based), before
+      that iteration's checkpoint.
     """
     from snmf.init import initial_factors
 
@@ -366,7 +367,7 @@ def fit_full_batch(
         loss = float(state.loss)
         losses.append(loss)
         if on_iter:
-            on_iter(it, loss, float(state.best_loss))
+            on_iter(it, loss, float(state.best_loss), sq_norm)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rel_err=f"{math.sqrt(max(loss, 0) / sq_norm):.4f}")

@@ -160,7 +160,7 @@ def fit_streaming(
     mu_steps: int = 1,
     save_y: bool = False,
     resume: bool = False,
-    on_iter: Callable[[int, float, float], None] | None = None,
+    on_iter: Callable[[int, float, float, float], None] | None = None,
     progress: bool = False,
 ) -> SNMFFit:
     """Fit A ≈ Z·Y over `source` (see `snmf.data`) in passes of `chunk_size` tokens.
@@ -199,10 +199,10 @@ def fit_streaming(
     losses: list[float] = []
     while int(st["iteration"]) < cfg.iters and int(st["bad_iters"]) < cfg.patience:
         st = _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m, progress)
-        save_npz_atomic(state_path, **st)
         losses.append(float(st["loss"]))
-        if on_iter:
-            on_iter(int(st["iteration"]), float(st["loss"]), float(st["best_loss"]))
+        if on_iter:  # before the checkpoint: a kill in between only repeats this pass's record
+            on_iter(int(st["iteration"]), float(st["loss"]), float(st["best_loss"]), float(st["sq_norm"]))
+        save_npz_atomic(state_path, **st)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rel_err=f"{math.sqrt(max(float(st['loss']), 0) / float(st['sq_norm'])):.4f}")

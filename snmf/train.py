@@ -98,21 +98,18 @@ def _train_snmf(cfg: TrainConfig, source, base: dict) -> dict:
         shutil.rmtree(stream_dir, ignore_errors=True)
     else:
         truncate_metrics(metrics_path, done)
-    sq_holder = {}
-
-    def on_iter(it, loss, best):
-        rel = math.sqrt(max(loss, 0.0) / sq_holder["sq"]) if "sq" in sq_holder else None
+    def on_iter(it, loss, best, sq_norm):
         with open(metrics_path, "a") as f:
-            f.write(json.dumps({"iteration": it, "loss": loss, "best_loss": best, "rel_error": rel,
+            f.write(json.dumps({"iteration": it, "loss": loss, "best_loss": best,
+                                "rel_error": math.sqrt(max(loss, 0.0) / sq_norm),
                                 "time": round(time.time(), 3)}) + "\n")
 
     if cfg.chunk_size:
         fit = fit_streaming(source, s, chunk_size=cfg.chunk_size, workdir=stream_dir, mu_steps=cfg.mu_steps,
                             save_y=cfg.save_y or bool(cfg.hierarchy), resume=cfg.resume,
-                            on_iter=_streaming_metrics(metrics_path, stream_dir), progress=cfg.progress)
+                            on_iter=on_iter, progress=cfg.progress)
     else:
         A_DxN = load_matrix(source)
-        sq_holder["sq"] = float(np.einsum("ij,ij->", A_DxN, A_DxN, dtype=np.float64))
         fit = fit_full_batch(A_DxN, s, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
                              resume=cfg.resume, on_iter=on_iter, progress=cfg.progress)
         del A_DxN
@@ -129,16 +126,6 @@ def _train_snmf(cfg: TrainConfig, source, base: dict) -> dict:
         config["hierarchy"] = _build_hierarchy(cfg, source, fit)
         io.write_config(cfg.out, {**io.read_config(cfg.out), "hierarchy": config["hierarchy"]})
     return config
-
-
-def _streaming_metrics(metrics_path: str, stream_dir: str):
-    def on_iter(it, loss, best):
-        with np.load(os.path.join(stream_dir, STATE_FILE)) as st:
-            sq = float(st["sq_norm"])
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"iteration": it, "loss": loss, "best_loss": best,
-                                "rel_error": math.sqrt(max(loss, 0.0) / sq), "time": round(time.time(), 3)}) + "\n")
-    return on_iter
 
 
 def checkpoint_iteration(ckpt: str, stream_dir: str) -> int | None:

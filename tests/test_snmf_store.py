@@ -172,7 +172,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, streaming):
     store = tmp_path / "s.h5"
     planted_store(store, n_ctx=320, T=65, d=256, k=16, support=6)
     extra = ["--chunk-size", "1024"] if streaming else ["--checkpoint-every", "1"]
-    iters = 40 if streaming else 150
+    iters = 30 if streaming else 60
     args = ["train-snmf", "--store", str(store), "--hook", "mlp_hidden.0", "--k", "16", "--p", "0.02",
             "--iters", str(iters), "--tol", "0", "--patience", "100000", "--vocab-features", "0",
             "--no-progress", *extra]
