@@ -609,7 +609,8 @@ class ActivationStore:
             result = (f["stats"][hook]["mean"][()], float(info[3]))
         else:
             total, sq, n = np.zeros(self.dim(hook), np.float64), 0.0, 0
-            for x in self.iter_chunks(hook, 1 << 16, "train", True, dtype=np.float64):
+            rows_per_chunk = max(1, (64 << 20) // (8 * self.dim(hook)))  # ~64 MiB of float64 at a time
+            for x in self.iter_chunks(hook, rows_per_chunk, "train", True, dtype=np.float64):
                 total += x.sum(0)
                 sq += float(np.einsum("nd,nd->", x, x))
                 n += x.shape[0]
@@ -833,7 +834,7 @@ def _batch_source(path, hook, plan: ShufflePlan, batch_size, start_step, dim, sh
     with h5py.File(path, "r", locking=False) as f:
         ds = f["acts"][hook]
         cache: dict[int, np.ndarray] = {}
-        keep = 2 * plan.G + 4  # blocks of the current and previous shuffle buffer
+        keep = plan.G + 4  # one shuffle buffer (a batch straddling two buffers holds both briefly)
         for rows in plan.batch_rows(batch_size, start_step):
             mine = rows if local is None else rows[local]
             x = _gather(ds, mine, plan.R, limit, cache).astype(dtype, copy=False)
