@@ -426,6 +426,11 @@ class ActivationStore:
         self._h5: h5py.File | None = None
         self._lock = threading.Lock()
 
+    def __repr__(self) -> str:
+        hooks = ", ".join(f"{h}:{self._attrs['dims'][h]}" for h in self.hooks)
+        return (f"ActivationStore({str(self.path)!r}, {self.n_committed}/{self.n_planned} contexts x "
+                f"{self.context_length}, {self.dtype}, hooks [{hooks}])")
+
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod

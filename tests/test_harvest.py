@@ -194,3 +194,20 @@ def test_smollm2_bbc_harvest_equals_direct_forward(tmp_path, smollm2):
         got = store.read_rows(hook, store.token_rows("all", exclude_bos=False))
         want = np.asarray(caps[hook]).reshape(-1, got.shape[1])[store.token_rows("all", exclude_bos=False)]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_flags_map_onto_the_harvest_config():
+    from scripts.cli import build_parser
+    from scripts.cmd_harvest import config_from_args
+
+    args = build_parser().parse_args([
+        "harvest", "--model", "smollm2-135m", "--corpus", "data.jsonl", "--hooks", "resid_post.15", "mlp_hidden.15",
+        "--max-tokens", "100000", "--out", "runs/x/store.h5", "--dtype", "float32", "--context-length", "64",
+        "--batch-size", "8", "--commit-contexts", "32", "--text-field", "body", "--no-shuffle-documents",
+        "--val-fraction", "0.1"])
+    cfg = config_from_args(args)
+    assert cfg.hooks == ("resid_post.15", "mlp_hidden.15") and cfg.dtype == "float32"
+    assert (cfg.batch_size, cfg.commit_contexts, cfg.val_fraction) == (8, 32, 0.1)
+    assert cfg.corpus == CorpusConfig(source="data.jsonl", context_length=64, max_tokens=100000,
+                                      shuffle_documents=False, text_field="body")
+    assert HarvestConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
