@@ -164,6 +164,10 @@ def sparse_ZtA(idx_KxM, vals_KxM, A_DxN):
     add, so A is read once per slot and nothing of size m·k·n is materialized.
     """
     m = idx_KxM.shape[1]
+    # Materialize (idx, vals) first: left to itself XLA fuses their producers (top-k slice,
+    # take_along_axis, rescale) into the gather loop and recomputes them per output element
+    # (measured 6x slower at k 100, n 20,000).
+    idx_KxM, vals_KxM = jax.lax.optimization_barrier((idx_KxM, vals_KxM))
     if m > MAX_GATHER_SLOTS:
         return densify(idx_KxM, vals_KxM, A_DxN.shape[0]) @ A_DxN
     out_KxN = vals_KxM[:, 0, None] * A_DxN[idx_KxM[:, 0], :]
