@@ -1,0 +1,24 @@
+"""Semi-NMF decomposition of MLP activations (Shafran, Geiger & Geva 2025), with DiffMeans and
+PCA baselines, all saved in one format and usable as Dictionaries.
+
+    from snmf import SNMFConfig, fit_full_batch, fit_streaming, load
+    fit = fit_full_batch(A_DxN, SNMFConfig(k=100, p=0.01))      # A: hook dim × tokens
+    dic = load("runs/demo/snmf_mlp_hidden.15")                  # SNMFDictionary / DiffMeans / PCA
+    codes = dic.encode(x_NxD)                                   # NNLS codes, ≥ 0
+"""
+from snmf.baselines import fit_diffmeans, fit_pca
+from snmf.data import ArraySource, StoreSource, load_matrix
+from snmf.dictionary import DiffMeansDictionary, PCADictionary, SNMFDictionary
+from snmf.encode import nnls_encode, nnls_residual
+from snmf.hierarchy import children_of, fit_levels
+from snmf.io import load, load_codes, save_snmf
+from snmf.solver import SNMFConfig, SNMFFit, fit_full_batch, snmf_step
+from snmf.streaming import fit_streaming
+from snmf.train import TrainConfig, train
+
+__all__ = [
+    "ArraySource", "DiffMeansDictionary", "PCADictionary", "SNMFConfig", "SNMFDictionary", "SNMFFit",
+    "StoreSource", "TrainConfig", "children_of", "fit_diffmeans", "fit_full_batch", "fit_levels",
+    "fit_pca", "fit_streaming", "load", "load_codes", "load_matrix", "nnls_encode", "nnls_residual",
+    "save_snmf", "snmf_step", "train",
+]

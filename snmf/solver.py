@@ -114,9 +114,11 @@ def check_matrix(A_DxN: np.ndarray) -> float:
     if A_DxN.ndim != 2:
         raise ValueError(f"A must be 2-D (d × n), got shape {A_DxN.shape}")
     check_finite(A_DxN)
-    a64 = A_DxN.astype(np.float64)
-    sq = float(np.einsum("ij,ij->", a64, a64))
-    var_sum = float(a64.var(axis=1).sum() * A_DxN.shape[1])
+    sq = var_sum = 0.0
+    for i in range(0, A_DxN.shape[0], 64):  # float64 accumulation, a few rows at a time
+        rows = A_DxN[i:i + 64].astype(np.float64)
+        sq += float(np.einsum("ij,ij->", rows, rows))
+        var_sum += float(rows.var(axis=1).sum() * A_DxN.shape[1])
     check_informative(sq, var_sum)
     return sq
 
