@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model (no weights needed)")
     args = p.parse_args()
 
-    matmul = matmul_gflops()
+    matmul = matmul_start = matmul_gflops()
     t0 = time.perf_counter()
     if args.random_weights:
         lm, model = smollm2_shaped_random(), "random-smollm2-shape"
@@ -110,6 +110,9 @@ def main() -> None:
         reader_mbps = rows * store.dim(hook) * np.dtype(store.dtype).itemsize / reader_s / 2**20
         size_mb = path.stat().st_size / 2**20
 
+    # The machine is shared: measure the matmul rate again at the end and keep the better one.
+    matmul_end = matmul_gflops()
+    matmul = max(matmul, matmul_end)
     emit({
         "model": model,
         "harvest_tokens_per_s": round(harvest_tps, 1),
@@ -122,6 +125,7 @@ def main() -> None:
         "forward_tokens_per_s": round(forward_tps, 1),
         "forward_gflops": round(forward_gflops, 2),
         "matmul_gflops": round(matmul, 2),
+        "matmul_gflops_start_end": [round(matmul_start, 2), round(matmul_end, 2)],
         "forward_over_matmul": round(forward_gflops / matmul, 3),
         "reader_tokens_per_s": round(reader_tps, 1),
         "reader_mb_per_s": round(reader_mbps, 1),
