@@ -278,18 +278,32 @@ def test_padded_batch_equals_unpadded_singles(lm, side):
 # ---- generation -------------------------------------------------------------------------
 
 def _check_against_full_forward(lm, prompt, new, logits, edits=()):
-    seq = list(prompt)
-    for i, tok in enumerate(new):
-        full, _ = lm.forward(lm.params, np.array([seq]), edits=edits)
-        _close(logits[i], full[0, -1], atol=1e-4)
-        assert int(tok) == int(np.argmax(full[0, -1]))
-        seq.append(int(tok))
+    """Token i must be the argmax of a full forward over prompt + new[:i], with the same logits.
+    All prefixes run as one right-padded batch (padding is exact, see the padding test)."""
+    seqs = [list(prompt) + [int(t) for t in new[:i]] for i in range(len(new))]
+    T = len(seqs[-1])
+    toks = np.array([s + [0] * (T - len(s)) for s in seqs])
+    mask = np.array([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    full, _ = lm.forward(lm.params, toks, attention_mask_BxT=mask, edits=edits)
+    last = np.asarray(full)[np.arange(len(seqs)), [len(s) - 1 for s in seqs]]
+    _close(logits, last, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(new), last.argmax(-1))
+
+
+# Generation tests share a few compiled variants (same max_new, flags and prompt bucket).
+N_NEW = 6
+
+
+def _gen(lm, prompts, **kw):
+    kw.setdefault("return_logits", True)
+    kw.setdefault("stop_at_eos", False)
+    return lm.generate(lm.params, prompts, N_NEW, **kw)
 
 
 def test_greedy_kv_cache_equals_full_recomputation(lm):
     prompt = [1] + lm.tokenizer.encode("The cat")
-    new, logits = lm.generate(lm.params, prompt, 8, return_logits=True, stop_at_eos=False)
-    assert new.shape == (8,) and logits.shape == (8, lm.config.vocab_size)
+    new, logits = _gen(lm, prompt)
+    assert new.shape == (N_NEW,) and logits.shape == (N_NEW, lm.config.vocab_size)
     _check_against_full_forward(lm, prompt, new, logits)
 
 
@@ -297,18 +311,18 @@ def test_generation_applies_edits_at_every_position(lm):
     prompt = [1] + lm.tokenizer.encode("Hi")
     v = np.random.default_rng(6).standard_normal(lm.config.d_model).astype(np.float32)
     edits = [add("resid_pre.1", v, alpha=3.0), clamp("resid_mid.0", v, -1.0, positions=[1, 5])]
-    new, logits = lm.generate(lm.params, prompt, 7, edits=edits, return_logits=True, stop_at_eos=False)
+    new, logits = _gen(lm, prompt, edits=edits)
     _check_against_full_forward(lm, prompt, new, logits, edits=edits)
-    plain = lm.generate(lm.params, prompt, 7, stop_at_eos=False)
+    plain, _ = _gen(lm, prompt)
     assert not np.array_equal(plain, new)
 
 
 def test_batched_generation_of_different_lengths_equals_singles(lm):
-    prompts = [[1] + lm.tokenizer.encode(s) for s in ("Once upon a time", "Hi", "abc")]
-    batch, blogits = lm.generate(lm.params, prompts, 6, return_logits=True, stop_at_eos=False)
-    assert batch.shape == (3, 6)
+    prompts = [[1] + lm.tokenizer.encode(s) for s in ("Once up", "Hi", "abc")]
+    batch, blogits = _gen(lm, prompts)
+    assert batch.shape == (3, N_NEW)
     for b, p in enumerate(prompts):
-        single, slogits = lm.generate(lm.params, p, 6, return_logits=True, stop_at_eos=False)
+        single, slogits = _gen(lm, p)
         np.testing.assert_array_equal(batch[b], single)
         _close(blogits[b], slogits, atol=1e-4)
 
@@ -316,18 +330,16 @@ def test_batched_generation_of_different_lengths_equals_singles(lm):
 def test_sampling_seeded_and_top_k_one_is_greedy(lm):
     prompt = [1] + lm.tokenizer.encode("Sample")
     s = Sampling(temperature=1.0, top_k=50, top_p=0.95)
-    a = lm.generate(lm.params, [prompt, prompt], 12, sampling=s, key=jax.random.key(7), stop_at_eos=False)
-    b = lm.generate(lm.params, [prompt, prompt], 12, sampling=s, key=jax.random.key(7), stop_at_eos=False)
-    c = lm.generate(lm.params, [prompt, prompt], 12, sampling=s, key=jax.random.key(8), stop_at_eos=False)
+    a, _ = _gen(lm, prompt, sampling=s, key=jax.random.key(7))
+    b, _ = _gen(lm, prompt, sampling=s, key=jax.random.key(7))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert not np.array_equal(a[0], a[1])  # rows draw independently
-    greedy = lm.generate(lm.params, prompt, 10, stop_at_eos=False)
-    top1 = lm.generate(lm.params, prompt, 10, sampling=Sampling(temperature=2.0, top_k=1),
-                       key=jax.random.key(3), stop_at_eos=False)
+    others = [_gen(lm, prompt, sampling=s, key=jax.random.key(k))[0] for k in (8, 9)]
+    assert any(not np.array_equal(a, c) for c in others)
+    greedy, _ = _gen(lm, prompt)
+    top1, _ = _gen(lm, prompt, sampling=Sampling(temperature=2.0, top_k=1), key=jax.random.key(3))
     np.testing.assert_array_equal(greedy, top1)
-    tiny_p = lm.generate(lm.params, prompt, 10, sampling=Sampling(temperature=1.0, top_p=1e-6),
-                         key=jax.random.key(3), stop_at_eos=False)
+    # a vanishing nucleus keeps only the argmax (top_p is traced: same compiled function as `s`)
+    tiny_p, _ = _gen(lm, prompt, sampling=Sampling(temperature=1.0, top_k=50, top_p=1e-6), key=jax.random.key(3))
     np.testing.assert_array_equal(greedy, tiny_p)
 
 
@@ -335,23 +347,21 @@ def test_top_p_keeps_smallest_nucleus():
     from activation_store.models.generate import sample_token
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 400)
-    draws = np.array([int(sample_token(logits, k, 1.0, 0.7, greedy=False, top_k=None, use_top_p=True)[0])
-                      for k in keys[:200]])
-    assert set(draws) == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
-    draws = np.array([int(sample_token(logits, k, 1.0, 0.0, greedy=False, top_k=3, use_top_p=False)[0])
-                      for k in keys[200:]])
-    assert set(draws) == {0, 1, 2}
+    keys = jax.random.split(jax.random.key(0), 200)
+
+    def draws(**kw):
+        return set(np.asarray(jax.jit(jax.vmap(lambda k: sample_token(logits, k, 1.0, 0.7, greedy=False, **kw)))(keys)).ravel())
+
+    assert draws(top_k=None, use_top_p=True) == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops
+    assert draws(top_k=3, use_top_p=False) == {0, 1, 2}
 
 
 def test_generation_stops_at_eos(lm):
     eos = lm.config.eos_id
     # Push the last residual stream hard towards EOS's unembedding row: EOS becomes the argmax.
     push = add(f"resid_post.{lm.config.n_layers - 1}", np.asarray(lm.W_U[:, eos]), alpha=1e3)
-    out = lm.generate(lm.params, [1, 50, 60], 5, edits=[push])
+    out, _ = _gen(lm, [1, 50, 60], edits=[push], stop_at_eos=True)
     assert out[0] == eos and (out[1:] == lm.config.pad_id).all()
-    out = lm.generate(lm.params, [1, 50, 60], 5, edits=[push], stop_at_eos=False)
-    assert (out == eos).all()
 
 
 # ---- conversion, identity, chat ---------------------------------------------------------

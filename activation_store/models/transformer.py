@@ -43,13 +43,18 @@ def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
     """softmax(q kᵀ / sqrt(E)) v per head (Vaswani et al. 2017), grouped-query: query head h
     reads key/value head h // (H/K) (Ainslie et al. 2023) without materialising repeated keys."""
     B, T, H, E = q_BxTxHxE.shape
-    K = k_BxSxKxE.shape[2]
-    q_BxTxKxGxE = (q_BxTxHxE * (E**-0.5)).reshape(B, T, K, H // K, E)
-    s_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE)
-    s_BxKxGxTxS = jnp.where(keep_BxTxS[:, None, None], s_BxKxGxTxS, -jnp.inf)
-    w_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
-    o_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", w_BxKxGxTxS, v_BxSxKxE)
-    return o_BxTxKxGxE.reshape(B, T, H * E)
+    S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
+    G = H // K
+    # Fold each kv head's G query heads and the T queries into one row axis: XLA's CPU backend
+    # runs B·K matmuls of (T·G × E)·(E × S) about twice as fast as B·K·G of (T × E)·(E × S).
+    q_BKxTGxE = (q_BxTxHxE * (E**-0.5)).reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B * K, T * G, E)
+    k_BKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3).reshape(B * K, S, E)
+    v_BKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3).reshape(B * K, S, E)
+    s_BxKxTxGxS = jnp.einsum("nqe,nse->nqs", q_BKxTGxE, k_BKxSxE).reshape(B, K, T, G, S)
+    s_BxKxTxGxS = jnp.where(keep_BxTxS[:, None, :, None, :], s_BxKxTxGxS, -jnp.inf)
+    w_BKxTGxS = jax.nn.softmax(s_BxKxTxGxS, axis=-1).reshape(B * K, T * G, S)
+    o_BxKxTxGxE = jnp.einsum("nqs,nse->nqe", w_BKxTGxS, v_BKxSxE).reshape(B, K, T, G, E)
+    return o_BxKxTxGxE.transpose(0, 2, 1, 3, 4).reshape(B, T, H * E)
 
 
 class Sites(NamedTuple):

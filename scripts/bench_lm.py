@@ -1,0 +1,74 @@
+"""Harvest-style forward speed of the JAX model core at SmolLM2-135M's exact shape (random weights).
+
+Captures resid_post.15 and mlp_hidden.15 with stop_at="capture" (layers 0-15 only, no unembedding)
+on batches of B x 128 tokens. Prints one JSON object on the last line.
+
+    .venv/bin/python scripts/bench_lm.py [--batch 16 32] [--steps 6]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from activation_store.models import random_model
+from scripts.benchlib import emit, matmul_gflops, peak_rss_mb
+
+
+def flops_per_token(cfg, n_layers: int, T: int) -> float:
+    """Matmul FLOPs per token through n_layers: projections 2·(D·(H+2K)·E + H·E·D + 3·D·F) plus
+    attention scores and mixing 2·2·T·H·E (the full T x T square is computed, then masked)."""
+    D, F, H, K, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    proj = 2 * (D * (H + 2 * K) * E + H * E * D + 3 * D * F)
+    attn = 4 * T * H * E
+    return float(n_layers * (proj + attn))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+
+    lm = random_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536,
+                      vocab_size=49152, max_ctx=8192, rope_base=100000.0, seed=0)
+    hooks = ("resid_post.15", "mlp_hidden.15")
+    fpt = flops_per_token(lm.config, 16, args.ctx)
+    result = {"benchmark": "lm_harvest_forward", "model": "smollm2-135m-shape (random)", "ctx": args.ctx,
+              "hooks": list(hooks), "mflop_per_token": round(fpt / 1e6, 1), "per_batch": {}}
+    rng = np.random.default_rng(0)
+    best_tps = 0.0
+    for B in args.batch:
+        toks = rng.integers(3, lm.config.vocab_size, size=(B, args.ctx))
+        toks[:, 0] = lm.config.bos_id
+        t0 = time.perf_counter()
+        _, acts = lm.forward(lm.params, toks, capture=hooks, stop_at="capture")
+        jax.block_until_ready(acts)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            _, acts = lm.forward(lm.params, toks, capture=hooks, stop_at="capture")
+            jax.block_until_ready(acts)
+            times.append(time.perf_counter() - t0)
+        best, med = min(times), float(np.median(times))
+        tps_best, tps_med = B * args.ctx / best, B * args.ctx / med
+        best_tps = max(best_tps, tps_best)
+        result["per_batch"][str(B)] = {
+            "first_call_s": round(compile_s, 2), "best_s": round(best, 4), "median_s": round(med, 4),
+            "tokens_per_s_best": round(tps_best, 1), "tokens_per_s_median": round(tps_med, 1),
+            "gflops_best": round(tps_best * fpt / 1e9, 1), "gflops_median": round(tps_med * fpt / 1e9, 1),
+        }
+        print(B, result["per_batch"][str(B)], flush=True)
+    result["tokens_per_s"] = round(best_tps, 1)
+    result["machine_matmul_gflops"] = round(matmul_gflops(), 1)
+    result["matmul_efficiency"] = round(best_tps * fpt / 1e9 / result["machine_matmul_gflops"], 3)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
