@@ -396,3 +396,18 @@ def test_chat_template_smollm2_format(lm):
             {"role": "assistant", "content": "A"}]
     assert lm.chat_template(msgs, add_generation_prompt=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n")
+
+
+def test_forward_inside_user_jit_and_grad(lm):
+    toks = jnp.asarray(_tokens(lm))
+    v = jnp.ones(lm.config.d_model) / 8
+
+    def loss(alpha):
+        logits, _ = lm.forward(lm.params, toks, edits=[add("resid_pre.1", v, alpha=alpha)])
+        return jax.nn.logsumexp(logits[:, -1], axis=-1).sum()
+
+    eager = lm.forward(lm.params, np.asarray(toks), edits=[add("resid_pre.1", v, alpha=0.5)])[0]
+    _close(jax.jit(lambda a: lm.forward(lm.params, toks, edits=[add("resid_pre.1", v, alpha=a)])[0])(0.5), eager)
+    g = jax.grad(loss)(0.5)
+    eps = 1e-2
+    _close(g, (loss(0.5 + eps) - loss(0.5 - eps)) / (2 * eps), atol=2e-2 * max(1.0, abs(float(g))))

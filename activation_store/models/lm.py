@@ -94,6 +94,7 @@ class LanguageModel:
         self.hook_names: tuple[str, ...] = config.hook_names()
         self._hook_set = frozenset(self.hook_names)
         self._compiled: OrderedDict = OrderedDict()
+        self._W_U = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -150,15 +151,20 @@ class LanguageModel:
 
     @property
     def W_U(self):
-        """Unembedding [D, V] (the transposed embedding when tied)."""
-        return transformer.unembed_matrix_DxV(self.params)
+        """Unembedding [D, V] (the transposed embedding when tied; computed once per weights)."""
+        src = self.params.get("unembed", self.params["embed"])
+        if self._W_U is None or self._W_U[0] is not src:
+            self._W_U = (src, transformer.unembed_matrix_DxV(self.params))
+        return self._W_U[1]
 
     def unembed(self, x_D):
         """final_norm(x) @ W_U for a residual-stream vector [D] or batch [..., D] -> logits [..., V]."""
         x = jnp.asarray(x_D, jnp.float32)
         if x.shape[-1] != self.config.d_model:
             raise ValueError(f"unembed expects vectors of width d_model={self.config.d_model}, got {x.shape}")
-        return transformer.logits_from_resid(self.config, self.params, x)
+        fn = self._compiled_fn(("unembed",), lambda: jax.jit(functools.partial(
+            transformer.logits_from_resid, self.config)))
+        return fn(self.params, x)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -255,6 +261,12 @@ class LanguageModel:
         return fn
 
     def _check_tokens(self, tokens_BxT, mask_BxT):
+        if isinstance(tokens_BxT, jax.core.Tracer) or isinstance(mask_BxT, jax.core.Tracer):
+            # called inside the caller's own jit/vmap/grad: only shapes can be checked
+            if tokens_BxT.ndim != 2:
+                raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
+            mask = jnp.ones(tokens_BxT.shape, jnp.int32) if mask_BxT is None else (mask_BxT != 0).astype(jnp.int32)
+            return tokens_BxT.astype(jnp.int32), mask
         tok = np.asarray(tokens_BxT)
         if tok.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tok.shape}; wrap one sequence as [seq]")
