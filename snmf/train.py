@@ -187,7 +187,8 @@ def _build_hierarchy(cfg: TrainConfig, source, fit) -> dict:
     token_ids = source.token_ids()
     tops = top_tokens_per_level(levels, scaled, token_ids)
     tok = _tokenizer(cfg, source)
-    data = hierarchy_json(levels, tops, token_ids, tok.token_str if tok is not None else None, cfg.hierarchy)
+    token_text = (lambda t: tok.decode([t])) if tok is not None else None
+    data = hierarchy_json(levels, tops, token_ids, token_text, cfg.hierarchy)
     with open(os.path.join(cfg.out, "hierarchy.json"), "w") as f:
         json.dump(data, f, indent=1)
     tensors = {f"Z{i}_DxK": lv.Z_DxK for i, lv in enumerate(levels) if i > 0}
@@ -242,14 +243,14 @@ def _tokenizer(cfg: TrainConfig, source):
 
 
 def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:
-    """Top tokens of lm.unembed(residual direction) for the given features (VocabProj)."""
+    """Top tokens (decoded text) of lm.unembed(residual direction) for the given features (VocabProj)."""
     import jax.numpy as jnp
 
     R = dic.residual_directions(lm)
     out = []
     for f in features:
         logits = np.asarray(lm.unembed(jnp.asarray(R[f])))
-        out.append([lm.tokenizer.token_str(int(t)) for t in np.argsort(-logits)[:top]])
+        out.append([lm.tokenizer.decode([int(t)]) for t in np.argsort(-logits)[:top]])
     return out
 
 
