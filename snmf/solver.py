@@ -224,9 +224,10 @@ class SNMFState(NamedTuple):
 
 
 def initial_state(Zt_KxD, Y_KxN) -> SNMFState:
-    Zt = jnp.asarray(Zt_KxD, jnp.float32)
-    Y = jnp.asarray(Y_KxN, jnp.float32)
-    inf = np.float32(np.inf)
+    """The state before iteration 1 (dtype of Y_KxN: float32 in practice, float64 in tests)."""
+    Y = jnp.asarray(Y_KxN)
+    Zt = jnp.asarray(Zt_KxD, Y.dtype)
+    inf = np.asarray(np.inf, Y.dtype)
     # separate buffers: the step donates its input state
     return SNMFState(Zt, Y, Y @ Y.T, jnp.asarray(inf), jnp.array(Zt, copy=True),
                      jnp.array(Y, copy=True), jnp.asarray(inf), jnp.asarray(0, jnp.int32))
@@ -351,7 +352,7 @@ def fit_full_batch(
             state = SNMFState(*(jnp.asarray(ck[f]) for f in SNMFState._fields))
     if state is None:
         Z0_DxK, Y0_KxN = init if init is not None else initial_factors(A_DxN, cfg)
-        state = initial_state(np.asarray(Z0_DxK).T, Y0_KxN)
+        state = initial_state(np.asarray(Z0_DxK, np.float32).T, np.asarray(Y0_KxN, np.float32))
 
     A = jnp.asarray(A_DxN)
     sq = jnp.asarray(sq_norm, jnp.float32)
@@ -399,7 +400,7 @@ def time_steps(A_DxN: np.ndarray, cfg: SNMFConfig, n_steps: int = 10) -> float:
 
     A = jnp.asarray(A_DxN, jnp.float32)
     Z0, Y0 = initial_factors(np.asarray(A_DxN), dataclasses.replace(cfg, init="random"))
-    state = initial_state(Z0.T, Y0)
+    state = initial_state(Z0.T, np.asarray(Y0, np.float32))
     sq = jnp.asarray(float(jnp.sum(A * A)), jnp.float32)
     m = cfg.kept_per_column(A.shape[0])
     state = snmf_step(state, A, sq, m=m, tol=cfg.tol)  # compile

@@ -7,7 +7,7 @@ from scipy.optimize import linear_sum_assignment
 
 from snmf.data import ArraySource
 from snmf.encode import nnls_encode, nnls_residual
-from snmf.solver import SNMFConfig, fit_full_batch, snmf_update, initial_state
+from snmf.solver import SNMFConfig, fit_full_batch, initial_state, snmf_step, snmf_update
 from snmf.streaming import fit_streaming
 
 
@@ -82,7 +82,7 @@ def numpy_iteration(A, Y, p):
 
 
 def test_jitted_step_equals_numpy_transcription():
-    import jax
+    """The production step (`snmf_step`, one jit) against the literal numpy transcription, in float64."""
     import jax.numpy as jnp
     from jax import enable_x64
 
@@ -90,16 +90,17 @@ def test_jitted_step_equals_numpy_transcription():
     A = A.astype(np.float64)
     Y = np.random.default_rng(1).random((5, 300))
     with enable_x64(True):
-        Yj = jnp.asarray(Y)
-        step = jax.jit(snmf_update, static_argnames="m")
-        for _ in range(3):  # several iterations, each from the same input in both
-            Zt_j, Y_j, YYt_j, loss_j = step(jnp.asarray(A), Yj, Yj @ Yj.T, float((A * A).sum()), m=3)
-            Z_n, Y_n, loss_n = numpy_iteration(A, np.asarray(Yj), p=0.05)
-            assert Zt_j.dtype == jnp.float64
-            np.testing.assert_allclose(np.asarray(Zt_j).T, Z_n, rtol=1e-9, atol=1e-11)
-            np.testing.assert_allclose(np.asarray(Y_j), Y_n, rtol=1e-9, atol=1e-11)
-            np.testing.assert_allclose(float(loss_j), loss_n, rtol=1e-8)
-            Yj = Y_j
+        state = initial_state(np.zeros((5, 60)), Y)
+        A_j, sq = jnp.asarray(A), jnp.asarray((A * A).sum())
+        for it in range(4):  # several iterations, each from the same input in both
+            Y_in = np.asarray(state.Y_KxN)
+            state = snmf_step(state, A_j, sq, m=3, tol=1e-4)
+            Z_n, Y_n, loss_n = numpy_iteration(A, Y_in, p=0.05)
+            assert state.Y_KxN.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(state.Zt_KxD).T, Z_n, rtol=1e-9, atol=1e-11)
+            np.testing.assert_allclose(np.asarray(state.Y_KxN), Y_n, rtol=1e-9, atol=1e-11)
+            np.testing.assert_allclose(float(state.loss), loss_n, rtol=1e-8)
+            assert int(state.bad_iters) == 0 and float(state.best_loss) == float(state.loss)
 
 
 def test_trace_loss_equals_explicit_frobenius(problem, fitted):
