@@ -24,6 +24,9 @@ Layout and cost (d 1536, n 20,000, k 100, p 0.01): A is kept d×n in fp32 so tha
 A are contiguous. Step 1 is Y·Aᵀ (k×d, 2·d·n·k flops, the only dense big product).
 After winner-take-all each column of Z has m nonzeros, so ZᵀA (k×n) is a sum of m
 gathered, weighted rows of A per feature: 2·m·k·n flops instead of 2·d·k·n.
+Measured on the 2-core CPU (same run): Y·Aᵀ 36 ms with A d×n vs 72 ms with A n×d
+(Aᵀ·G); the gathered ZᵀA 4 ms with A d×n (whole contiguous rows) vs 190 ms with A n×d
+(strided columns) vs 80–95 ms as a dense product. Hence d×n.
 """
 from __future__ import annotations
 
