@@ -19,8 +19,8 @@ Loss (per token, divided by d_out so coefficients match the usual sum-over-dimen
   jumprelu + λ_t · E_b ‖f‖₀ / E, rectangle-kernel STE           (Rajamanoharan et al. 2024b)
   gated    + λ_t · E_b Σ_i relu(π_gate)_i ‖dec_i‖ / E + E_b ‖y' − relu(π_gate)·sg(dec) − sg(b_dec)‖² / E
                                                                 (Rajamanoharan et al. 2024a)
-  topk, batchtopk, matryoshka + auxk_coef · E_b ‖e − ê‖² / E, e = sg(y' − ŷ'), ê decoded from the
-  top k_aux pre-activations of dead latents (Gao et al. 2024, "Scaling and evaluating SAEs")
+  topk, batchtopk, matryoshka + auxk_coef · E_b ‖e − ê‖² / E, e = sg(y' − ŷ'), ê decoded from up to
+  k_aux dead latents (Gao et al. 2024, "Scaling and evaluating SAEs"; see _auxk)
   matryoshka: mse is the mean over nested prefixes p_1 < … < p_m = F of the mse of the
   reconstruction from latents [0, p_i) (Bussmann et al. 2025; Nabeshima 2024).
 λ_t ramps linearly from 0 over the first sparsity_warmup_frac of training.
@@ -190,7 +190,9 @@ def batchtopk_entries(pre_BxF, k: int):
     valid = jnp.arange(n_keep) < jnp.sum(keep_BxM)
     rows = (flat // m).astype(jnp.int32)
     feats = idx_BxM.reshape(-1)[flat].astype(jnp.int32)
-    saturated = jnp.mean(cand_BxM[:, -1] > lo) if m < F else jnp.float32(0.0)
+    # (Counting kept entries per row rather than reading cand_BxM[:, -1]: slicing a top_k output makes
+    # XLA:CPU fall back to a full sort.)
+    saturated = jnp.mean(jnp.sum(keep_BxM, axis=1) == m) if m < F else jnp.float32(0.0)
     return rows, feats, valid, lo, saturated
 
 
@@ -203,24 +205,32 @@ def _decoder_norms(params):
     return jnp.linalg.norm(params["dec_FxE"], axis=1)
 
 
-def _auxk(cfg, params, buffers, x_c_BxD, pre_BxF, resid_BxE, dtype):
-    """AuxK: the top k_aux dead latents reconstruct the (detached) residual; 0 when none is dead."""
+def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
+    """AuxK (Gao et al. 2024): dead latents reconstruct the detached residual e; 0 when none is dead.
+
+    The dead latents compete for the residual through a dense sub-dictionary of M = min(k_aux, F)
+    dead latents: all of them when at most k_aux are dead (then identical to the per-token top-k_aux
+    of dead latents, as every other dead latent is absent), otherwise a random M of them per step.
+    A small dense matmul is far cheaper than a per-token top-256 over all F latents on CPU.
+    """
     F = cfg.width
     B, E = resid_BxE.shape
-    k_aux = min(cfg.k_aux, F)
+    M = min(cfg.k_aux, F)
     dead_F = buffers["since_fired"] >= cfg.dead_tokens
 
     def with_dead(_):
-        masked = jnp.where(dead_F[None, :], pre_BxF, -jnp.inf)
-        rows, feats = topk_entries(masked, k_aux)
-        vals = _selected_values(cfg, params, x_c_BxD, rows, feats, dtype) * dead_F[feats]
-        e_hat = sparse.decode_sparse(rows, feats, vals.astype(dtype), params["dec_FxE"].astype(dtype), B)
-        return jnp.sum((e_hat.astype(jnp.float32) - resid_BxE) ** 2) / (B * E)
+        score_F = jnp.where(dead_F, jax.random.uniform(key, (F,)), -1.0)
+        _, sel_M = jax.lax.top_k(score_F, M)
+        enc_MxD, dec_MxE = params["enc_FxD"][sel_M], params["dec_FxE"][sel_M]
+        pre_BxM = _mm(x_c_BxD, enc_MxD, dtype) + params["b_enc"][sel_M]
+        codes_BxM = jax.nn.relu(pre_BxM) * dead_F[sel_M]
+        e_hat = _mm_n(codes_BxM, dec_MxE, dtype)
+        return jnp.sum((e_hat - resid_BxE) ** 2) / (B * E)
 
     return jax.lax.cond(jnp.any(dead_F), with_dead, lambda _: jnp.float32(0.0), None)
 
 
-def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, dtype=jnp.float32):
+def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32):
     """(loss, stats): stats has mse, l0, fvu (batch), fired_F (tokens each latent fired on), and
     for BatchTopK the batch threshold; formulas in the module docstring."""
     B = x_BxD.shape[0]
@@ -259,7 +269,8 @@ def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef
         stats["l0"] = jnp.sum(fired) / B
         loss = mse
         if cfg.k_aux > 0 and cfg.auxk_coef > 0:
-            aux = _auxk(cfg, params, buffers, x_c, pre, jax.lax.stop_gradient(y_BxE - recon), dtype)
+            key = jax.random.key(0) if key is None else key
+            aux = _auxk(cfg, params, buffers, x_c, jax.lax.stop_gradient(y_BxE - recon), key, dtype)
             stats["auxk"] = aux
             loss = loss + cfg.auxk_coef * aux
     elif sel in ("relu", "jumprelu"):

@@ -144,8 +144,10 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, mesh: Mesh | None =
             if mesh is not None:
                 x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data", None)))
 
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), step), len(new_saes))
+
             def loss_fn(params):
-                return A.forward_loss(cfg, params, s["buffers"], x, y, coef, dtype)
+                return A.forward_loss(cfg, params, s["buffers"], x, y, coef, key, dtype)
 
             (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(s["params"])
             grads = A.project_decoder_grad(s["params"], grads)

@@ -1,0 +1,127 @@
+"""Benchmark one SAE training step per architecture (d_in 576, width 4608, batch 4096, k 32).
+
+Each architecture runs in its own subprocess (clean compile cache and peak RSS); the step is the
+trainer's real jitted step (loss, grads, decoder projection, Adam, buffers), timed in steady state
+after compilation on synthetic Gaussian batches. The last stdout line is one JSON object:
+  {"matmul_gflops": ..., "config": {...}, "results": [{arch, tokens_per_s, gflops, step_ms, peak_rss_mb}, ...]}
+gflops counts the flops the step executes: dense architectures 10·B·D·F (encoder forward 2BDF,
+decoder forward 2BFD, decoder backward 2·2BFD, encoder weight gradient 2BDF); the TopK family
+2·B·D·F for the dense pre-activations plus 10·N·D for the sparse products (N = k·B entries,
+Matryoshka the same), which is why its rate looks low while its tokens/s is high.
+
+Usage: python scripts/bench_sae.py [--archs relu,topk,...] [--steps 6] [--batch 4096] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+
+
+def step_flops(arch: str, B: int, D: int, F: int, k: int) -> float:
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        return 2.0 * B * D * F + 10.0 * k * B * D
+    return 10.0 * B * D * F
+
+
+def run_one(arch: str, d_in: int, width: int, batch: int, k: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from saes.config import SAEConfig, TrainConfig
+    from saes.trainer import build_step, initial_state, make_mesh, state_shardings
+    from scripts.benchlib import peak_rss_mb
+
+    hook = "bench"
+    tcfg = TrainConfig(batch_size=batch, total_tokens=batch * 10_000, geometric_median_samples=0)
+    cfg = SAEConfig(architecture=arch, d_in=d_in, width=width, k=k, hook_in=hook, dead_tokens=10_000_000).validate()
+
+    class _Source:  # just what initial_state needs
+        pass
+
+    step_fn, optimizers = build_step([cfg], tcfg, make_mesh(1, 1))
+    state = initial_state([cfg], tcfg, _Source(), optimizers)
+    state = jax.device_put(state, state_shardings(state, make_mesh(1, 1)))
+    jstep = jax.jit(step_fn, donate_argnums=(0,))
+    keys = jax.random.split(jax.random.key(0), 3)
+    # Activation-like data: a shared mean direction plus Gaussian spread.
+    mean = jax.random.normal(keys[0], (d_in,)) * 0.5
+    batches = [{hook: jax.random.normal(kk, (batch, d_in)) + mean} for kk in jax.random.split(keys[1], 3)]
+    t0 = time.perf_counter()
+    state, out = jstep(state, batches[0])
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - t0
+    state, out = jstep(state, batches[1])  # one more warm step
+    jax.block_until_ready(out)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, out = jstep(state, batches[i % 3])
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    # Median: the machine is shared, so single steps are sometimes slowed by other jobs.
+    dt = float(np.median(times))
+    metrics = jax.device_get(out[1][0])
+    return {
+        "arch": arch,
+        "tokens_per_s": round(batch / dt, 1),
+        "gflops": round(step_flops(arch, batch, d_in, width, k) / dt / 1e9, 2),
+        "step_ms": round(dt * 1e3, 1),
+        "best_step_ms": round(min(times) * 1e3, 1),
+        "compile_s": round(compile_s, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "l0": round(float(metrics["l0"]), 1),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma list of architectures")
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--width", type=int, default=4608)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per architecture (median reported)")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        res = run_one(args.child, args.d_in, args.width, args.batch, args.k, args.steps)
+        print(json.dumps(res), flush=True)
+        return 0
+
+    from scripts.benchlib import emit, matmul_gflops
+
+    gf = matmul_gflops()
+    results = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for arch in args.archs.split(","):
+        cmd = [sys.executable, "-m", "scripts.bench_sae", "--child", arch, "--d-in", str(args.d_in), "--width",
+               str(args.width), "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps)]
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results.append({"arch": arch, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{arch:>10}: {res['tokens_per_s']:>9.0f} tok/s  {res['step_ms']:>7.1f} ms/step  "
+              f"{res['gflops']:>6.1f} GFLOP/s  rss {res['peak_rss_mb']:.0f} MB", flush=True)
+        results.append(res)
+    gf_after = matmul_gflops()
+    emit({
+        "benchmark": "sae_train_step",
+        "matmul_gflops": round(gf, 1),
+        "matmul_gflops_after": round(gf_after, 1),
+        "config": {"d_in": args.d_in, "width": args.width, "batch": args.batch, "k": args.k, "steps": args.steps},
+        "results": results,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
