@@ -38,6 +38,15 @@ class Chunked:
         self.shape, self.dtype, self.blocks = tuple(shape), np.dtype(dtype), blocks
 
 
+def publish(tmp: str, path: str) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and move it
+    into place atomically."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
     """Write tensors (ndarrays or `Chunked`) in the safetensors format, atomically.
 
@@ -71,7 +80,7 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
                     raise RuntimeError(f"tensor {name}: wrote {written} bytes, header says otherwise")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -95,7 +104,7 @@ def write_config(out_dir: str, config: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, CONFIG))
+    publish(tmp, os.path.join(out_dir, CONFIG))
 
 
 def _json_default(x):

@@ -49,34 +49,54 @@ STATE_FILE = "stream_state.npz"
 
 
 class YFile:
-    """Yᵀ (n×k float32) on disk, read and written by row ranges."""
+    """Yᵀ (n×k float32) on disk, read and written by row ranges (created on first write)."""
 
     def __init__(self, path: str, n: int, k: int):
         self.path, self.n, self.k = path, n, k
         self.shape = (n, k)
         self.dtype = np.dtype(np.float32)
-        row_bytes = k * 4
-        if not os.path.exists(path) or os.path.getsize(path) != n * row_bytes:
-            with open(path, "wb") as f:
-                f.truncate(n * row_bytes)
 
     def read(self, start: int, count: int) -> np.ndarray:
-        with open(self.path, "rb") as f:
-            buf = os.pread(f.fileno(), count * self.k * 4, start * self.k * 4)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{self.path} is gone (streaming Y files are deleted once a result "
+                                    "is saved); fit again without --resume")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            buf = os.pread(fd, count * self.k * 4, start * self.k * 4)
+        finally:
+            os.close(fd)
         return np.frombuffer(buf, np.float32).reshape(count, self.k)
 
     def write(self, start: int, Yt_CxK: np.ndarray) -> None:
         data = np.ascontiguousarray(Yt_CxK, np.float32).tobytes()
-        with open(self.path, "r+b") as f:
-            os.pwrite(f.fileno(), data, start * self.k * 4)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, start * self.k * 4)
+        finally:
+            os.close(fd)
 
     def flush(self) -> None:
-        with open(self.path, "r+b") as f:
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
     def __array__(self, dtype=None, copy=None):
         out = self.read(0, self.n)
         return out.astype(dtype) if dtype is not None else out
+
+
+def remove_y_files(workdir: str) -> None:
+    """Delete the streaming solver's Yᵀ files (n×k float32 each) once the result is saved."""
+    for i in range(3):
+        path = os.path.join(workdir, f"y_{i}.f32")
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 @partial(jax.jit, static_argnames=("mu_steps",))

@@ -21,7 +21,7 @@ from snmf import io
 from snmf.baselines import fit_diffmeans, fit_pca
 from snmf.data import StoreSource, load_matrix
 from snmf.solver import SNMFConfig, fit_full_batch
-from snmf.streaming import STATE_FILE, fit_streaming
+from snmf.streaming import STATE_FILE, fit_streaming, remove_y_files
 
 METHODS = ("snmf", "diffmeans", "pca")
 CHECKPOINT = "checkpoint.npz"
@@ -125,6 +125,8 @@ def _train_snmf(cfg: TrainConfig, source, base: dict) -> dict:
     if cfg.hierarchy:
         config["hierarchy"] = _build_hierarchy(cfg, source, fit)
         io.write_config(cfg.out, {**io.read_config(cfg.out), "hierarchy": config["hierarchy"]})
+    if cfg.chunk_size:  # the result holds what is needed; the n×k scratch files can be large
+        remove_y_files(stream_dir)
     return config
 
 
