@@ -164,6 +164,8 @@ def test_unknown_hook_error_lists_valid_hooks(lm):
         lm.forward(lm.params, _tokens(lm), edits=[add("mlp_hidden.0", np.ones(64))])
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         lm.forward(lm.params, np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="zero vector"):
+        clamp("resid_pre.0", np.zeros(64), 1.0)
     with pytest.raises(ValueError, match="stop_at"):
         lm.forward(lm.params, _tokens(lm), stop_at="capture")
 

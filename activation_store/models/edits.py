@@ -85,6 +85,8 @@ def add(hook: str, vector_D, alpha: float = 1.0, positions=None) -> Edit:
 def clamp(hook: str, direction_D, value: float, positions=None) -> Edit:
     """x <- x + (value - <x, u>) u with u = direction / ||direction||: the component along u becomes `value`."""
     d = _vector(direction_D, "clamp direction")
+    if not isinstance(d, jax.core.Tracer) and not bool(jnp.any(d != 0)):
+        raise ValueError(f"clamp direction at {hook} is the zero vector; it has no component to set")
     return Edit(hook, "clamp", d, value, None, _positions(positions))
 
 
