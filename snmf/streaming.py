@@ -232,6 +232,9 @@ def fit_streaming(
         bar.close()
 
     iters = int(st["iteration"])
+    if save_y and int(st["best_file"]) < 0:
+        raise ValueError("this streaming run kept no best-state Y (it was started without --save-y); "
+                         "fit again without --resume to save Y")
     Yt = files[int(st["best_file"])] if save_y else None
     return SNMFFit(Z_DxK=np.asarray(st["best_Zt"]).T.copy(),
                    loss=float(st["best_loss"]), sq_norm_A=float(st["sq_norm"]), iterations=iters,
