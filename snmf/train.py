@@ -91,13 +91,15 @@ def _train_snmf(cfg: TrainConfig, source, base: dict) -> dict:
     ckpt = os.path.join(cfg.out, CHECKPOINT)
     stream_dir = os.path.join(cfg.out, STREAM_DIR)
     done = checkpoint_iteration(ckpt, stream_dir) if cfg.resume else None
-    if done is None:  # a fresh run: drop what an earlier run left
-        for path in (ckpt, metrics_path):
-            if os.path.exists(path):
-                os.unlink(path)
+    if done is None:  # a fresh run: drop what an earlier run left, so nothing stale mixes in
+        for name in (CHECKPOINT, METRICS, io.CONFIG, io.WEIGHTS, "loss.png", "hierarchy.json",
+                     "hierarchy.safetensors"):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.unlink(os.path.join(cfg.out, name))
         shutil.rmtree(stream_dir, ignore_errors=True)
     else:
         truncate_metrics(metrics_path, done)
+
     def on_iter(it, loss, best, sq_norm):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"iteration": it, "loss": loss, "best_loss": best,
