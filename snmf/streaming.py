@@ -99,16 +99,20 @@ def remove_y_files(workdir: str) -> None:
             os.unlink(path)
 
 
+def as_float32(A_DxC):
+    """float16 → float32 as its own pass: left fused, XLA feeds the products converted-on-the-fly
+    float16 operands (measured 3x slower)."""
+    return jax.lax.optimization_barrier(A_DxC.astype(jnp.float32))
+
+
 @partial(jax.jit, static_argnames=("mu_steps",))
-def stream_chunk_step(X_CxD, Yt_CxK, s_K, idx_KxM, vals_KxM, Q_KxK, *, mu_steps: int):
+def stream_chunk_step(A_DxC, Yt_CxK, s_K, idx_KxM, vals_KxM, Q_KxK, *, mu_steps: int):
     """One chunk of a streaming pass: rescale, `mu_steps` × step 4, and the chunk's sums.
 
     Returns (Yt_CxK new, Y·Aᵀ k×d, Y·Yᵀ k×k, Σ (ZᵀA) ⊙ Y). Zero-padded tokens must come
     with zero Y (then they stay zero and add nothing).
     """
-    # Transpose in the input dtype, then convert, as separate programs: fused, XLA runs the
-    # products on converted-on-the-fly float16 operands (measured 3x slower).
-    A_DxC = jax.lax.optimization_barrier(X_CxD.T).astype(jnp.float32)
+    A_DxC = as_float32(A_DxC)
     Y_KxC = Yt_CxK.T / s_K[:, None]
     ZtA_KxC = sparse_ZtA(idx_KxM, vals_KxM, A_DxC)
     for _ in range(mu_steps):
@@ -117,12 +121,12 @@ def stream_chunk_step(X_CxD, Yt_CxK, s_K, idx_KxM, vals_KxM, Q_KxK, *, mu_steps:
 
 
 @jax.jit
-def stream_chunk_stats(X_CxD, Yt_CxK):
+def stream_chunk_stats(A_DxC, Yt_CxK):
     """Pass 0: the chunk's Y·Aᵀ, Y·Yᵀ, and per-dimension sums and sums of squares (for ‖A‖²
     and the constant-matrix check)."""
-    X = jax.lax.optimization_barrier(X_CxD.astype(jnp.float32))
+    A_DxC = as_float32(A_DxC)
     Y_KxC = Yt_CxK.T
-    return Y_KxC @ X, Y_KxC @ Y_KxC.T, jnp.sum(X, axis=0), jnp.sum(X * X, axis=0)
+    return Y_KxC @ A_DxC.T, Y_KxC @ Y_KxC.T, jnp.sum(A_DxC, axis=1), jnp.sum(A_DxC * A_DxC, axis=1)
 
 
 @partial(jax.jit, static_argnames=("m",))
@@ -158,13 +162,17 @@ def prefetch(it: Iterator, depth: int = 1) -> Iterator:
         yield item
 
 
-def padded_chunks(source, chunk_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, count, X_CxD) with the last chunk zero-padded to chunk_size (one compiled shape)."""
+def transposed_chunks(source, chunk_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, count, A_DxC): each chunk transposed to the solver's d×tokens layout (in its own
+    dtype), the last one zero-padded to chunk_size columns so one compiled shape serves all.
+    Runs on the prefetch thread, so the transpose overlaps the previous chunk's compute."""
     for start, X in source.chunks(chunk_size):
         count = len(X)
-        if count < chunk_size:
-            X = np.concatenate([X, np.zeros((chunk_size - count, X.shape[1]), X.dtype)])
-        yield start, count, X
+        A_DxC = np.zeros((X.shape[1], chunk_size), X.dtype)
+        for i in range(0, count, 256):  # blocked: ~2x faster than one strided copy
+            j = min(i + 256, count)
+            A_DxC[:, i:j] = X[i:j].T
+        yield start, count, A_DxC
 
 
 def pad_rows(Yt_CxK: np.ndarray, size: int) -> np.ndarray:
@@ -250,12 +258,12 @@ def _pass_zero(source, cfg, chunk_size, yfile, m, signature) -> dict:
     YAt = np.zeros((cfg.k, source.d), np.float64)
     YYt = np.zeros((cfg.k, cfg.k), np.float64)
     sum_D, sumsq_D = np.zeros(source.d), np.zeros(source.d)
-    for start, count, X in prefetch(padded_chunks(source, chunk_size)):
-        check_finite(X[:count].T, col_offset=start)
-        A_DxC = X[:count].T if cfg.init == "random" else np.asarray(X[:count], np.float32).T
+    for start, count, A in prefetch(transposed_chunks(source, chunk_size)):
+        check_finite(A[:, :count], col_offset=start)
+        A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
         Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
         yfile.write(start, Yt[:count])
-        ya, yy, sum_c, sumsq_c = stream_chunk_stats(X, Yt)
+        ya, yy, sum_c, sumsq_c = stream_chunk_stats(A, Yt)
         YAt += np.asarray(ya, np.float64)
         YYt += np.asarray(yy, np.float64)
         sum_D += np.asarray(sum_c, np.float64)
@@ -279,10 +287,9 @@ def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m, progress)
     YAt = np.zeros((cfg.k, source.d), np.float64)
     YYt = np.zeros((cfg.k, cfg.k), np.float64)
     cross = 0.0
-    chunks = prefetch(padded_chunks(source, chunk_size))
-    for start, count, X in chunks:
+    for start, count, A in prefetch(transposed_chunks(source, chunk_size)):
         Yt = pad_rows(files[cur].read(start, count), chunk_size)
-        Yt_new, ya, yy, cr = stream_chunk_step(X, Yt, s, idx, vals, Q, mu_steps=mu_steps)
+        Yt_new, ya, yy, cr = stream_chunk_step(A, Yt, s, idx, vals, Q, mu_steps=mu_steps)
         files[nxt].write(start, np.asarray(Yt_new)[:count])
         YAt += np.asarray(ya, np.float64)
         YYt += np.asarray(yy, np.float64)
