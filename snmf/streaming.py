@@ -1,6 +1,7 @@
 """Streaming semi-NMF for activation matrices larger than memory.
 
-Memory is O(chunk·d + k·d), independent of n: A is read chunk by chunk from the source each
+Memory is O(chunk·d + k·d), independent of n (measured peak RSS ≈ 1.4 GB at chunk 32,768,
+d 1536, k 100 for both 200,000 and 2,000,000 tokens; scripts/bench_snmf.py): A is read chunk by chunk from the source each
 pass, and Yᵀ (n×k float32) lives in files in `workdir`, read and written chunk by chunk with
 pread/pwrite (no memory map, so the resident set does not grow with n).
 

@@ -262,7 +262,7 @@ def summarize(cfg: TrainConfig, config: dict, dic) -> str:
     lines = [f"{config['method']} on {config['hook']}: {config['n_features']} features from "
              f"{config['n_tokens']:,} tokens (d={config['d']}) in {config.get('time_s', 0):.1f}s"]
     if config.get("rel_error") is not None:
-        lines.append(f"relative reconstruction error ‖A−ZY‖_F/‖A‖_F = {config['rel_error']:.4f}")
+        lines.append(f"relative reconstruction error ‖A−Â‖_F/‖A‖_F = {config['rel_error']:.4f}")
     if config["method"] == "snmf":
         lines.append(f"iterations {config['iterations']} (stopped early: {config['stopped_early']}), "
                      f"final loss {config['final_loss']:.6g}")
