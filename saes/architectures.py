@@ -19,8 +19,8 @@ Loss (per token, divided by d_out so coefficients match the usual sum-over-dimen
   jumprelu + λ_t · E_b ‖f‖₀ / E, rectangle-kernel STE           (Rajamanoharan et al. 2024b)
   gated    + λ_t · E_b Σ_i relu(π_gate)_i ‖dec_i‖ / E + E_b ‖y' − relu(π_gate)·sg(dec) − sg(b_dec)‖² / E
                                                                 (Rajamanoharan et al. 2024a)
-  topk, batchtopk, matryoshka + auxk_coef · E_b ‖e − ê‖² / E, e = sg(y' − ŷ'), ê decoded from up to
-  k_aux dead latents (Gao et al. 2024, "Scaling and evaluating SAEs"; see _auxk)
+  topk, batchtopk, matryoshka + auxk_coef · Σ_b ‖e − ê‖² / Σ_b ‖e − ē‖², e = sg(y' − ŷ'), ê decoded
+  from up to k_aux dead latents (Gao et al. 2024, "Scaling and evaluating SAEs"; see _auxk)
   matryoshka: mse is the mean over nested prefixes p_1 < … < p_m = F of the mse of the
   reconstruction from latents [0, p_i) (Bussmann et al. 2025; Nabeshima 2024).
 λ_t ramps linearly from 0 over the first sparsity_warmup_frac of training.
@@ -40,24 +40,41 @@ from saes.config import SAEConfig
 # i.e. one token can use at most 4k latents (exactly the batch top-k·B whenever no token would use more;
 # `saturated_frac` in the logs reports how often the cap binds).
 BATCHTOPK_ROW_CAP = 4
+DENSE_ENC_INIT_SCALE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
 # Initialisation
 # ---------------------------------------------------------------------------------------------
-def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.ndarray) -> tuple[dict, dict]:
-    """Decoder rows random unit vectors; encoder = decoder transpose for SAEs (Gao et al. 2024),
-    a random unit-row matrix for transcoders (input and output spaces differ); biases 0;
-    b_dec from the geometric median of a target sample."""
+def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.ndarray,
+                x_sample_NxD: np.ndarray | None = None, y_sample_NxE: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Decoder rows random unit vectors; encoder = decoder transpose for SAEs (Gao et al. 2024), for
+    transcoders the decoder rows mapped back through the sample's least-squares map; biases 0;
+    b_dec from the geometric median of a target sample. JumpReLU thresholds start at each latent's
+    (1 − k/F) quantile of its pre-activations on `x_sample` (training space), so the run starts near
+    L0 = k instead of spending its first thousands of steps moving log θ (whose Adam steps are
+    ~lr per step), and the L0 penalty tunes from there; without a sample θ = jumprelu_init_threshold."""
     F, D, E = cfg.width, cfg.d_in, cfg.d_out
     k_dec, k_enc = jax.random.split(key)
     dec = jax.random.normal(k_dec, (F, E), jnp.float32)
     dec = dec / jnp.linalg.norm(dec, axis=1, keepdims=True)
     if cfg.is_transcoder:
-        enc = jax.random.normal(k_enc, (F, D), jnp.float32)
-        enc = enc / jnp.linalg.norm(enc, axis=1, keepdims=True)
+        if y_sample_NxE is not None and x_sample_NxD is not None and len(x_sample_NxD) > D:
+            # The tied init generalised: encoder rows are the decoder rows pulled back through the
+            # least-squares linear map x -> y of the sample (an SAE is the case map = identity).
+            xc = np.asarray(x_sample_NxD, np.float64) - np.asarray(b_in_D)
+            yc = np.asarray(y_sample_NxE, np.float64) - np.asarray(b_dec_E)
+            map_DxE = np.linalg.lstsq(xc, yc, rcond=None)[0]
+            enc = jnp.asarray(np.asarray(dec, np.float64) @ map_DxE.T, jnp.float32)
+        else:
+            enc = jax.random.normal(k_enc, (F, D), jnp.float32)
+        enc = enc / jnp.maximum(jnp.linalg.norm(enc, axis=1, keepdims=True), 1e-12)
     else:
         enc = jnp.array(dec, copy=True)  # a distinct buffer: the two are trained separately
+    if cfg.selection in ("relu", "gated"):
+        # Small codes at the start, as with Anthropic's 0.1-norm decoder init (April 2024 update):
+        # unit-scale codes on ~F/2 active latents would start the reconstruction far too large.
+        enc = enc * DENSE_ENC_INIT_SCALE
     params = {"enc_FxD": enc, "dec_FxE": dec, "b_dec": jnp.asarray(b_dec_E, jnp.float32)}
     def zeros_F():  # fresh buffers: the training step donates its state, so no two leaves may share one
         return jnp.zeros((F,), jnp.float32)
@@ -67,7 +84,13 @@ def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.
     else:
         params["b_enc"] = zeros_F()
     if cfg.architecture == "jumprelu":
-        params["log_threshold"] = jnp.full((F,), np.log(cfg.jumprelu_init_threshold), jnp.float32)
+        theta = np.full((F,), cfg.jumprelu_init_threshold)
+        if x_sample_NxD is not None and len(x_sample_NxD):
+            centre = b_in_D if cfg.is_transcoder else b_dec_E
+            pre = (np.asarray(x_sample_NxD) - centre) @ np.asarray(enc).T
+            q = np.quantile(pre, 1.0 - min(1.0, cfg.k / F), axis=0)
+            theta = np.maximum(q, cfg.jumprelu_init_threshold)
+        params["log_threshold"] = jnp.asarray(np.log(theta), jnp.float32)
     buffers = {
         "b_in": jnp.asarray(b_in_D, jnp.float32),
         "since_fired": zeros_F(),
@@ -225,7 +248,10 @@ def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
         pre_BxM = _mm(x_c_BxD, enc_MxD, dtype) + params["b_enc"][sel_M]
         codes_BxM = jax.nn.relu(pre_BxM) * dead_F[sel_M]
         e_hat = _mm_n(codes_BxM, dec_MxE, dtype)
-        return jnp.sum((e_hat - resid_BxE) ** 2) / (B * E)
+        # Normalised by the residual's own variance, as in Gao et al.'s code: the residual shrinks
+        # as training goes on, and the dead latents' signal should not shrink with it.
+        centred = resid_BxE - jnp.mean(resid_BxE, axis=0)
+        return jnp.sum((e_hat - resid_BxE) ** 2) / jnp.maximum(jnp.sum(centred**2), 1e-12)
 
     return jax.lax.cond(jnp.any(dead_F), with_dead, lambda _: jnp.float32(0.0), None)
 

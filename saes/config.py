@@ -25,7 +25,8 @@ class SAEConfig:
 
     Sizes: d_in (width of hook_in), d_out (width of hook_out; == d_in for an SAE), width = F latents.
     k: active latents per token for TopK/Matryoshka-TopK; mean active latents per token for
-    BatchTopK/Matryoshka-BatchTopK (top k·B over a batch of B tokens).
+    BatchTopK/Matryoshka-BatchTopK (top k·B over a batch of B tokens); for JumpReLU the L0 its
+    thresholds are initialised to (the L0 penalty moves it from there); unused by ReLU and Gated.
     Normalisation: training sees x·input_scale and y·output_scale with scale = sqrt(d / E‖x‖²)
     (so E‖x‖² = d); `normalisation_folded` says the saved weights already absorb them (see saes/io.py).
     """
@@ -46,7 +47,7 @@ class SAEConfig:
     # Per-SAE optimisation (several SAEs in one pass may differ here).
     lr: float = 0.0  # 0 -> 2e-4 / sqrt(width / 2**14) (a common default, see RESEARCH.md)
     l1_coef: float = 5.0  # ReLU+L1 and Gated sparsity coefficient (on unit-scaled inputs)
-    l0_coef: float = 1e-3  # JumpReLU L0 coefficient (per latent counted, times mean ‖x‖² = d_in)
+    l0_coef: float = 1.0  # JumpReLU L0 coefficient (loss per token = ‖e‖² + l0_coef·L0, E‖x‖² = d_in units)
     sparsity_warmup_frac: float = 0.05  # sparsity coefficient ramps linearly 0 -> coef over this share of steps
     jumprelu_bandwidth: float = 0.05  # rectangle-kernel width ε of the straight-through estimators
     jumprelu_init_threshold: float = 0.1

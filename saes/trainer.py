@@ -218,11 +218,12 @@ def initial_state(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, source, optimize
     for i, (c, (opt, _)) in enumerate(zip(cfgs, optimizers)):
         key = jax.random.fold_in(jax.random.key(tcfg.seed), i + c.init_seed_offset)
         if tcfg.geometric_median_samples > 0:
-            b_dec = A.geometric_median(sample(c.hook_out) * c.output_scale)
-            b_in = A.geometric_median(sample(c.hook_in) * c.input_scale) if c.is_transcoder else np.zeros(c.d_in)
+            x_sample, y_sample = sample(c.hook_in) * c.input_scale, sample(c.hook_out) * c.output_scale
+            b_dec = A.geometric_median(y_sample)
+            b_in = A.geometric_median(x_sample) if c.is_transcoder else np.zeros(c.d_in)
         else:
-            b_dec, b_in = np.zeros(c.d_out), np.zeros(c.d_in)
-        params, buffers = A.init_params(c, key, b_dec, b_in)
+            x_sample, y_sample, b_dec, b_in = None, None, np.zeros(c.d_out), np.zeros(c.d_in)
+        params, buffers = A.init_params(c, key, b_dec, b_in, x_sample, y_sample)
         saes.append({"params": params, "opt": opt.init(params), "buffers": buffers})
     return {"step": jnp.zeros((), jnp.int32), "saes": saes}
 
