@@ -28,7 +28,6 @@ is which). A SIGKILL mid-pass leaves the checkpoint and `cur` intact; resuming r
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import queue
