@@ -199,6 +199,13 @@ def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: TrainConfig) -> lis
             raise SAEConfigError("dead_tokens must be positive")
         c.model_id = c.model_id or source.model_id
         c.store_fingerprint = source.fingerprint
+        for hook in (c.hook_in, c.hook_out):
+            if not math.isfinite(source.mean_sq_norm(hook)):
+                raise NonFiniteBatchError(
+                    f"the mean squared norm of {hook} is NaN/Inf, so the data hold non-finite values: "
+                    f"{source.locate_nonfinite(hook)}. Hint: a float16 harvest can overflow; re-harvest with "
+                    "--dtype float32 or drop those contexts."
+                )
         c.input_scale = float(math.sqrt(c.d_in / max(source.mean_sq_norm(c.hook_in), 1e-30)))
         c.output_scale = float(math.sqrt(c.d_out / max(source.mean_sq_norm(c.hook_out), 1e-30)))
         c.normalisation_folded = False
@@ -255,6 +262,8 @@ def _restore(manager, step: int, state, shardings):
 def _save(manager, step: int, state):
     import orbax.checkpoint as ocp
 
+    if manager.latest_step() == step:
+        return
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
 
@@ -281,6 +290,7 @@ class TrainResult:
     names: list[str]
     last_metrics: dict[str, dict]
     steps: int
+    state: dict | None = None  # the final (sharded) training state, for inspection
 
 
 def train_saes(
@@ -431,20 +441,19 @@ def _loop(cfgs, tcfg, names, dirs, source, state, jstep, manager, start, batch_s
                 _run_eval(eval_fn, step, B, cfgs, names, dirs, state)
             if stop_after is not None and step >= stop_after:
                 _save(manager, step, state)
-                return TrainResult([], dirs, names, last, step)
+                return TrainResult([], dirs, names, last, step, state)
     finally:
         bar.close()
         close = getattr(batches, "close", None)
         if close:
             close()
-    if manager.latest_step() != step:
-        _save(manager, step, state)
+    _save(manager, step, state)
     saes = [saved_sae(c, s) for c, s in zip(cfgs, state["saes"])]
     for sae, d in zip(saes, dirs):
         save_sae(sae, d, train_config=tcfg.to_dict())
     if eval_fn is not None:
         last.update(_run_eval(eval_fn, step, B, cfgs, names, dirs, state, saes))
-    return TrainResult(saes, dirs, names, last, step)
+    return TrainResult(saes, dirs, names, last, step, state)
 
 
 def _run_eval(eval_fn, step, B, cfgs, names, dirs, state, saes=None) -> dict:

@@ -148,6 +148,10 @@ def sae_configs(args, dims: dict[str, int], total_tokens: int) -> list[SAEConfig
             raise SAEConfigError("no hook: pass --hook (or hook=... in every --sae)")
         if hook not in dims:
             raise SAEConfigError(f"store has no hook {hook!r}; it has {', '.join(dims)}")
+        if d["hook_out"] and d["hook_out"] not in dims:
+            raise SAEConfigError(f"store has no hook {d['hook_out']!r}; it has {', '.join(dims)}")
+        d["d_in"] = dims[hook]
+        d["d_out"] = dims[d["hook_out"] or hook]
         expansion = d.pop("expansion")
         if not d["width"]:
             d["width"] = int(round(expansion * dims[hook]))
@@ -178,7 +182,8 @@ def make_eval_fn(store, args, final_step: int):
 
             state["lm"] = load_model(name)
         except Exception as err:  # the CE score is optional: say why it is missing
-            print(f"[train-sae] no CE score: cannot load model {name!r} ({err})", file=sys.stderr)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"[train-sae] no CE score: cannot load model {name!r}: {first}", file=sys.stderr)
         return state["lm"]
 
     split = "val" if store.token_rows("val").size else "all"
