@@ -312,7 +312,7 @@ def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef
         mse = jnp.sum((recon - y_BxE) ** 2) / (B * E)
         loss = mse + coef * sparsity / E
         stats["sparsity"] = sparsity
-        stats["fired_F"] = jnp.sum(codes > 0, axis=0).astype(jnp.float32)
+        stats["fired_F"] = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
         stats["l0"] = jnp.sum(stats["fired_F"]) / B
     elif sel == "gated":
         proj = _mm(x_c, params["enc_FxD"], dtype)
@@ -328,7 +328,7 @@ def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef
         aux = jnp.sum((frozen - y_BxE) ** 2) / (B * E)
         loss = mse + coef * sparsity / E + aux
         stats.update(sparsity=sparsity, gate_aux=aux)
-        stats["fired_F"] = jnp.sum(codes > 0, axis=0).astype(jnp.float32)
+        stats["fired_F"] = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
         stats["l0"] = jnp.sum(stats["fired_F"]) / B
     else:
         raise ValueError(f"unknown selection {sel!r}")

@@ -45,7 +45,9 @@ class SAEConfig:
     input_scale: float = 1.0
     output_scale: float = 1.0
     # Per-SAE optimisation (several SAEs in one pass may differ here).
-    lr: float = 0.0  # 0 -> 2e-4 / sqrt(width / 2**14) (a common default, see RESEARCH.md)
+    # Peak Adam lr. 2e-3 suits the short runs of a ~100k-token store trained for a few epochs (a few
+    # hundred steps); 0 -> 2e-4 / sqrt(width / 2**14), the common default for long runs (RESEARCH.md).
+    lr: float = 2e-3
     l1_coef: float = 5.0  # ReLU+L1 and Gated sparsity coefficient (on unit-scaled inputs)
     l0_coef: float = 1.0  # JumpReLU L0 coefficient (loss per token = ‖e‖² + l0_coef·L0, E‖x‖² = d_in units)
     sparsity_warmup_frac: float = 0.05  # sparsity coefficient ramps linearly 0 -> coef over this share of steps
@@ -53,7 +55,7 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.1
     k_aux: int = 256  # AuxK: number of dead latents that reconstruct the residual (OpenAI: 256)
     auxk_coef: float = 1.0 / 32.0
-    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead
+    dead_tokens: int = 0  # a latent that has not fired for this many tokens is dead; 0 -> min(10M, tokens/10)
     batchtopk_threshold_decay: float = 0.99  # EMA decay of the BatchTopK inference threshold
     matryoshka_prefixes: tuple[int, ...] = ()  # nested prefix sizes; () -> width/16, /8, /4, /2, 1
     matryoshka_base: str = "batchtopk"  # "batchtopk" or "topk"
@@ -138,8 +140,8 @@ class SAEConfig:
 class TrainConfig:
     """The shared training loop. All SAEs trained together see the same batches."""
 
-    batch_size: int = 4096
-    total_tokens: int = 2_000_000
+    batch_size: int = 2048
+    total_tokens: int = 600_000
     seed: int = 0
     warmup_steps: int = 100  # linear lr warmup
     decay_frac: float = 0.2  # linear decay to 0 over the final share of steps

@@ -174,6 +174,11 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, mesh: Mesh | None =
 # ---------------------------------------------------------------------------------------------
 # Set-up: scales, initial state
 # ---------------------------------------------------------------------------------------------
+def default_dead_tokens(total_tokens: int) -> int:
+    """10M tokens (Gao et al. 2024), or a tenth of a shorter run so dead latents are seen and revived."""
+    return int(min(10_000_000, max(1, total_tokens // 10)))
+
+
 def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: TrainConfig) -> list[SAEConfig]:
     """Validate against the source, fill in model id, store fingerprint and normalisation scales."""
     out = []
@@ -196,7 +201,7 @@ def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: TrainConfig) -> lis
             raise SAEConfigError(f"SAE d_out={c.d_out} but hook {c.hook_out} has width {d_out} in the store")
         c.validate()
         if c.dead_tokens <= 0:
-            raise SAEConfigError("dead_tokens must be positive")
+            c.dead_tokens = default_dead_tokens(tcfg.total_tokens)
         c.model_id = c.model_id or source.model_id
         c.store_fingerprint = source.fingerprint
         for hook in (c.hook_in, c.hook_out):

@@ -56,7 +56,9 @@ def register(subparsers) -> None:
     g.add_argument("--expansion", type=float, default=8.0, help="width = expansion x d_in when --width is not given")
     g.add_argument("--k", type=int, default=_S.k,
                    help="active latents per token (TopK) or on average (BatchTopK, Matryoshka)")
-    g.add_argument("--lr", type=float, default=_S.lr, help="peak Adam learning rate; 0 = 2e-4/sqrt(width/2^14)")
+    g.add_argument("--lr", type=float, default=_S.lr,
+                   help="peak Adam learning rate (default suits a few hundred steps on a ~100k-token store); "
+                        "0 = 2e-4/sqrt(width/2^14), the usual choice for long runs")
     g.add_argument("--l1", type=float, default=_S.l1_coef,
                    help="L1 coefficient for relu and gated (inputs normalised to E||x||^2 = d_in)")
     g.add_argument("--l0-coef", type=float, default=_S.l0_coef, help="L0 coefficient for jumprelu")
@@ -128,7 +130,7 @@ def _parse_spec(spec: str) -> dict:
     return out
 
 
-def sae_configs(args, dims: dict[str, int], total_tokens: int) -> list[SAEConfig]:
+def sae_configs(args, dims: dict[str, int]) -> list[SAEConfig]:
     """SAEConfigs from the flags (one SAE) or from each --sae spec layered over them."""
     base = {
         "architecture": args.arch, "hook_in": args.hook or "", "hook_out": args.hook_out, "width": args.width,
@@ -155,8 +157,6 @@ def sae_configs(args, dims: dict[str, int], total_tokens: int) -> list[SAEConfig
         expansion = d.pop("expansion")
         if not d["width"]:
             d["width"] = int(round(expansion * dims[hook]))
-        if not d["dead_tokens"]:
-            d["dead_tokens"] = int(min(10_000_000, max(1, total_tokens // 10)))
         prefixes = d.pop("matryoshka_prefixes")
         d["matryoshka_prefixes"] = tuple(int(p) for p in prefixes.split(":")) if prefixes else ()
         cfgs.append(SAEConfig(**d).validate())
@@ -220,7 +220,7 @@ def run(args) -> int:
             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, mesh_data=data, mesh_feature=feature,
             split=args.split,
         )
-        cfgs = sae_configs(args, dims, args.tokens)
+        cfgs = sae_configs(args, dims)
         hooks = [h for c in cfgs for h in (c.hook_in, c.hook_out or c.hook_in)]
         source = StoreSource(store, hooks, split=args.split)
         eval_fn = None if args.no_eval else make_eval_fn(store, args, tcfg.total_steps)

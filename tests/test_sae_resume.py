@@ -89,7 +89,7 @@ def test_resume_with_changed_config_is_refused_with_a_diff(tmp_path):
     changed = SAEConfig(architecture="topk", width=64, k=8, hook_in="h", lr=1e-3)
     with pytest.raises(ResumeMismatchError) as err:
         train_saes([changed], tcfg, ArraySource({"h": x}), tmp_path, progress=False, resume=True)
-    assert "k: 4 -> 8" in str(err.value) and "lr: 0.0 -> 0.001" in str(err.value)
+    assert "saes.0.k: 4 -> 8" in str(err.value) and "saes.0.lr: 0.002 -> 0.001" in str(err.value)
     # Logging-only settings may change; the run then finishes from its checkpoint.
     relaxed = TrainConfig(**{**tcfg.to_dict(), "log_every": 1})
     result = train_saes([cfg], relaxed, ArraySource({"h": x}), tmp_path, progress=False, resume=True)
