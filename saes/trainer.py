@@ -240,9 +240,29 @@ def initial_state(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, source, optimize
     return {"step": jnp.zeros((), jnp.int32), "saes": saes}
 
 
+def _is_main() -> bool:
+    """Only process 0 writes files (metrics, saved SAEs); every process takes part in checkpoints."""
+    return jax.process_index() == 0
+
+
+def _to_host(tree):
+    """Numpy copy of a (possibly multi-host sharded) pytree."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _local_rows(x) -> np.ndarray:
+    """The rows of a global batch that this process holds."""
+    return np.concatenate([np.asarray(s.data) for s in x.addressable_shards]) if hasattr(x, "addressable_shards") \
+        else np.asarray(x)
+
+
 def saved_sae(cfg: SAEConfig, sae_state: dict) -> SAE:
     """The raw-space SAE of one training state (normalisation folded; see saes/io.py)."""
-    host = jax.device_get({"params": sae_state["params"], "buffers": sae_state["buffers"]})
+    host = _to_host({"params": sae_state["params"], "buffers": sae_state["buffers"]})
     weights = A.to_saved(cfg, host["params"], host["buffers"], cfg.input_scale, cfg.output_scale)
     return sae_from_params(dataclasses.replace(cfg, normalisation_folded=True), weights)
 
@@ -337,10 +357,11 @@ def train_saes(
                 + "; ".join(diff)
                 + ". Use the original flags, or start a new run in another --out directory."
             )
-    out.mkdir(parents=True, exist_ok=True)
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
 
     mesh = make_mesh(tcfg.mesh_data, tcfg.mesh_feature)
     for c in cfgs:
@@ -358,7 +379,8 @@ def train_saes(
     if resume and manager.latest_step() is not None:
         start = int(manager.latest_step())
         state = _restore(manager, start, state, shardings)
-    _trim_metrics(dirs, start)
+    if _is_main():
+        _trim_metrics(dirs, start)
 
     batch_sharding = NamedSharding(mesh, P("data", None))
     metric_sharding = NamedSharding(mesh, P())
@@ -383,6 +405,8 @@ def _trim_metrics(dirs, start: int) -> None:
 
 
 def _append(path: Path, rows: Iterable[dict]) -> None:
+    if not _is_main():
+        return
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -409,7 +433,7 @@ def _loop(cfgs, tcfg, names, dirs, source, state, jstep, manager, start, batch_s
             state, (finite, metrics) = jstep(state, batch)
             finite, metrics = jax.device_get((finite, metrics))
             if not finite:
-                bad = [h for h in hooks if not np.all(np.isfinite(np.asarray(jax.device_get(batch[h]))))]
+                bad = [h for h in hooks if not np.all(np.isfinite(_local_rows(batch[h])))] or hooks
                 where = "; ".join(f"{h}: {source.locate_nonfinite(h)}" for h in bad)
                 raise NonFiniteBatchError(
                     f"batch of step {step} (tokens {step * B}-{(step + 1) * B}) contains NaN/Inf in {', '.join(bad)}: "
@@ -454,15 +478,18 @@ def _loop(cfgs, tcfg, names, dirs, source, state, jstep, manager, start, batch_s
             close()
     _save(manager, step, state)
     saes = [saved_sae(c, s) for c, s in zip(cfgs, state["saes"])]
-    for sae, d in zip(saes, dirs):
-        save_sae(sae, d, train_config=tcfg.to_dict())
+    if _is_main():
+        for sae, d in zip(saes, dirs):
+            save_sae(sae, d, train_config=tcfg.to_dict())
     if eval_fn is not None:
         last.update(_run_eval(eval_fn, step, B, cfgs, names, dirs, state, saes))
     return TrainResult(saes, dirs, names, last, step, state)
 
 
 def _run_eval(eval_fn, step, B, cfgs, names, dirs, state, saes=None) -> dict:
-    saes = saes or [saved_sae(c, s) for c, s in zip(cfgs, state["saes"])]
+    saes = saes or [saved_sae(c, s) for c, s in zip(cfgs, state["saes"])]  # a collective on multi-host
+    if not _is_main():
+        return {}
     results = eval_fn(step, dict(zip(names, saes))) or {}
     out = {}
     for name, d in zip(names, dirs):

@@ -222,7 +222,7 @@ def run(args) -> int:
         )
         cfgs = sae_configs(args, dims)
         hooks = [h for c in cfgs for h in (c.hook_in, c.hook_out or c.hook_in)]
-        source = StoreSource(store, hooks, split=args.split)
+        source = StoreSource(store, hooks, split=args.split, aligned=any(c.is_transcoder for c in cfgs))
         eval_fn = None if args.no_eval else make_eval_fn(store, args, tcfg.total_steps)
         result = train_saes(cfgs, tcfg, source, args.out, resume=args.resume, eval_fn=eval_fn,
                             progress=not args.no_progress)
