@@ -6,6 +6,14 @@ removed, global-norm clipping, Adam with linear warmup and final linear decay, d
 renormalised, dead-latent and BatchTopK-threshold buffers updated. A batch with NaN/Inf leaves the
 state untouched and stops training with the step and the offending rows.
 
+Sharding: a Mesh with axes ("data", "feature"); batches are split over data, encoder/decoder rows,
+b_enc-like vectors and the dead-latent counters over feature (optimizer state alike); jit + GSPMD
+partitions the step (the TopK/BatchTopK selection and the sparse gathers included; a test checks that
+8 simulated devices reproduce 1 device). Multi-host: call jax.distributed.initialize() first (the CLI's
+--distributed); the mesh then spans every process's devices, each process reads only its own rows of
+each global batch (store.batches with the batch sharding), orbax writes checkpoints collectively, and
+process 0 alone writes metrics and saved SAEs.
+
 Output directory (one SAE: `out/` itself is the SAE directory; several: `out/<name>/` each):
   <sae dir>/config.json, weights.safetensors   saved SAE (saes/io.py), written at the end
   <sae dir>/metrics.jsonl                      {"kind": "train"|"eval", "step", "tokens", "sae", ...}
@@ -111,8 +119,13 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, decay_frac:
     return schedule
 
 
+def warmup_steps(tcfg: TrainConfig) -> int:
+    """The configured warmup, at most a tenth of the run (short runs on small stores)."""
+    return max(1, min(tcfg.warmup_steps, tcfg.total_steps // 10))
+
+
 def make_optimizer(cfg: SAEConfig, tcfg: TrainConfig):
-    schedule = lr_schedule(cfg.learning_rate, tcfg.total_steps, tcfg.warmup_steps, tcfg.decay_frac)
+    schedule = lr_schedule(cfg.learning_rate, tcfg.total_steps, warmup_steps(tcfg), tcfg.decay_frac)
     parts = [optax.clip_by_global_norm(tcfg.grad_clip)] if tcfg.grad_clip > 0 else []
     parts.append(optax.adam(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps))
     return optax.chain(*parts), schedule

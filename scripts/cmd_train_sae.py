@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--tokens", type=int, default=_T.total_tokens, help="training tokens (epochs repeat the store)")
     g.add_argument("--batch-size", type=int, default=_T.batch_size, help="tokens per step")
-    g.add_argument("--warmup-steps", type=int, default=_T.warmup_steps, help="linear learning-rate warmup")
+    g.add_argument("--warmup-steps", type=int, default=_T.warmup_steps, help="linear learning-rate warmup steps (capped at a tenth of the run)")
     g.add_argument("--decay-frac", type=float, default=_T.decay_frac, help="final fraction of steps with linear lr decay to 0")
     g.add_argument("--grad-clip", type=float, default=_T.grad_clip, help="global gradient-norm clip per SAE (0 = off)")
     g.add_argument("--dtype", default=_T.compute_dtype, choices=("float32", "bfloat16"),
