@@ -5,7 +5,8 @@ trainer's real jitted step (loss, grads, decoder projection, Adam, buffers), tim
 after compilation on synthetic Gaussian batches. The last stdout line is one JSON object:
   {"matmul_gflops": ..., "config": {...}, "results": [{arch, tokens_per_s, gflops, step_ms, peak_rss_mb}, ...]}
 gflops counts the flops the step executes: dense architectures 10·B·D·F (encoder forward 2BDF,
-decoder forward 2BFD, decoder backward 2·2BFD, encoder weight gradient 2BDF); the TopK family
+decoder forward 2BFD, decoder backward 2·2BFD, encoder weight gradient 2BDF; Gated 14·B·D·F with its
+auxiliary reconstruction through the frozen decoder, forward and backward); the TopK family
 2·B·D·F for the dense pre-activations plus 10·N·D for the sparse products (N = k·B entries,
 Matryoshka the same), which is why its rate looks low while its tokens/s is high.
 
@@ -26,6 +27,8 @@ ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 def step_flops(arch: str, B: int, D: int, F: int, k: int) -> float:
     if arch in ("topk", "batchtopk", "matryoshka"):
         return 2.0 * B * D * F + 10.0 * k * B * D
+    if arch == "gated":  # + the auxiliary reconstruction through the frozen decoder, forward and backward
+        return 14.0 * B * D * F
     return 10.0 * B * D * F
 
 
