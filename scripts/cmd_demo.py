@@ -24,8 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--layer", type=int, default=15, help="layer whose hooks are harvested (default 15)")
     p.add_argument("--max-tokens", type=int, default=100_000,
                    help="tokens to harvest (default 100,000: about 2-3 minutes on a 2-core CPU)")
-    p.add_argument("--sae-tokens", type=int, default=1_500_000,
-                   help="training tokens for the SAE (default 1,500,000: several passes over the store)")
+    p.add_argument("--sae-tokens", type=int, default=600_000,
+                   help="training tokens for the SAE (default 600,000: about six passes over the store)")
     p.add_argument("--snmf-tokens", type=int, default=20_000, help="tokens SNMF is fitted on (default 20,000)")
     p.add_argument("--stages", default="harvest,sae,snmf",
                    help="comma list of stages to run (default harvest,sae,snmf)")
