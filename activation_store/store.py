@@ -29,11 +29,13 @@ so the split is fixed by the file and independent of the reader.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import queue
 import threading
+import weakref
 import zlib
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -856,6 +858,17 @@ def _batch_source(path, hook, plan: ShufflePlan, batch_size, start_step, dim, sh
                 yield jax.device_put(x)
 
 
+_LIVE_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_iterators() -> None:
+    # A prefetch thread still inside h5py or jax.device_put while the interpreter finalises can
+    # crash the process at exit (seen as SIGSEGV after a successful run), so stop and join them first.
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+
+
 class BatchIterator:
     """Runs a generator on a background thread, keeping up to `prefetch` items ready."""
 
@@ -867,6 +880,7 @@ class BatchIterator:
         self._source = source
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        _LIVE_ITERATORS.add(self)
 
     def _run(self) -> None:
         try:
