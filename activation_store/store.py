@@ -510,10 +510,11 @@ class ActivationStore:
         return dict(self._attrs.get("harvest_config") or {})
 
     def dim(self, hook: str) -> int:
-        self._check_hook(hook)
+        self.check_hook(hook)
         return int(self._attrs["dims"][hook])
 
-    def _check_hook(self, hook: str) -> None:
+    def check_hook(self, hook: str) -> None:
+        """Raise StoreError naming the store's hooks unless `hook` is one of them."""
         if hook not in self.hooks:
             raise StoreError(f"store {self.path} has no hook {hook!r}; it has {', '.join(self.hooks)}")
 
@@ -535,12 +536,13 @@ class ActivationStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _block_rows(self, hook: str) -> int:
+    def block_rows(self, hook: str) -> int:
+        """Rows per HDF5 chunk of `hook` (the unit the shuffled reader permutes)."""
         return int(self._handle()["acts"][hook].chunks[0])
 
     def read_rows(self, hook: str, rows, dtype=np.float32) -> np.ndarray:
         """Activations of the given rows (any order, repeats allowed) as [len(rows), d]."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         rows = np.asarray(rows, np.int64)
         limit = self.n_committed * self.context_length
         if rows.size and (rows.min() < 0 or rows.max() >= limit):
@@ -551,7 +553,7 @@ class ActivationStore:
     def iter_chunks(self, hook: str, chunk_size: int, split: str = "train", exclude_bos: bool = True,
                     dtype=np.float32) -> Iterator[np.ndarray]:
         """The rows of `split` in store order, as arrays of `chunk_size` rows (the last may be shorter)."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         if chunk_size < 1:
             raise StoreError(f"chunk_size must be positive, got {chunk_size}")
         rows = self.token_rows(split, exclude_bos)
@@ -585,14 +587,14 @@ class ActivationStore:
         without reading the skipped data. With `sharding` (a NamedSharding over the batch axis) the
         batch is placed across devices; with several processes each reads only its own rows.
         """
-        self._check_hook(hook)
+        self.check_hook(hook)
         if batch_size < 1:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
         rows = self.token_rows(split, exclude_bos)
         if rows.size == 0:
             raise StoreError(f"split {split!r} of {self.path} has no rows (n_committed={self.n_committed}); "
                              "harvest more contexts or use split='all'")
-        R = self._block_rows(hook)
+        R = self.block_rows(hook)
         n_blocks = -(-(self.n_committed * self.context_length) // R)
         plan = ShufflePlan(rows, R, n_blocks, max(1, shuffle_buffer_rows // R), shuffle, seed)
         source = _batch_source(self.path, hook, plan, batch_size, start_step, self.dim(hook), sharding, dtype,
@@ -607,7 +609,7 @@ class ActivationStore:
         Computed once and cached in /stats/<hook> (a raw write into pre-allocated space); when the
         file cannot be opened for writing it is cached in memory only.
         """
-        self._check_hook(hook)
+        self.check_hook(hook)
         if hook in self._stats:
             return self._stats[hook]
         f = self._handle()

@@ -119,7 +119,7 @@ class StoreSource:
         self.aligned = aligned  # False: hooks may visit rows in different orders (no transcoder pairs them)
         self.hooks = tuple(dict.fromkeys(hooks))
         for h in self.hooks:
-            store._check_hook(h)
+            store.check_hook(h)
         self.split, self.exclude_bos = split, exclude_bos
         self.fingerprint = store.fingerprint
         self.model_id = store.model_id
@@ -137,7 +137,7 @@ class StoreSource:
         return self.store.read_rows(hook, pick)
 
     def _same_layout(self) -> bool:
-        return len({self.store._block_rows(h) for h in self.hooks}) == 1
+        return len({self.store.block_rows(h) for h in self.hooks}) == 1
 
     def batches(self, batch_size: int, seed: int, start_step: int, sharding=None) -> Iterator[dict]:
         if self._same_layout() or not self.aligned:
@@ -165,7 +165,7 @@ class StoreSource:
             )
         st = self.store
         rows = st.token_rows(self.split, self.exclude_bos)
-        R = st._block_rows(self.hooks[0])
+        R = st.block_rows(self.hooks[0])
         n_blocks = -(-(st.n_committed * st.context_length) // R)
         plan = ShufflePlan(rows, R, n_blocks, max(1, (1 << 16) // R), True, seed)
         stop = threading.Event()
