@@ -887,28 +887,24 @@ class BatchIterator:
     def _run(self) -> None:
         try:
             for item in self._source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    break
+                if not self._put(item):
+                    return
         except BaseException as err:  # surfaced in the consumer's thread
-            self._put_final(err)
+            self._put(err)
             return
         finally:
             self._source.close()
-        self._put_final(self._END)
+        self._put(self._END)
 
-    def _put_final(self, item) -> None:
+    def _put(self, item) -> bool:
+        """Queue `item`, waiting for room; False if the iterator was closed meanwhile."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __iter__(self):
         return self
