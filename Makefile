@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: setup
-	$(BIN)/python scripts/bench_store.py
+	$(BIN)/python -m featureatlas.scripts.bench_store
 
 clean:
 	rm -rf $(VENV) runs

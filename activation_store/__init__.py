@@ -1,10 +1,10 @@
 """Model zoo, corpora, harvesting and the HDF5 activation store.
 
-    from activation_store import ActivationStore, harvest, HarvestConfig, CorpusConfig
+    from featureatlas.activation_store import ActivationStore, harvest, HarvestConfig, CorpusConfig
 """
-from activation_store.corpus import CorpusConfig, CorpusError, PackedCorpus, build_corpus
-from activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, HarvestResult, harvest
-from activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, StoreMismatchError,
+from featureatlas.activation_store.corpus import CorpusConfig, CorpusError, PackedCorpus, build_corpus
+from featureatlas.activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, HarvestResult, harvest
+from featureatlas.activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, StoreMismatchError,
                                     write_store)
 
 __all__ = [

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from activation_store.corpus import CorpusConfig, PackedCorpus, build_corpus
-from activation_store.store import (DTYPES, FLOAT16_MAX, ActivationStore, StoreWriter, check_compatible,
+from featureatlas.activation_store.corpus import CorpusConfig, PackedCorpus, build_corpus
+from featureatlas.activation_store.store import (DTYPES, FLOAT16_MAX, ActivationStore, StoreWriter, check_compatible,
                                     create_store)
 
 
@@ -226,7 +226,7 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
     """
     validate_config(config)
     if lm is None:
-        from activation_store.models import load_model
+        from featureatlas.activation_store.models import load_model
 
         lm = load_model(config.model)
     elif config.model != lm.model_id:

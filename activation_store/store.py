@@ -43,7 +43,7 @@ from typing import Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from activation_store.corpus import corpus_fingerprint
+from featureatlas.activation_store.corpus import corpus_fingerprint
 
 FORMAT = "featureatlas-activation-store"
 FORMAT_VERSION = 1

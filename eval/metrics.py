@@ -253,7 +253,7 @@ def evaluate_dictionary(
     ce_with_error, which must equal ce_clean; costs one more forward pass per batch).
     Returns one flat dict; `scalars()` drops density_F so the rest is JSON-writable.
     """
-    from eval.splice import contexts_from_store, splice_metrics
+    from featureatlas.eval.splice import contexts_from_store, splice_metrics
 
     hook_in = dictionary.hook
     hook_out = getattr(dictionary, "hook_out", hook_in) or hook_in

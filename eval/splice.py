@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activation_store.models import replace
+from featureatlas.activation_store.models import replace
 
 # Order of hook sites inside one layer (activation_store/models/transformer.py `block`).
 _SITE_ORDER = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")

@@ -7,11 +7,11 @@ Public API:
   train_saes                        saes.trainer   (several SAEs from one stream of batches)
   StoreSource, ArraySource          saes.sources   (batches from an activation store / arrays)
 """
-from saes.config import ARCHITECTURES, SAEConfig, SAEConfigError, TrainConfig
-from saes.io import load_sae, save_sae
-from saes.sae import SAE, sae_from_params
-from saes.sources import ArraySource, StoreSource
-from saes.trainer import train_saes
+from featureatlas.saes.config import ARCHITECTURES, SAEConfig, SAEConfigError, TrainConfig
+from featureatlas.saes.io import load_sae, save_sae
+from featureatlas.saes.sae import SAE, sae_from_params
+from featureatlas.saes.sources import ArraySource, StoreSource
+from featureatlas.saes.trainer import train_saes
 
 __all__ = ["ARCHITECTURES", "SAE", "ArraySource", "SAEConfig", "SAEConfigError", "StoreSource", "TrainConfig",
            "load_sae", "sae_from_params", "save_sae", "train_saes"]

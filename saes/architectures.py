@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saes import sparse
-from saes.config import SAEConfig
+from featureatlas.saes import sparse
+from featureatlas.saes.config import SAEConfig
 
 # BatchTopK looks for its k·B winners among each token's top `BATCHTOPK_ROW_CAP·k` pre-activations,
 # i.e. one token can use at most 4k latents (exactly the batch top-k·B whenever no token would use more;

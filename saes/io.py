@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from saes.config import SAEConfig
-from saes.sae import SAE, sae_from_params
+from featureatlas.saes.config import SAEConfig
+from featureatlas.saes.sae import SAE, sae_from_params
 
 FORMAT = "featureatlas-sae/1"
 

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from saes.config import SAEConfig
-from saes.io import load_sae
-from saes.sae import SAE, inference_mode, param_names, sae_from_params
+from featureatlas.saes.config import SAEConfig
+from featureatlas.saes.io import load_sae
+from featureatlas.saes.sae import SAE, inference_mode, param_names, sae_from_params
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -156,7 +156,7 @@ class StoreSource:
             yield from self._paired(batch_size, seed, start_step, sharding)
 
     def _paired(self, batch_size, seed, start_step, sharding):
-        from activation_store.store import BatchIterator, ShufflePlan
+        from featureatlas.activation_store.store import BatchIterator, ShufflePlan
 
         if jax.process_count() > 1:
             raise ValueError(

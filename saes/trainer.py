@@ -36,10 +36,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from saes import architectures as A
-from saes.config import SAEConfig, SAEConfigError, TrainConfig, config_diff
-from saes.io import save_sae
-from saes.sae import SAE, sae_from_params
+from featureatlas.saes import architectures as A
+from featureatlas.saes.config import SAEConfig, SAEConfigError, TrainConfig, config_diff
+from featureatlas.saes.io import save_sae
+from featureatlas.saes.sae import SAE, sae_from_params
 
 FEATURE_AXIS_PARAMS = ("enc_FxD", "dec_FxE")
 FEATURE_VECTORS = ("b_enc", "b_gate", "r_mag", "b_mag", "log_threshold", "since_fired")

@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 
-from activation_store.models import random_model
-from scripts.benchlib import emit, matmul_gflops, peak_rss_mb
+from featureatlas.activation_store.models import random_model
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
 
 
 def flops_per_token(cfg, n_layers: int, T: int) -> float:

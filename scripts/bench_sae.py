@@ -37,9 +37,9 @@ def run_one(arch: str, d_in: int, width: int, batch: int, k: int, steps: int) ->
     import jax.numpy as jnp
     import numpy as np
 
-    from saes.config import SAEConfig, TrainConfig
-    from saes.trainer import build_step, initial_state, make_mesh, state_shardings
-    from scripts.benchlib import peak_rss_mb
+    from featureatlas.saes.config import SAEConfig, TrainConfig
+    from featureatlas.saes.trainer import build_step, initial_state, make_mesh, state_shardings
+    from featureatlas.scripts.benchlib import peak_rss_mb
 
     hook = "bench"
     tcfg = TrainConfig(batch_size=batch, total_tokens=batch * 10_000, geometric_median_samples=0)
@@ -98,13 +98,13 @@ def main(argv=None) -> int:
         print(json.dumps(res), flush=True)
         return 0
 
-    from scripts.benchlib import emit, matmul_gflops
+    from featureatlas.scripts.benchlib import emit, matmul_gflops
 
     gf = matmul_gflops()
     results = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for arch in args.archs.split(","):
-        cmd = [sys.executable, "-m", "scripts.bench_sae", "--child", arch, "--d-in", str(args.d_in), "--width",
+        cmd = [sys.executable, "-m", "featureatlas.scripts.bench_sae", "--child", arch, "--d-in", str(args.d_in), "--width",
                str(args.width), "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps)]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
 
 D, N, K, P = 1536, 20_000, 100, 0.01
 T = 129  # context length: BOS + 128 tokens
@@ -40,7 +40,7 @@ def mlp_like(rng, n: int, d: int) -> np.ndarray:
 
 
 def bench_full_batch(steps: int) -> dict:
-    from snmf.solver import SNMFConfig, step_flops, time_steps
+    from featureatlas.snmf.solver import SNMFConfig, step_flops, time_steps
 
     A_DxN = mlp_like(np.random.default_rng(0), N, D).T.copy()
     cfg = SNMFConfig(k=K, p=P)
@@ -52,7 +52,7 @@ def bench_full_batch(steps: int) -> dict:
 
 
 def write_bench_store(path: str, tokens: int) -> None:
-    from activation_store.store import StoreWriter, create_store
+    from featureatlas.activation_store.store import StoreWriter, create_store
 
     n_ctx = math.ceil(tokens / (T - 1))
     commit = 64
@@ -75,10 +75,10 @@ def write_bench_store(path: str, tokens: int) -> None:
 
 def streaming_child(store_path: str, chunk_size: int, passes: int) -> dict:
     """Runs in its own process: open the store, one initialization pass + `passes` passes."""
-    from activation_store import ActivationStore
-    from snmf.data import StoreSource
-    from snmf.solver import SNMFConfig
-    from snmf.streaming import fit_streaming
+    from featureatlas.activation_store import ActivationStore
+    from featureatlas.snmf.data import StoreSource
+    from featureatlas.snmf.solver import SNMFConfig
+    from featureatlas.snmf.streaming import fit_streaming
 
     source = StoreSource.open(ActivationStore.open(store_path), "mlp_hidden.15")
     stamps = []

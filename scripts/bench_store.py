@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from activation_store.corpus import CorpusConfig  # noqa: E402
-from activation_store.harvest import HarvestConfig, harvest  # noqa: E402
-from scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
+from featureatlas.activation_store.corpus import CorpusConfig  # noqa: E402
+from featureatlas.activation_store.harvest import HarvestConfig, harvest  # noqa: E402
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
 
 HOOKS = ("resid_post.15", "mlp_hidden.15")
 
@@ -40,7 +40,7 @@ def forward_flops_per_token(cfg, n_layers: int, T: int) -> float:
 
 
 def smollm2_shaped_random():
-    from activation_store.models import random_model
+    from featureatlas.activation_store.models import random_model
 
     return random_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536,
                         vocab_size=49152, max_ctx=8192, rope_base=100000.0)
@@ -60,7 +60,7 @@ def main() -> None:
     if args.random_weights:
         lm, model = smollm2_shaped_random(), "random-smollm2-shape"
     else:
-        from activation_store.models import load_model
+        from featureatlas.activation_store.models import load_model
 
         lm, model = load_model("smollm2-135m"), "smollm2-135m"
     load_s = time.perf_counter() - t0

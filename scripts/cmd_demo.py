@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def _stage(name: str, argv: list[str]) -> None:
-    from scripts.cli import main
+    from featureatlas.scripts.cli import main
 
     print(f"\n=== demo: {name} ===\n$ featureatlas {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from activation_store.corpus import CorpusConfig
-from activation_store.harvest import HarvestConfig, describe, harvest
+from featureatlas.activation_store.corpus import CorpusConfig
+from featureatlas.activation_store.harvest import HarvestConfig, describe, harvest
 
 _CORPUS = CorpusConfig()
 _HARVEST = HarvestConfig()

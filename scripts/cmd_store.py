@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from activation_store.store import ActivationStore, StoreError
+from featureatlas.activation_store.store import ActivationStore, StoreError
 
 
 def register(subparsers) -> None:

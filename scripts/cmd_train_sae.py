@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from saes.config import ARCHITECTURES, SAEConfig, SAEConfigError, TrainConfig
+from featureatlas.saes.config import ARCHITECTURES, SAEConfig, SAEConfigError, TrainConfig
 
 _S = SAEConfig()
 _T = TrainConfig()
@@ -167,7 +167,7 @@ def make_eval_fn(store, args, final_step: int):
     """eval_fn(step, {name: SAE}) -> {name: metrics}: reconstruction metrics on the val split, plus
     the spliced CE/KL score (at the end only) when the model loads."""
     try:
-        from eval import metrics as em
+        from featureatlas.eval import metrics as em
     except ImportError:  # eval/ not available: train anyway
         return None
     state = {"lm": None, "tried": False}
@@ -178,7 +178,7 @@ def make_eval_fn(store, args, final_step: int):
         state["tried"] = True
         name = args.model or store.model_id
         try:
-            from activation_store.models import load_model
+            from featureatlas.activation_store.models import load_model
 
             state["lm"] = load_model(name)
         except Exception as err:  # the CE score is optional: say why it is missing
@@ -201,15 +201,15 @@ def make_eval_fn(store, args, final_step: int):
 
 
 def run(args) -> int:
-    from activation_store import ActivationStore
+    from featureatlas.activation_store import ActivationStore
 
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
     try:
-        from saes.sources import StoreSource
-        from saes.trainer import train_saes
+        from featureatlas.saes.sources import StoreSource
+        from featureatlas.saes.trainer import train_saes
 
         store = ActivationStore.open(args.store)
         dims = {h: store.dim(h) for h in store.hooks}
@@ -236,7 +236,7 @@ def run(args) -> int:
 
 def _plots(dirs) -> None:
     try:
-        from saes import plots
+        from featureatlas.saes import plots
     except ImportError:
         return
     for d in dirs:

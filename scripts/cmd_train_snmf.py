@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from snmf.solver import INITS, SNMFConfig
-from snmf.train import METHODS, TrainConfig, train
+from featureatlas.snmf.solver import INITS, SNMFConfig
+from featureatlas.snmf.train import METHODS, TrainConfig, train
 
 _S = SNMFConfig()
 _T = TrainConfig(store="", out="")

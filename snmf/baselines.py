@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from snmf.dictionary import DiffMeansDictionary, PCADictionary
-from snmf.solver import check_finite
+from featureatlas.snmf.dictionary import DiffMeansDictionary, PCADictionary
+from featureatlas.snmf.solver import check_finite
 
 
 def fit_diffmeans(source, hook: str, *, label_names=(), chunk_size: int = 65536) -> DiffMeansDictionary:

@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from snmf.encode import NNLS_ITERS, nnls_encode
+from featureatlas.snmf.encode import NNLS_ITERS, nnls_encode
 
 
 def map_to_residual(directions_FxD, hook: str, model):

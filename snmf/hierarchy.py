@@ -15,8 +15,8 @@ import dataclasses
 
 import numpy as np
 
-from snmf.io import unit_columns
-from snmf.solver import SNMFConfig, fit_full_batch
+from featureatlas.snmf.io import unit_columns
+from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
 
 CHILD_FRACTION = 0.15
 MAX_CHILDREN = 4

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from snmf.dictionary import DiffMeansDictionary, PCADictionary, SNMFDictionary
+from featureatlas.snmf.dictionary import DiffMeansDictionary, PCADictionary, SNMFDictionary
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"

@@ -336,7 +336,7 @@ def fit_full_batch(
     on_iter(iteration, loss, best_loss, ‖A‖²) is called after every iteration (1-based), before
       that iteration's checkpoint.
     """
-    from snmf.init import initial_factors
+    from featureatlas.snmf.init import initial_factors
 
     A_DxN = np.ascontiguousarray(A_DxN, dtype=np.float32)
     d, n = A_DxN.shape
@@ -399,7 +399,7 @@ def fit_full_batch(
 
 def time_steps(A_DxN: np.ndarray, cfg: SNMFConfig, n_steps: int = 10) -> float:
     """Best wall time of one `snmf_step` in seconds (for the benchmark)."""
-    from snmf.init import initial_factors
+    from featureatlas.snmf.init import initial_factors
 
     A = jnp.asarray(A_DxN, jnp.float32)
     Z0, Y0 = initial_factors(np.asarray(A_DxN), dataclasses.replace(cfg, init="random"))

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snmf.init import make_initializer, sample_columns
-from snmf.solver import (INITS, SNMFConfig, SNMFFit, check_finite, check_informative,
+from featureatlas.snmf.init import make_initializer, sample_columns
+from featureatlas.snmf.solver import (INITS, SNMFConfig, SNMFFit, check_finite, check_informative,
                          gram_of_sparse, multiplicative_update, row_scales, save_npz_atomic,
                          sparse_ZtA, validate_config, winner_take_all,
                          z_least_squares, densify)

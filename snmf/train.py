@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from snmf import io
-from snmf.baselines import fit_diffmeans, fit_pca
-from snmf.data import StoreSource, load_matrix
-from snmf.solver import SNMFConfig, fit_full_batch
-from snmf.streaming import STATE_FILE, fit_streaming, remove_y_files
+from featureatlas.snmf import io
+from featureatlas.snmf.baselines import fit_diffmeans, fit_pca
+from featureatlas.snmf.data import StoreSource, load_matrix
+from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
+from featureatlas.snmf.streaming import STATE_FILE, fit_streaming, remove_y_files
 
 METHODS = ("snmf", "diffmeans", "pca")
 CHECKPOINT = "checkpoint.npz"
@@ -51,7 +51,7 @@ class TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the fit described by cfg; returns the saved config.json contents (plus 'summary')."""
-    from activation_store import ActivationStore
+    from featureatlas.activation_store import ActivationStore
 
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r} is not one of {', '.join(METHODS)}")
@@ -182,7 +182,7 @@ def plot_loss(metrics_path: str, png_path: str) -> None:
 
 
 def _build_hierarchy(cfg: TrainConfig, source, fit) -> dict:
-    from snmf.hierarchy import fit_levels, hierarchy_json, top_tokens_per_level
+    from featureatlas.snmf.hierarchy import fit_levels, hierarchy_json, top_tokens_per_level
 
     levels = fit_levels(fit.Z_DxK, list(cfg.hierarchy), cfg.snmf)
     _, norms = io.unit_columns(fit.Z_DxK)
@@ -233,7 +233,7 @@ def _model(name: str | None):
         return None
     if name not in _MODEL_CACHE:
         try:
-            from activation_store.models import load_model
+            from featureatlas.activation_store.models import load_model
             _MODEL_CACHE[name] = load_model(name)
         except Exception as err:  # the summary is optional; say why it is skipped
             print(f"(VocabProj skipped: cannot load model {name!r}: {err})")

@@ -13,14 +13,14 @@ import signal
 import sys
 import threading
 
-from activation_store.corpus import CorpusConfig
-from activation_store.harvest import HarvestConfig, harvest
+from featureatlas.activation_store.corpus import CorpusConfig
+from featureatlas.activation_store.harvest import HarvestConfig, harvest
 
 HOOKS = ("resid_post.0", "mlp_hidden.1")
 
 
 def tiny_model():
-    from activation_store.models import random_model
+    from featureatlas.activation_store.models import random_model
 
     return random_model("llama", n_layers=2, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64, seed=0)
 

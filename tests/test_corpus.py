@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from activation_store.corpus import (CorpusConfig, CorpusError, build_corpus, pack_documents, read_documents,
+from featureatlas.activation_store.corpus import (CorpusConfig, CorpusError, build_corpus, pack_documents, read_documents,
                                      split_document)
-from activation_store.models.tokenizer import ByteTokenizer
+from featureatlas.activation_store.models.tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer(300)
 

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from activation_store.corpus import CorpusConfig, CorpusError, build_corpus
-from activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, harvest
-from activation_store.store import ActivationStore, StoreCorruptedError, StoreMismatchError
+from featureatlas.activation_store.corpus import CorpusConfig, CorpusError, build_corpus
+from featureatlas.activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, harvest
+from featureatlas.activation_store.store import ActivationStore, StoreCorruptedError, StoreMismatchError
 from harvest_kill_helper import HOOKS, tiny_config, tiny_model
-from scripts.cli import main as cli
+from featureatlas.scripts.cli import main as cli
 
 HELPER = Path(__file__).with_name("harvest_kill_helper.py")
 ROOT = HELPER.parent.parent
@@ -159,13 +159,13 @@ def test_bad_inputs_raise_clear_errors_and_leave_the_store_intact(tmp_path, lm, 
 
 
 def tiny_model_seed(seed):
-    from activation_store.models import random_model
+    from featureatlas.activation_store.models import random_model
 
     return random_model("llama", n_layers=2, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64, seed=seed)
 
 
 def tiny_model_layers(n_layers):
-    from activation_store.models import random_model
+    from featureatlas.activation_store.models import random_model
 
     return random_model("llama", n_layers=n_layers, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64)
 
@@ -197,8 +197,8 @@ def test_smollm2_bbc_harvest_equals_direct_forward(tmp_path, smollm2):
 
 
 def test_cli_flags_map_onto_the_harvest_config():
-    from scripts.cli import build_parser
-    from scripts.cmd_harvest import config_from_args
+    from featureatlas.scripts.cli import build_parser
+    from featureatlas.scripts.cmd_harvest import config_from_args
 
     args = build_parser().parse_args([
         "harvest", "--model", "smollm2-135m", "--corpus", "data.jsonl", "--hooks", "resid_post.15", "mlp_hidden.15",

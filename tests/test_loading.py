@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from activation_store.models import random_model
-from activation_store.models import registry
-from activation_store.models.gguf_loader import CorruptModelError, read_gguf, unpermute_rope_rows
-from activation_store.models.hf import config_from_hf, config_to_hf, load_hf_dir, save_hf_dir
-from activation_store.models.tokenizer import BPETokenizer
+from featureatlas.activation_store.models import random_model
+from featureatlas.activation_store.models import registry
+from featureatlas.activation_store.models.gguf_loader import CorruptModelError, read_gguf, unpermute_rope_rows
+from featureatlas.activation_store.models.hf import config_from_hf, config_to_hf, load_hf_dir, save_hf_dir
+from featureatlas.activation_store.models.tokenizer import BPETokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2_logits.json").read_text())
 ROUND_TRIP_TEXTS = [

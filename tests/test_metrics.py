@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import metrics
+from featureatlas.eval import metrics
 
 
 def _x_xhat_codes():
@@ -156,7 +156,7 @@ def test_scalars_drop_arrays_and_are_json_writable():
 
 
 def test_evaluate_reconstruction_with_a_trained_sae_object():
-    from saes import SAEConfig, sae_from_params
+    from featureatlas.saes import SAEConfig, sae_from_params
 
     rng = np.random.default_rng(3)
     D, F = 10, 24

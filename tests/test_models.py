@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from activation_store.models import (
+from featureatlas.activation_store.models import (
     LanguageModel, Sampling, add, clamp, params_hash, random_model, replace,
 )
-from activation_store.models.config import HOOK_KINDS
+from featureatlas.activation_store.models.config import HOOK_KINDS
 
 ARCHS = ("llama", "gpt2")
 ATOL = 2e-5
@@ -346,7 +346,7 @@ def test_sampling_seeded_and_top_k_one_is_greedy(lm):
 
 
 def test_top_p_keeps_smallest_nucleus():
-    from activation_store.models.generate import sample_token
+    from featureatlas.activation_store.models.generate import sample_token
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 200)

@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from activation_store import ActivationStore
-from activation_store.store import write_store
-from saes import SAEConfig, SAEConfigError, TrainConfig
-from saes.sources import ArraySource, StoreSource
-from saes.trainer import NonFiniteBatchError, _checkpoint_manager, train_saes
+from featureatlas.activation_store import ActivationStore
+from featureatlas.activation_store.store import write_store
+from featureatlas.saes import SAEConfig, SAEConfigError, TrainConfig
+from featureatlas.saes.sources import ArraySource, StoreSource
+from featureatlas.saes.trainer import NonFiniteBatchError, _checkpoint_manager, train_saes
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "resid_post.3"
@@ -68,7 +68,7 @@ def test_store_width_k_and_architecture_errors(tmp_path):
 
 
 def test_cli_help_and_cli_errors(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "scripts.cli", "train-sae", "--help"], cwd=ROOT,
+    help_text = subprocess.run([sys.executable, "-m", "featureatlas.scripts.cli", "train-sae", "--help"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
     for flag in ("--store", "--hook", "--hook-out", "--arch", "--width", "--expansion", "--k", "--l1", "--l0-coef",
                  "--tokens", "--batch-size", "--lr", "--mesh", "--out", "--resume", "--eval-every", "--seed", "--sae",
@@ -77,7 +77,7 @@ def test_cli_help_and_cli_errors(tmp_path):
     rng = np.random.default_rng(0)
     write_store(tmp_path / "s.h5", acts={HOOK: rng.normal(size=(8 * 9, 16)).astype(np.float32)},
                 tokens=np.ones((8, 9), np.int32))
-    bad = subprocess.run([sys.executable, "-m", "scripts.cli", "train-sae", "--store", str(tmp_path / "s.h5"),
+    bad = subprocess.run([sys.executable, "-m", "featureatlas.scripts.cli", "train-sae", "--store", str(tmp_path / "s.h5"),
                           "--hook", HOOK, "--width", "32", "--k", "64", "--out", str(tmp_path / "o"), "--no-eval"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "k=64 must be in 1..width=32" in bad.stderr

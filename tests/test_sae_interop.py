@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from saes import SAEConfig, sae_from_params
-from saes.saelens import (
+from featureatlas.saes import SAEConfig, sae_from_params
+from featureatlas.saes.saelens import (
     SAELensFormatError,
     export_saelens,
     from_transformerlens_hook,
     import_saelens,
     to_transformerlens_hook,
 )
-from saes.sae import param_names
+from featureatlas.saes.sae import param_names
 
 D, F = 12, 40
 
@@ -197,7 +197,7 @@ def test_hook_name_mapping():
 
 
 def _fake_run(d, arch, l0_end, fvu_end, seed=0):
-    from eval.metrics import density_histogram
+    from featureatlas.eval.metrics import density_histogram
 
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True)
@@ -215,7 +215,7 @@ def _fake_run(d, arch, l0_end, fvu_end, seed=0):
 
 
 def test_plots_are_written(tmp_path):
-    from saes.plots import plot_frontier, plot_run
+    from featureatlas.saes.plots import plot_frontier, plot_run
 
     run = tmp_path / "run"
     for i, (arch, l0, fvu) in enumerate([("topk", 16, 0.3), ("topk", 32, 0.2), ("topk", 64, 0.12),

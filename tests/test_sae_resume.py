@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from activation_store.store import write_store
-from saes import SAEConfig, TrainConfig
-from saes.sources import ArraySource
-from saes.trainer import ResumeMismatchError, train_saes
+from featureatlas.activation_store.store import write_store
+from featureatlas.saes import SAEConfig, TrainConfig
+from featureatlas.saes.sources import ArraySource
+from featureatlas.saes.trainer import ResumeMismatchError, train_saes
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "resid_post.0"
@@ -34,7 +34,7 @@ def store_path(tmp_path_factory):
 
 
 def _cmd(store, out, *extra):
-    return [sys.executable, "-m", "scripts.cli", "train-sae", "--store", str(store), "--hook", HOOK,
+    return [sys.executable, "-m", "featureatlas.scripts.cli", "train-sae", "--store", str(store), "--hook", HOOK,
             "--sae", "arch=topk,k=4,width=128", "--sae", "arch=batchtopk,k=4,width=96",
             "--tokens", str(128 * 300), "--batch-size", "128", "--checkpoint-every", "10", "--log-every", "5",
             "--dead-tokens", "2000", "--warmup-steps", "10", "--lr", "2e-3",

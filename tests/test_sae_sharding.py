@@ -14,9 +14,9 @@ SCRIPT = r"""
 import json, sys, tempfile
 import numpy as np
 import jax
-from saes import SAEConfig, TrainConfig
-from saes.sources import ArraySource
-from saes.trainer import train_saes
+from featureatlas.saes import SAEConfig, TrainConfig
+from featureatlas.saes.sources import ArraySource
+from featureatlas.saes.trainer import train_saes
 
 assert len(jax.devices()) == 8
 rng = np.random.default_rng(0)

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saes import architectures as A
-from saes import sparse
-from saes.config import SAEConfig
+from featureatlas.saes import architectures as A
+from featureatlas.saes import sparse
+from featureatlas.saes.config import SAEConfig
 
 
 def _problem(B=48, F=200, D=24, K=6, seed=0):
@@ -98,7 +98,7 @@ def test_jumprelu_straight_through_gradients():
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
 def test_saved_fold_reproduces_training_forward(arch):
     """Raw-space saved SAE: codes = training codes / s_out and reconstruction = training recon / s_out."""
-    from saes.trainer import saved_sae
+    from featureatlas.saes.trainer import saved_sae
 
     D, F, B = 12, 40, 32
     cfg = SAEConfig(architecture=arch, d_in=D, width=F, k=4, hook_in="h", matryoshka_base="topk"

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from saes import SAEConfig, TrainConfig, load_sae
-from saes.sources import ArraySource
-from saes.trainer import train_saes
+from featureatlas.saes import SAEConfig, TrainConfig, load_sae
+from featureatlas.saes.sources import ArraySource
+from featureatlas.saes.trainer import train_saes
 
 
 def planted(n, d, n_dirs, active, seed=0, subspace=None):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from snmf.data import ArraySource
-from snmf.encode import nnls_encode, nnls_residual
-from snmf.solver import SNMFConfig, fit_full_batch, initial_state, snmf_step, snmf_update
-from snmf.streaming import fit_streaming
+from featureatlas.snmf.data import ArraySource
+from featureatlas.snmf.encode import nnls_encode, nnls_residual
+from featureatlas.snmf.solver import SNMFConfig, fit_full_batch, initial_state, snmf_step, snmf_update
+from featureatlas.snmf.streaming import fit_streaming
 
 
 def planted(d=120, k=8, n=2000, support=6, active=2, noise=0.01, seed=0):
@@ -226,7 +226,7 @@ def test_bad_matrix_errors(tmp_path):
 # ------------------------------------------------------------------ baselines
 
 def test_diffmeans_finds_planted_direction():
-    from snmf.baselines import fit_diffmeans
+    from featureatlas.snmf.baselines import fit_diffmeans
 
     rng = np.random.default_rng(0)
     d, n = 64, 6000
@@ -251,7 +251,7 @@ def test_diffmeans_finds_planted_direction():
 
 
 def test_pca_dictionary_reconstructs_rank_k():
-    from snmf.baselines import fit_pca
+    from featureatlas.snmf.baselines import fit_pca
 
     rng = np.random.default_rng(0)
     X = (rng.standard_normal((800, 5)) @ rng.standard_normal((5, 40)) + 3.0).astype(np.float32)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from activation_store.store import write_store
-from snmf import io
-from snmf.solver import SNMFConfig
-from snmf.train import TrainConfig, train
+from featureatlas.activation_store.store import write_store
+from featureatlas.snmf import io
+from featureatlas.snmf.solver import SNMFConfig
+from featureatlas.snmf.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +57,8 @@ def best_cos(Z_est, Z_true):
 
 
 def test_train_snmf_saves_a_dictionary(tmp_path):
-    from activation_store.models import random_model
-    from eval.dictionary import Dictionary
+    from featureatlas.activation_store.models import random_model
+    from featureatlas.eval.dictionary import Dictionary
 
     store = tmp_path / "s.h5"
     Z_true = planted_store(store)
@@ -68,7 +68,7 @@ def test_train_snmf_saves_a_dictionary(tmp_path):
     for key in ("method", "hook", "k", "p", "init", "iterations", "patience", "seed", "model_id",
                 "store_fingerprint", "final_loss", "rel_error"):
         assert key in cfg, key
-    from activation_store import ActivationStore
+    from featureatlas.activation_store import ActivationStore
     n_train = len(ActivationStore.open(store).token_rows("train"))  # BOS and val contexts excluded
     assert cfg["method"] == "snmf" and cfg["n_tokens"] == n_train and cfg["model_id"] == "synthetic"
     assert cfg["rel_error"] < 0.2 and "relative reconstruction error" in result["summary"]
@@ -96,7 +96,7 @@ def test_train_snmf_saves_a_dictionary(tmp_path):
 
 
 def test_streaming_cli_matches_full_batch(tmp_path):
-    from scripts.cli import main
+    from featureatlas.scripts.cli import main
 
     store = tmp_path / "s.h5"
     planted_store(store, dtype=np.float16)
@@ -113,7 +113,7 @@ def test_streaming_cli_matches_full_batch(tmp_path):
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
-    from scripts.cli import main
+    from featureatlas.scripts.cli import main
 
     store = tmp_path / "s.h5"
     planted_store(store, n_ctx=8)
@@ -143,7 +143,7 @@ def test_baselines_through_train(tmp_path):
 
 
 def test_hierarchy_tree_rule_and_export(tmp_path):
-    from snmf.hierarchy import children_of
+    from featureatlas.snmf.hierarchy import children_of
 
     Y = np.array([[1.0, 0.2, 0.1, 0.0, 0.5, 0.3],  # parent 0: 0.15·1.0 cut → 0, 4, 5, 1 (max 4)
                   [0.0, 0.0, 0.9, 0.1, 0.0, 0.0]])  # parent 1: 2 (0.1 < 0.135)
@@ -178,7 +178,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, streaming):
             "--no-progress", *extra]
     out = tmp_path / "killed"
     ckpt = out / ("stream/stream_state.npz" if streaming else "checkpoint.npz")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.cli", *args, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "featureatlas.scripts.cli", *args, "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_at = None
     deadline = time.time() + 120
@@ -198,7 +198,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, streaming):
     assert killed_at is not None and killed_at < iters, proc.stderr.read().decode()[-2000:]
     assert not (out / "weights.safetensors").exists()
 
-    from scripts.cli import main
+    from featureatlas.scripts.cli import main
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     a = json.loads((out / "config.json").read_text())
@@ -214,8 +214,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, streaming):
 @pytest.mark.slow
 def test_real_model_small_store(tmp_path, smollm2):
     """k = 20 on mlp_hidden.15 of a few BBC contexts run through SmolLM2-135M."""
-    from activation_store import CorpusConfig, HarvestConfig, harvest
-    from snmf.train import vocab_proj
+    from featureatlas.activation_store import CorpusConfig, HarvestConfig, harvest
+    from featureatlas.snmf.train import vocab_proj
 
     store = tmp_path / "bbc.h5"
     hc = HarvestConfig(model="smollm2-135m", hooks=("mlp_hidden.15",),

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from activation_store.models import random_model, replace
-from eval.splice import splice_metrics
+from featureatlas.activation_store.models import random_model, replace
+from featureatlas.eval.splice import splice_metrics
 
 D = 32
 
@@ -185,9 +185,9 @@ def test_smollm2_pca_dictionary_is_between_zero_and_identity(smollm2):
 
 
 def test_evaluate_dictionary_on_a_store_from_the_model(lm, tmp_path):
-    from activation_store import write_store
-    from eval import evaluate_dictionary, splice_metrics
-    from eval.splice import contexts_from_store
+    from featureatlas.activation_store import write_store
+    from featureatlas.eval import evaluate_dictionary, splice_metrics
+    from featureatlas.eval.splice import contexts_from_store
 
     rng = np.random.default_rng(5)
     N, T = 40, 16

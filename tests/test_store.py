@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, create_store, val_context_mask,
+from featureatlas.activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, create_store, val_context_mask,
                                     write_store)
-from scripts.cli import main as cli
+from featureatlas.scripts.cli import main as cli
 
 N, T = 60, 16
 
@@ -162,7 +162,7 @@ def test_batches_place_data_with_a_sharding(store):
 def test_batches_split_across_two_devices(store):
     code = textwrap.dedent(f"""
         import jax, numpy as np
-        from activation_store.store import ActivationStore
+        from featureatlas.activation_store.store import ActivationStore
         s = ActivationStore.open({str(store.path)!r})
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -285,7 +285,7 @@ def test_cli_store_info_and_verify(tmp_path, store, capsys):
 
 
 def test_a_second_writer_is_refused_while_one_holds_the_store(store):
-    from activation_store.store import StoreWriter
+    from featureatlas.activation_store.store import StoreWriter
 
     writer = StoreWriter(store.path, fsync=False)
     try:

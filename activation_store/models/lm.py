@@ -2,7 +2,7 @@
 
 Quick reference
 ---------------
-    from activation_store.models import load_model, random_model, add, clamp, replace, Sampling
+    from featureatlas.activation_store.models import load_model, random_model, add, clamp, replace, Sampling
     lm = random_model("llama", n_layers=2, d_model=64)        # or load_model("smollm2-135m")
 
     logits_BxTxV, acts = lm.forward(lm.params, tokens_BxT, attention_mask_BxT=mask_BxT,
