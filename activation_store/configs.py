@@ -1,0 +1,263 @@
+"""Configs written once: a dataclass is the single source of a job's settings.
+
+A job's settings are a `@dataclass` deriving from `Config`, with a docstring per field (a string
+literal right after the field, as in PEP 257's attribute docstrings). From that one declaration come:
+
+- the command line: `add_config_arguments(parser, Cls)` adds one flag per field (`--batch-size` for
+  `batch_size`, or `setting(flag=...)`), its help text (the field's docstring and its default), its type,
+  choices and range; `config_from_args(Cls, args)` builds the config back;
+- the JSON round trip: `to_dict()` / `Cls.from_dict(d)`; an unknown key is a `ConfigError` naming the
+  key and the closest valid one (the one `from_dict` behaviour of the project);
+- validation: `validate()` checks every field's declared range and choices and names the flag that
+  sets it; subclasses add their cross-field checks after `super().validate()`;
+- resume checks: `config_diff(old, new, flags)` lists every differing field with the flag that sets it.
+
+    @dataclass
+    class FitConfig(Config):
+        k: int = setting(100, gt=0)
+        '''Number of features.'''
+        method: str = setting("snmf", choices=("snmf", "pca"))
+        '''Which factorization to fit.'''
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+from featureatlas.activation_store.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def setting(default: Any = _MISSING, *, flag: str | None = None, choices: Sequence | None = None,
+            gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None,
+            cli: bool = True, default_factory: Any = _MISSING) -> Any:
+    """A dataclass field with its command-line flag, choices and allowed range declared once."""
+    meta = {"flag": flag, "choices": tuple(choices) if choices is not None else None, "gt": gt, "ge": ge, "le": le,
+            "lt": lt, "cli": cli}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal that follows each field in the class body (MRO merged)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _meta(f: dataclasses.Field, key: str):
+    return f.metadata.get(key) if f.metadata else None
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag that sets field `name` of `cls`."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return _meta(f, "flag") or "--" + name.replace("_", "-")
+
+
+def flags_of(*classes: type) -> dict[str, str]:
+    """{field name: flag} over several config classes (for `config_diff`)."""
+    return {f.name: flag_of(c, f.name) for c in classes for f in dataclasses.fields(c) if _meta(f, "cli") is not False}
+
+
+def _is_config(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Config)
+
+
+def _tuple_item(tp):
+    """The item type of tuple[X, ...] / list[X], else None."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return args[0] if args else str
+    return None
+
+
+def _plain(value):
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class Config:
+    """Base of every dataclass config: JSON round trip, one `from_dict`, declared-range validation."""
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, *, where: str | None = None, ignore: Sequence[str] = ()):
+        """Build from a dict; an unknown key is a ConfigError naming it and the closest valid key.
+
+        `ignore`: keys that may be present and are skipped (e.g. records written beside the settings).
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where or cls.__name__}: expected a mapping of settings, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in fields and k not in ignore]
+        if unknown:
+            key = unknown[0]
+            by_flag = {flag_of(cls, n).lstrip("-").replace("-", "_"): n for n in fields}
+            close = ([by_flag[key]] if key in by_flag else
+                     difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+                     or [n for n in fields if n.startswith(key) or key.startswith(n)][:1]
+                     or difflib.get_close_matches(key, fields, n=1, cutoff=0.4))
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown setting {key!r} in {where or cls.__name__}{hint}")
+        hints = _hints(cls)
+        kwargs = {}
+        for name, value in d.items():
+            if name not in fields:
+                continue
+            tp = hints.get(name)
+            if _is_config(tp) and isinstance(value, Mapping):
+                value = tp.from_dict(value, where=f"{where or cls.__name__}.{name}")
+            elif _tuple_item(tp) is not None and isinstance(value, list) and typing.get_origin(tp) is tuple:
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def validate(self):
+        """Check every field's declared choices and range; raise ConfigError naming the flag and the fix."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = _meta(f, "choices")
+            flag = flag_of(type(self), f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(str, choices))}")
+            for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                                  ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+                bound = _meta(f, key)
+                if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
+                    raise ConfigError(f"{flag} must be {word} {bound:g} (got {value!r})")
+            if isinstance(value, Config):
+                value.validate()
+        return self
+
+
+def _parse_scalar(tp, flag: str):
+    def parse(text: str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects {tp.__name__}, got {text!r}") from None
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), defaults: Mapping | None = None,
+                         title: str | None = None) -> None:
+    """Add one flag per field of `cls` (help from its docstring, with the default), onto `parser`.
+
+    `skip`: fields the command sets itself; `defaults`: command-specific defaults overriding the class's.
+    """
+    target = parser.add_argument_group(title) if title else parser
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or _meta(f, "cli") is False:
+            continue
+        tp = hints.get(f.name, str)
+        flag = flag_of(cls, f.name)
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        shown = "required" if f.default is _MISSING and f.default_factory is _MISSING and not (
+            defaults and f.name in defaults) else f"default: {default!r}" if isinstance(default, str) else \
+            f"default: {list(default) if isinstance(default, tuple) else default}"
+        help_text = f"{docs.get(f.name, '')} ({shown})".strip().replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        if _meta(f, "choices"):
+            kwargs["choices"] = list(_meta(f, "choices"))
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _tuple_item(tp) is not None:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = _parse_scalar(_tuple_item(tp), flag)
+        elif tp in (int, float, str):
+            kwargs["type"] = _parse_scalar(tp, flag) if tp is not str else str
+        if "required" == shown:
+            kwargs["required"] = True
+        target.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides):
+    """The config whose fields come from parsed `args` (fields absent from args keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    hints = _hints(cls)
+    for name, v in values.items():
+        if isinstance(v, list) and typing.get_origin(hints.get(name)) is tuple:
+            values[name] = tuple(v)
+    return cls.from_dict(values)
+
+
+def _leaves(value, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_leaves(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_diff(old: Mapping, new: Mapping, flags: Mapping[str, str] | None = None) -> list[str]:
+    """Lines `key: old -> new (flag)` for every differing leaf of two nested settings records.
+
+    A key is a dotted path (`saes.0.k`); its flag is looked up by the last path component in `flags`.
+    """
+    a, b = _leaves(dict(old)), _leaves(dict(new))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            flag = (flags or {}).get(key.rsplit(".", 1)[-1])
+            lines.append(f"{key}: {va!r} -> {vb!r}" + (f" (set by {flag})" if flag else ""))
+    return lines
+
+
+__all__ = ["Config", "add_config_arguments", "config_diff", "config_from_args", "field_docs", "flag_of", "flags_of",
+           "setting"]
