@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from featureatlas.activation_store.errors import FeatureAtlasError
+
 COMMAND_MODULES = ("cmd_harvest", "cmd_store", "cmd_train_sae", "cmd_train_snmf", "cmd_demo")
 
 
@@ -31,8 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. featureatlas's own errors (a user mistake, with its fix) print one line and exit 2;
+    Ctrl-C prints one line and exits 130; anything else is an internal bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except FeatureAtlasError as err:
+        print(f"featureatlas {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"featureatlas {args.command}: interrupted; what was committed is safe, and re-running the same "
+              "command resumes (train-* commands: add --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
