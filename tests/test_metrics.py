@@ -178,3 +178,74 @@ def test_evaluate_reconstruction_with_a_trained_sae_object():
     for key, value in ref.items():
         assert m[key] == pytest.approx(value, rel=1e-4), key
     assert m["l0"] <= 3
+
+
+def _planted_massive(n=400, d=8, seed=4):
+    """Ordinary tokens (norm ~ 3) reconstructed with 10% relative noise, plus row 7: a massive token
+    (norm ~ 3000) reconstructed to within 1%: it alone holds almost all the variance about the mean."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x_hat = x + 0.3 * rng.normal(size=(n, d)).astype(np.float32)
+    x[7] = 0.0
+    x[7, 0] = 3000.0
+    x_hat[7] = x[7]
+    x_hat[7, 1] = 30.0  # squared error 900 on this one token, 0.0001 of its squared norm
+    codes = np.maximum(rng.normal(size=(n, 5)), 0).astype(np.float32)
+    return x, x_hat, codes
+
+
+def _fvu_np(x, x_hat):
+    x, x_hat = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
+    return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+def test_massive_token_dominates_fvu_and_is_excluded():
+    x, x_hat, codes = _planted_massive()
+    m = metrics.finalize(metrics.update(metrics.init(8, 5, massive_threshold=100.0), x, x_hat, codes))
+    others = np.arange(len(x)) != 7
+    fvu_others = _fvu_np(x[others], x_hat[others])  # ~ 0.09 (noise variance 0.09 vs 1)
+    assert fvu_others == pytest.approx(0.09, abs=0.02)
+    # all tokens: variance ~ 3000^2 (1 - 1/400) from the one token, so FVU ~ (399*8*0.09 + 900) / 9e6
+    assert m["fvu"] == pytest.approx(_fvu_np(x, x_hat), rel=1e-5)
+    assert m["fvu"] < 1e-3 < fvu_others / 50
+    assert m["fvu_excl_massive"] == pytest.approx(fvu_others, rel=1e-5)
+    assert m["explained_variance_excl_massive"] == pytest.approx(1 - fvu_others, rel=1e-5)
+    assert m["n_massive"] == 1
+    assert m["massive_threshold"] == 100.0
+    # per-token relative error: every token weighs 1/N
+    rel = (((x - x_hat).astype(np.float64) ** 2).sum(1) / (x.astype(np.float64) ** 2).sum(1)).mean()
+    assert m["rel_err_per_token"] == pytest.approx(rel, rel=1e-5)
+
+
+def test_massive_exclusion_streams_exactly():
+    x, x_hat, codes = _planted_massive()
+    whole = metrics.finalize(metrics.update(metrics.init(8, 5, 100.0), x, x_hat, codes))
+    stats = metrics.init(8, 5, 100.0)
+    # a batch holding only the massive token (no kept row), and one with no massive token
+    for lo, hi in [(0, 7), (7, 8), (8, 9), (9, 250), (250, 400)]:
+        stats = metrics.update(stats, x[lo:hi], x_hat[lo:hi], codes[lo:hi])
+    streamed = metrics.finalize(stats)
+    for key in ("fvu", "fvu_excl_massive", "rel_err_per_token", "n_massive", "mse"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+def test_no_threshold_keeps_every_token():
+    x, x_hat, codes = _planted_massive()
+    m = metrics.finalize(metrics.update(metrics.init(8, 5), x, x_hat, codes))
+    assert m["n_massive"] == 0 and m["massive_threshold"] is None
+    assert m["fvu_excl_massive"] == pytest.approx(m["fvu"], rel=1e-6)
+
+
+def test_hand_computed_massive_and_relative_error():
+    # x: (1,0), (0,1), (10,0); x_hat: (1,0), (0,0), (9,0); threshold 5 drops (10,0)
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 0.0]], np.float32)
+    x_hat = np.array([[1.0, 0.0], [0.0, 0.0], [9.0, 0.0]], np.float32)
+    codes = np.ones((3, 1), np.float32)
+    m = metrics.finalize(metrics.update(metrics.init(2, 1, 5.0), x, x_hat, codes))
+    # all: mean (11/3, 1/3); deviations (-8/3,-1/3), (-11/3,2/3), (19/3,-1/3): sum sq = (64+1+121+4+361+1)/9
+    assert m["fvu"] == pytest.approx(2 / (552 / 9))
+    # kept (1,0), (0,1): mean (1/2, 1/2), sum sq dev = 4 * 1/4 = 1; sse = 1
+    assert m["fvu_excl_massive"] == pytest.approx(1.0)
+    assert m["n_massive"] == 1
+    # per-token relative errors 0, 1, 1/100
+    assert m["rel_err_per_token"] == pytest.approx((0 + 1 + 0.01) / 3)
