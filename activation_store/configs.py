@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import inspect
 import textwrap
+import types
 import typing
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
@@ -191,6 +192,8 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         if f.name in skip or _meta(f, "cli") is False:
             continue
         tp = hints.get(f.name, str)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))  # `int | None`: an optional int
         flag = flag_of(cls, f.name)
         if defaults and f.name in defaults:
             default = defaults[f.name]
