@@ -178,17 +178,26 @@ def test_batches_split_across_two_devices(store):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_stats_equal_numpy_and_are_cached_in_the_file(arrays, store):
+def test_stats_equal_numpy_and_are_cached_beside_the_store_never_in_it(arrays, store):
+    from featureatlas.activation_store.store import stats_path
+
+    before = _sha(store.path)
     x = arrays["acts"]["mlp_hidden.1"][store.token_rows("train")].astype(np.float64)
     mean, msn = store.stats("mlp_hidden.1")
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(msn, (x ** 2).sum(1).mean(), rtol=1e-12)
-    with h5py.File(store.path, "r") as f:
-        info = f["stats/mlp_hidden.1/info"][()]
-        assert info[0] == 1 and info[1] == N and info[2] == len(x)
-        assert np.array_equal(f["stats/mlp_hidden.1/mean"][()], mean)
-    again = ActivationStore.open(store.path).stats("mlp_hidden.1")
+    assert _sha(store.path) == before  # reading never changes the store's bytes
+    import json
+    record = json.loads(stats_path(store.path).read_text())
+    entry = record["hooks"]["mlp_hidden.1"]
+    assert entry["n_rows"] == len(x) and entry["key"]["n_committed"] == N
+    again = ActivationStore.open(store.path).stats("mlp_hidden.1")  # read back from the sidecar, exactly
     assert np.array_equal(again[0], mean) and again[1] == msn
+    # a sidecar that no longer matches the store's rows is ignored, not trusted
+    entry["mean"] = [0.0] * len(entry["mean"])
+    entry["key"]["commit_crc"] += 1
+    stats_path(store.path).write_text(json.dumps(record))
+    np.testing.assert_allclose(ActivationStore.open(store.path).stats("mlp_hidden.1")[0], mean, rtol=1e-12)
 
 
 def test_stats_fall_back_to_memory_when_the_file_cannot_be_written(arrays, store):

@@ -1,0 +1,150 @@
+"""Shuffled batches from a store: the row order (a pure function of the selection and the seed) and
+the block-wise reads that produce the batches.
+
+Order. The store's rows are grouped in blocks of R rows (one HDF5 chunk of the widest-chunked hook).
+Per epoch e the blocks are permuted by (seed, e); consecutive runs of G blocks (about
+`shuffle_buffer_rows` rows) form a shuffle buffer whose selected rows are permuted by
+(seed, e, buffer index). Every selected row appears exactly once per epoch, epochs follow one
+another seamlessly, and batch i holds stream positions [i·B, (i+1)·B), so a reader started at
+`start_step = i` continues exactly at batch i without reading the skipped data. Several hooks read
+at the same rows give aligned batches (row j of every hook's batch is the same token).
+
+Reads. Each batch is gathered block by block: a block of R rows is read once (contiguous, one
+chunk) and kept while the shuffle buffer that needs it is being consumed, so the reader touches
+each chunk about once per epoch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+
+class ShufflePlan:
+    """The row order of every epoch, computed from the row selection alone (no data read).
+
+    rows: sorted selected row indices; block_rows R: rows per block (one HDF5 chunk);
+    group_blocks G: blocks per shuffle buffer.
+    """
+
+    def __init__(self, rows: np.ndarray, block_rows: int, n_blocks: int, group_blocks: int, shuffle: bool, seed: int):
+        self.rows, self.R, self.n_blocks, self.G = rows, block_rows, n_blocks, group_blocks
+        self.shuffle, self.seed = shuffle, seed
+        self.n = int(rows.size)
+        # rows of block b are rows[starts[b]:starts[b+1]]
+        self.starts = np.searchsorted(rows, np.arange(n_blocks + 1, dtype=np.int64) * block_rows)
+        self.counts = np.diff(self.starts)
+
+    def block_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_blocks)
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.n_blocks)
+
+    def group_rows(self, epoch: int, order: np.ndarray, g: int) -> np.ndarray:
+        blocks = order[g * self.G:(g + 1) * self.G]
+        rows = np.concatenate([self.rows[self.starts[b]:self.starts[b + 1]] for b in blocks])
+        if self.shuffle:
+            rows = rows[np.random.default_rng([self.seed, epoch, 1, g]).permutation(rows.size)]
+        return rows
+
+    def segments(self, position: int) -> Iterator[np.ndarray]:
+        """Row index arrays that, concatenated, form the infinite stream from `position` on."""
+        epoch, offset = divmod(position, self.n)
+        while True:
+            order = self.block_order(epoch)
+            n_groups = -(-self.n_blocks // self.G)
+            per_group = np.add.reduceat(self.counts[order], np.arange(0, self.n_blocks, self.G))
+            ends = np.cumsum(per_group)
+            g = int(np.searchsorted(ends, offset, side="right"))
+            skip = offset - (int(ends[g - 1]) if g else 0)
+            for gi in range(g, n_groups):
+                if per_group[gi] == 0:
+                    continue
+                seg = self.group_rows(epoch, order, gi)[skip:]
+                skip = 0
+                yield seg
+            epoch, offset = epoch + 1, 0
+
+    def batch_rows(self, batch_size: int, start_step: int = 0) -> Iterator[np.ndarray]:
+        """Row indices of batch start_step, start_step+1, ..."""
+        pending, n_pending = [], 0
+        for seg in self.segments(start_step * batch_size):
+            pending.append(seg)
+            n_pending += seg.size
+            while n_pending >= batch_size:
+                cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                yield cat[:batch_size]
+                pending, n_pending = [cat[batch_size:]], n_pending - batch_size
+
+
+def gather_rows(ds, rows: np.ndarray, R: int, limit: int, cache: dict) -> np.ndarray:
+    """ds rows in the given order, reading whole blocks of R rows once each (cached in `cache`)."""
+    out = np.empty((rows.size, ds.shape[1]), ds.dtype)
+    if not rows.size:
+        return out
+    blocks = rows // R
+    order = np.argsort(blocks, kind="stable")
+    sorted_blocks = blocks[order]
+    cuts = np.flatnonzero(np.diff(sorted_blocks)) + 1
+    for idx in np.split(order, cuts):
+        b = int(blocks[idx[0]])
+        if b not in cache:
+            cache[b] = ds[b * R:min((b + 1) * R, limit)]
+        out[idx] = cache[b][rows[idx] - b * R]
+    return out
+
+
+def evict_blocks(cache: dict, keep: int, needed: np.ndarray) -> None:
+    """Drop the oldest cached blocks beyond `keep`, except those the current batch still reads."""
+    if len(cache) > keep:
+        needed = set(needed.tolist())
+        for b in list(cache)[: len(cache) - keep]:
+            if b not in needed:
+                del cache[b]
+
+
+def local_batch_slice(sharding, batch_size: int, dim: int) -> slice | None:
+    """The contiguous slice of the global batch this process must provide (None = all of it)."""
+    import jax
+
+    if sharding is None or jax.process_count() == 1:
+        return None
+    index_map = sharding.addressable_devices_indices_map((batch_size, dim))
+    starts, stops = [], []
+    for index in index_map.values():
+        s = index[0]
+        starts.append(s.start or 0)
+        stops.append(batch_size if s.stop is None else s.stop)
+    return slice(min(starts), max(stops))
+
+
+def place(x: np.ndarray, sharding, local: slice | None, batch_size: int):
+    """A host batch (or this process's slice of it) as a device array laid out by `sharding`."""
+    import jax
+
+    if local is not None:
+        return jax.make_array_from_process_local_data(sharding, x, (batch_size, x.shape[1]))
+    if sharding is not None:
+        return jax.device_put(x, sharding)
+    return jax.device_put(x)
+
+
+def read_batches(path, hooks: Sequence[str], plan: ShufflePlan, batch_size: int, start_step: int, sharding,
+                 dtype, limit: int) -> Iterator[dict]:
+    """{hook: device array [batch_size, d]} for batch start_step, start_step+1, ... (all hooks at the
+    same rows). Opens its own handle of `path`, so it runs on the prefetch thread."""
+    with h5py.File(path, "r", locking=False) as f:
+        datasets = {h: f["acts"][h] for h in hooks}
+        local = local_batch_slice(sharding, batch_size, datasets[hooks[0]].shape[1])
+        caches: dict[str, dict] = {h: {} for h in hooks}
+        for rows in plan.batch_rows(batch_size, start_step):
+            mine = rows if local is None else rows[local]
+            out = {}
+            for h, ds in datasets.items():
+                R = int(ds.chunks[0])
+                x = gather_rows(ds, mine, R, limit, caches[h]).astype(dtype, copy=False)
+                # one shuffle buffer (a batch straddling two buffers holds both briefly)
+                evict_blocks(caches[h], (plan.G + 4) * max(1, plan.R // R), mine // R)
+                out[h] = place(x, sharding, local, batch_size)
+            yield out

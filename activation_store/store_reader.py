@@ -1,0 +1,439 @@
+"""Reading a store: `ActivationStore.open(path)`, metadata, row selections, aligned shuffled batches,
+statistics and verification. The reader never writes into the store file (its bytes stay the same
+however it is read); statistics are cached in memory and in a sidecar `<store>.stats.json`.
+
+    store = ActivationStore.open("runs/x/store.h5")
+    with store.batches(["resid_mid.3", "mlp_out.3"], 4096, seed=0) as it:   # aligned {hook: [B, d]}
+        for batch in it: ...
+    x = store.sample("resid_post.3", 10_000, seed=0)                         # [n, d] float32
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from featureatlas.activation_store.corpus import corpus_fingerprint
+from featureatlas.activation_store.prefetch import Prefetcher
+from featureatlas.activation_store.runs import atomic_write_json
+from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches
+from featureatlas.activation_store.store_format import (FORMAT_VERSION, StoreCorruptedError, StoreError, corrupted,
+                                                        crc32, decode_attrs, disk_bytes, foreign_hdf5,
+                                                        has_hdf5_signature, layout_problems, not_a_store, row_mask,
+                                                        val_context_mask)
+
+STATS_FORMAT = "featureatlas-store-stats/1"
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No file at the store path."""
+
+
+def stats_path(path) -> Path:
+    """The sidecar file caching a store's statistics: `<store>.stats.json` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".stats.json")
+
+
+class ActivationStore:
+    """Read access to a store; only committed contexts (c < n_committed) are visible."""
+
+    def __init__(self, path: Path, attrs: dict, tokens, n_valid, doc_ids, labels, n_committed: int):
+        self.path = path
+        self._attrs = attrs
+        self.n_committed = n_committed
+        self.n_planned = int(attrs["n_contexts"])
+        self.context_length = int(attrs["context_length"])
+        self.hooks = tuple(attrs["hooks"])
+        self.dtype = str(attrs["dtype"])
+        self.label_names = tuple(attrs.get("label_names") or ())
+        self.val_fraction = float(attrs["val_fraction"])
+        self.tokens = tokens[:n_committed]
+        self.n_valid = n_valid[:n_committed]
+        self.doc_ids = doc_ids[:n_committed]
+        self.labels = labels[:n_committed]
+        self._stats: dict[str, tuple[np.ndarray, float]] = {}
+        self._h5: h5py.File | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        hooks = ", ".join(f"{h}:{self._attrs['dims'][h]}" for h in self.hooks)
+        return (f"ActivationStore({str(self.path)!r}, {self.n_committed}/{self.n_planned} contexts x "
+                f"{self.context_length}, {self.dtype}, hooks [{hooks}])")
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path) -> "ActivationStore":
+        """Open a store read-only. Says what the path is when it is not a store (a directory, another
+        HDF5 file, a non-HDF5 file) and calls it corrupted only when it is a damaged store."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreNotFoundError(f"no activation store at {path}: run `featureatlas harvest ... --out {path}` first")
+        problem = not_a_store(path)
+        if problem is not None:
+            raise problem
+        if not os.access(path, os.R_OK):
+            raise StoreError(f"store {path} is not readable (permission denied); fix its permissions")
+        if not has_hdf5_signature(path):
+            raise StoreCorruptedError(
+                f"{path} is not an HDF5 file (it lacks the HDF5 signature): if it was written as a store it is "
+                "truncated or corrupted, so delete it and harvest again (`featureatlas harvest ... --overwrite`); "
+                "otherwise pass the .h5 file written by `featureatlas harvest`")
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as err:
+            raise corrupted(path, str(err)) from None
+        try:
+            with f:
+                foreign = foreign_hdf5(path, f)
+                if foreign is not None:
+                    raise foreign
+                attrs = decode_attrs(f.attrs)
+                if attrs.get("format_version") != FORMAT_VERSION:
+                    raise StoreError(f"store {path} has format version {attrs.get('format_version')}, "
+                                     f"this featureatlas reads version {FORMAT_VERSION}; harvest it again")
+                problems = layout_problems(f, attrs)
+                if problems:
+                    raise corrupted(path, "; ".join(problems))
+                arrays = [f[name][()] for name in ("tokens", "n_valid", "doc_id", "label")]
+                n_committed = int(f["n_committed"][()])
+        except (OSError, KeyError, RuntimeError) as err:
+            raise corrupted(path, f"{type(err).__name__}: {err}") from None
+        return cls(path, attrs, *arrays, n_committed)
+
+    def _handle(self) -> h5py.File:
+        with self._lock:
+            if self._h5 is None or not self._h5.id.valid:
+                self._h5 = h5py.File(self.path, "r", locking=False)
+            return self._h5
+
+    def close(self) -> None:
+        with self._lock:
+            if self._h5 is not None and self._h5.id.valid:
+                self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return {**self._attrs, "n_committed": self.n_committed}
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self._attrs["corpus_fingerprint"])
+
+    @property
+    def n_contexts(self) -> int:
+        return self.n_committed
+
+    @property
+    def complete(self) -> bool:
+        return self.n_committed == self.n_planned
+
+    @property
+    def model_id(self) -> str:
+        return str(self._attrs.get("model_id", ""))
+
+    @property
+    def weights_hash(self) -> str:
+        return str(self._attrs.get("weights_hash", ""))
+
+    @property
+    def harvest_config(self) -> dict:
+        return dict(self._attrs.get("harvest_config") or {})
+
+    def dim(self, hook: str) -> int:
+        self.check_hook(hook)
+        return int(self._attrs["dims"][hook])
+
+    def check_hook(self, hook: str) -> None:
+        """Raise StoreError naming the store's hooks unless `hook` is one of them."""
+        if hook not in self.hooks:
+            raise StoreError(f"store {self.path} has no hook {hook!r}; it has {', '.join(self.hooks)}")
+
+    def context_split(self, split: str = "train") -> np.ndarray:
+        """Boolean [n_contexts]: the committed contexts in `split` ("train", "val" or "all")."""
+        val = val_context_mask(self.n_committed, self.val_fraction)
+        if split == "train":
+            return ~val
+        if split == "val":
+            return val
+        if split == "all":
+            return np.ones(self.n_committed, bool)
+        raise StoreError(f"split must be 'train', 'val' or 'all', got {split!r}")
+
+    def token_rows(self, split: str = "train", exclude_bos: bool = True) -> np.ndarray:
+        """Sorted int64 row indices (ctx·T + t) of the real tokens of `split`."""
+        mask = row_mask(self.n_valid, self.context_length, self.context_split(split), exclude_bos)
+        return np.flatnonzero(mask.ravel()).astype(np.int64)
+
+    def select_rows(self, split: str = "train", exclude_bos: bool = True, rows=None) -> np.ndarray:
+        """The sorted rows a reader visits: `token_rows(split, exclude_bos)`, or the explicit subset
+        `rows` of them (e.g. with massive-norm tokens left out); StoreError if `rows` strays outside."""
+        selection = self.token_rows(split, exclude_bos)
+        if rows is None:
+            return selection
+        rows = np.unique(np.asarray(rows, np.int64))
+        outside = np.setdiff1d(rows, selection, assume_unique=True)
+        if outside.size:
+            raise StoreError(f"{outside.size} of the {rows.size} rows given are not real tokens of split {split!r} "
+                             f"(exclude_bos={exclude_bos}) in {self.path}, e.g. rows {outside[:5].tolist()}; "
+                             "build `rows` from store.token_rows(split, exclude_bos)")
+        return rows
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def block_rows(self, hook: str) -> int:
+        """Rows per HDF5 chunk of `hook` (the unit the shuffled reader permutes)."""
+        self.check_hook(hook)
+        return int(self._handle()["acts"][hook].chunks[0])
+
+    def read_rows(self, hook: str, rows, dtype=np.float32) -> np.ndarray:
+        """Activations of the given rows (any order, repeats allowed) as [len(rows), d]."""
+        self.check_hook(hook)
+        rows = np.asarray(rows, np.int64)
+        limit = self.n_committed * self.context_length
+        if rows.size and (rows.min() < 0 or rows.max() >= limit):
+            raise StoreError(f"row indices must lie in [0, {limit}) (committed rows of {self.path})")
+        ds = self._handle()["acts"][hook]
+        return gather_rows(ds, rows, int(ds.chunks[0]), limit, {}).astype(dtype, copy=False)
+
+    def iter_chunks(self, hook: str, chunk_size: int, split: str = "train", exclude_bos: bool = True,
+                    dtype=np.float32) -> Iterator[np.ndarray]:
+        """The rows of `split` in store order, as arrays of `chunk_size` rows (the last may be shorter)."""
+        self.check_hook(hook)
+        if chunk_size < 1:
+            raise StoreError(f"chunk_size must be positive, got {chunk_size}")
+        rows = self.token_rows(split, exclude_bos)
+        ds = self._handle()["acts"][hook]
+        R, limit = int(ds.chunks[0]), self.n_committed * self.context_length
+        pending, n_pending = [], 0
+        starts = np.searchsorted(rows, np.arange(0, limit + R, R))
+        for b in range(-(-limit // R)):
+            sel = rows[starts[b]:starts[b + 1]]
+            if not sel.size:
+                continue
+            block = ds[b * R:min((b + 1) * R, limit)]
+            pending.append(block[sel - b * R])
+            n_pending += sel.size
+            while n_pending >= chunk_size:
+                cat = np.concatenate(pending)
+                yield cat[:chunk_size].astype(dtype, copy=False)
+                pending, n_pending = [cat[chunk_size:]], n_pending - chunk_size
+        if n_pending:
+            yield np.concatenate(pending).astype(dtype, copy=False)
+
+    def _hook_list(self, hooks: str | Sequence[str]) -> tuple[str, ...]:
+        hook_list = (hooks,) if isinstance(hooks, str) else tuple(dict.fromkeys(hooks))
+        if not hook_list:
+            raise StoreError(f"give at least one hook; {self.path} has {', '.join(self.hooks)}")
+        for h in hook_list:
+            self.check_hook(h)
+        return hook_list
+
+    def shuffle_plan(self, hooks: str | Sequence[str], *, shuffle: bool = True, seed: int = 0, split: str = "train",
+                     exclude_bos: bool = True, rows=None, shuffle_buffer_rows: int = 1 << 16) -> ShufflePlan:
+        """The row order `batches` follows (see activation_store.shuffle); blocks are chunks of the
+        widest-chunked of `hooks`, so each block is whole chunks of every hook."""
+        hook_list = self._hook_list(hooks)
+        selection = self.select_rows(split, exclude_bos, rows)
+        if selection.size == 0:
+            raise StoreError(f"split {split!r} of {self.path} has no rows (n_committed={self.n_committed}); "
+                             "harvest more contexts or use split='all'")
+        R = max(self.block_rows(h) for h in hook_list)
+        n_blocks = -(-(self.n_committed * self.context_length) // R)
+        return ShufflePlan(selection, R, n_blocks, max(1, shuffle_buffer_rows // R), shuffle, seed)
+
+    def batches(self, hooks: str | Sequence[str], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                start_step: int = 0, split: str = "train", exclude_bos: bool = True, sharding=None,
+                dtype=np.float32, rows=None, shuffle_buffer_rows: int = 1 << 16, prefetch: int = 4) -> Prefetcher:
+        """Infinite iterator of device arrays [batch_size, d]; epochs follow one another seamlessly.
+
+        hooks: one hook name (yields arrays) or several (yields {hook: array}, every hook at the
+        same token rows: aligned, as a transcoder's input and target need).
+        Order: see activation_store.shuffle; it depends only on (selected rows, seed, the hooks'
+        chunk layout), so `start_step=i` resumes exactly at batch i without reading skipped data.
+        rows: an explicit subset of the split's rows to visit (default: all of them).
+        With `sharding` (a NamedSharding over the batch axis) the batch is placed across devices;
+        with several processes each reads only its own rows. Batches are read on a background
+        thread (`prefetch` ahead); close the iterator (or use it as a context manager) when done.
+        """
+        hook_list = self._hook_list(hooks)
+        if batch_size < 1:
+            raise StoreError(f"batch_size must be positive, got {batch_size}")
+        if start_step < 0:
+            raise StoreError(f"start_step must be >= 0, got {start_step}")
+        plan = self.shuffle_plan(hook_list, shuffle=shuffle, seed=seed, split=split, exclude_bos=exclude_bos,
+                                 rows=rows, shuffle_buffer_rows=shuffle_buffer_rows)
+        limit = self.n_committed * self.context_length
+        path = self.path
+
+        def produce():
+            batches = read_batches(path, hook_list, plan, batch_size, start_step, sharding, dtype, limit)
+            if not isinstance(hooks, str):
+                return batches
+            return _only(batches, hooks)
+
+        return Prefetcher(produce, prefetch, name=f"store-batches-{hook_list[0]}")
+
+    def sample(self, hooks: str | Sequence[str], n: int, seed: int = 0, *, split: str = "train",
+               exclude_bos: bool = True, rows=None, dtype=np.float32):
+        """min(n, available) rows drawn uniformly without replacement by `seed`, in store order:
+        [n, d] for one hook, {hook: [n, d]} (same rows) for several."""
+        hook_list = self._hook_list(hooks)
+        selection = self.select_rows(split, exclude_bos, rows)
+        rng = np.random.default_rng([seed, 7])
+        pick = np.sort(rng.choice(selection, size=min(int(n), selection.size), replace=False))
+        out = {h: self.read_rows(h, pick, dtype) for h in hook_list}
+        return out[hooks] if isinstance(hooks, str) else out
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def _stats_key(self, hook: str) -> dict:
+        """What the cached statistics of `hook` depend on: the committed rows (their CRCs) and the split."""
+        f = self._handle()
+        j = self.hooks.index(hook)
+        n_commits = -(-self.n_committed // int(self._attrs["commit_contexts"]))
+        crcs = np.ascontiguousarray(f["commit_crc"][:n_commits, j], np.uint32)
+        return {"n_committed": self.n_committed, "commit_crc": crc32(crcs), "fingerprint": self.fingerprint,
+                "val_fraction": self.val_fraction, "split": "train", "exclude_bos": True}
+
+    def stats(self, hook: str) -> tuple[np.ndarray, float]:
+        """(mean_D, mean squared norm E‖x‖²) over the train split without BOS, float64.
+
+        Computed once per store content and cached in memory and in `<store>.stats.json` (written
+        atomically beside the store; skipped when the directory is read-only). Never written into
+        the store itself.
+        """
+        self.check_hook(hook)
+        if hook in self._stats:
+            return self._stats[hook]
+        key = self._stats_key(hook)
+        result = _read_cached_stats(stats_path(self.path), hook, key)
+        if result is None:
+            total, sq, n = np.zeros(self.dim(hook), np.float64), 0.0, 0
+            rows_per_chunk = max(1, (64 << 20) // (8 * self.dim(hook)))  # ~64 MiB of float64 at a time
+            for x in self.iter_chunks(hook, rows_per_chunk, "train", True, dtype=np.float64):
+                total += x.sum(0)
+                sq += float(np.einsum("nd,nd->", x, x))
+                n += x.shape[0]
+            if n == 0:
+                raise StoreError(f"the train split of {self.path} is empty: cannot compute stats")
+            result = (total / n, sq / n)
+            _write_cached_stats(stats_path(self.path), hook, key, result, n)
+        self._stats[hook] = result
+        return result
+
+    # -- verification -------------------------------------------------------------------------
+
+    def verify(self, check_values: bool = True) -> list[str]:
+        """Problems found (empty list = the store is sound): metadata, counters, corpus fingerprint,
+        per-commit CRCs and NaN/Inf in committed rows."""
+        problems = []
+        a, T, N = self._attrs, self.context_length, self.n_committed
+        if not 0 <= N <= self.n_planned:
+            problems.append(f"n_committed={N} outside [0, {self.n_planned}]")
+        f = h5py.File(self.path, "r", locking=False)
+        with f:
+            tokens, n_valid = f["tokens"][()], f["n_valid"][()]
+            doc_ids, labels = f["doc_id"][()], f["label"][()]
+            fp = corpus_fingerprint(tokens, n_valid, doc_ids, labels, self.label_names, a.get("tokenizer", ""))
+            if fp != a.get("corpus_fingerprint"):
+                problems.append("tokens/n_valid/doc_id/label do not match corpus_fingerprint")
+            if ((n_valid < 1) | (n_valid > T)).any():
+                problems.append(f"n_valid outside [1, {T}]")
+            if ((labels < -1) | (labels >= len(self.label_names))).any():
+                problems.append("labels outside [-1, len(label_names))")
+            if int(a.get("bos_id", -1)) >= 0 and (tokens[:, 0] != int(a["bos_id"])).any():
+                problems.append("some contexts do not start with BOS")
+            if int(a.get("n_tokens", -1)) != int(n_valid.sum()):
+                problems.append(f"n_tokens attribute {a.get('n_tokens')} != sum(n_valid) {int(n_valid.sum())}")
+            if not check_values:
+                return problems
+            C = int(a["commit_contexts"])
+            crc_table = f["commit_crc"][()]
+            for j, hook in enumerate(self.hooks):
+                ds = f["acts"][hook]
+                n_bad = 0
+                for k, c0 in enumerate(range(0, N, C)):
+                    c1 = min(c0 + C, N)
+                    rows = ds[c0 * T:c1 * T]
+                    if crc32(rows) != int(crc_table[k, j]):
+                        problems.append(f"{hook}: contexts [{c0}, {c1}) fail their CRC check (data corrupted)")
+                    bad = ~np.isfinite(rows)
+                    if bad.any():
+                        n_bad += int(bad.any(axis=1).sum())
+                if n_bad:
+                    problems.append(f"{hook}: {n_bad} committed rows hold NaN or Inf")
+        return problems
+
+    def summary(self) -> dict:
+        """What `featureatlas store info` prints."""
+        train = self.context_split("train")
+        return {
+            "path": str(self.path),
+            "model_id": self.model_id,
+            "weights_hash": self.weights_hash,
+            "tokenizer": self._attrs.get("tokenizer", ""),
+            "hooks": {h: self.dim(h) for h in self.hooks},
+            "dtype": self.dtype,
+            "context_length": self.context_length,
+            "contexts": self.n_committed,
+            "contexts_planned": self.n_planned,
+            "committed_fraction": self.n_committed / self.n_planned,
+            "tokens": int(self.n_valid.sum()),
+            "train_contexts": int(train.sum()),
+            "val_contexts": int((~train).sum()),
+            "val_fraction": self.val_fraction,
+            "documents": int(np.unique(self.doc_ids).size),
+            "labels": {name: int((self.labels == i).sum()) for i, name in enumerate(self.label_names)},
+            "corpus_fingerprint": self.fingerprint,
+            "size_on_disk_mb": round(disk_bytes(self.path) / 2**20, 3),
+        }
+
+
+def _only(batches, hook: str):
+    """The `hook` arrays of a stream of {hook: array} batches (closing the stream when closed)."""
+    with contextlib.closing(batches):
+        for batch in batches:
+            yield batch[hook]
+
+
+def _read_cached_stats(path: Path, hook: str, key: dict) -> tuple[np.ndarray, float] | None:
+    try:
+        record = json.loads(path.read_text())
+        entry = record["hooks"][hook]
+        if record.get("format") != STATS_FORMAT or entry["key"] != key:
+            return None
+        return np.asarray(entry["mean"], np.float64), float(entry["mean_sq_norm"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cached_stats(path: Path, hook: str, key: dict, result: tuple[np.ndarray, float], n_rows: int) -> None:
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != STATS_FORMAT or not isinstance(record.get("hooks"), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        record = {"format": STATS_FORMAT, "hooks": {}}
+    record["hooks"][hook] = {"key": key, "n_rows": int(n_rows), "mean": [float(v) for v in result[0]],
+                             "mean_sq_norm": float(result[1])}
+    try:
+        atomic_write_json(path, record)
+    except OSError:
+        pass  # a read-only directory: the in-memory cache is all we keep
