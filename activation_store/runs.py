@@ -232,10 +232,12 @@ class Checkpoints:
     def restore(self, step: int, like, shardings=None):
         """The state saved at `step`, with the structure, shapes and dtypes of `like` (and `shardings`)."""
         import jax
+        import numpy as np
         import orbax.checkpoint as ocp
 
-        if shardings is None:
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+        if shardings is None:  # numpy leaves (e.g. int64 host counters) come back as numpy, at full precision
+            abstract = jax.tree.map(
+                lambda a: a if isinstance(a, (np.ndarray, np.generic)) else jax.ShapeDtypeStruct(a.shape, a.dtype), like)
         else:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))

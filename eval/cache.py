@@ -1,0 +1,496 @@
+"""The feature activation cache: one streaming pass of a Dictionary over a store.
+
+Per feature f, in memory O(F·N) whatever the corpus size (N the per-feature example counts):
+
+- top-N contexts (exact): the N contexts with the largest per-context max activation max_t a[c,t,f],
+  with the position of that max;
+- quantile examples: a uniform sample of activating contexts in each activation bin. Activations are
+  binned on a fixed log-spaced grid (`FINE_EDGES`, 8 bins per decade); in each (feature, bin) the K
+  contexts with the smallest hashed keys u(c, f) are kept (priority sampling: a uniform sample without
+  replacement that does not depend on the order or chunking of the pass). At the end the fine bins are
+  grouped into `n_quantiles` equal-count bins of the per-context maxima, and each quantile bin's sample
+  is drawn from its fine bins in proportion to their counts;
+- random non-activating contexts: the K_neg contexts with the smallest keys among those where f never fires;
+- density (fraction of tokens with a > 0), max, mean (over all tokens), mean where active;
+- a log-spaced histogram of token activations on `FINE_EDGES` (from every `hist_stride`-th context;
+  1 = exact);
+- co-occurrence counts #{tokens: a_f > 0 and a_g > 0} of the `cooccur_top` densest features of the
+  first chunk with every feature g.
+
+Examples are split by context id into an explain set and a disjoint held-out set before anything is
+kept: context c is held out iff splitmix64(c ⊕ seed) / 2^64 < held_out_fraction. Explainers read only
+the explain set, scorers only the held-out set; they can never share a context (delphi samples both from
+one pool). Tokens are stored once: examples are (context id, position) into the store's /tokens.
+
+The state is a pytree updated by one jitted step per chunk of contexts, checkpointed through the run
+layer; a killed pass resumes from its last checkpoint to the same result, and a store that grew since
+the pass (a resumed harvest) is cached further by resuming.
+
+cache.h5 layout (S = 2 splits: 0 explain, 1 held-out):
+  /top_act [S,F,N] f32, /top_ctx [S,F,N] i32, /top_pos [S,F,N] i32       descending, ctx -1 = empty
+  /bin_act [S,F,Q,K] f32, /bin_ctx, /bin_pos [S,F,Q,K] i32               quantile bins, low to high
+  /quantile_edges [F,Q+1] f32                                            per-feature bin edges
+  /neg_ctx [S,F,K_neg] i32                                               non-activating contexts
+  /density [F] f64, /max [F] f32, /mean [F] f64, /mean_active [F] f64, /active_tokens [F] i64
+  /hist [F,B] i64, /hist_edges [B+1] f64
+  /cooc_features [M] i32, /cooc [M,F] i64
+  attrs: format, store path and fingerprint, hook, n_features, n_tokens, n_contexts, settings (JSON)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from featureatlas.activation_store.configs import Config, setting
+from featureatlas.activation_store.errors import ConfigError
+
+CACHE_FORMAT = "featureatlas-cache/1"
+BINS_PER_DECADE = 4
+FINE_EDGES = 10.0 ** (np.arange(-6 * BINS_PER_DECADE, 6 * BINS_PER_DECADE + 1) / BINS_PER_DECADE)
+N_FINE = len(FINE_EDGES) - 1
+EXPLAIN, HELD_OUT = 0, 1
+
+
+@dataclasses.dataclass
+class CacheConfig(Config):
+    """Settings of one cache pass (what is kept per feature)."""
+
+    top_n: int = setting(20, gt=0)
+    """Top-activating contexts kept per feature and split (exact)."""
+    n_quantiles: int = setting(10, gt=0)
+    """Activation-quantile bins (equal counts of activating contexts)."""
+    per_bin: int = setting(8, gt=0)
+    """Contexts sampled per quantile bin and split."""
+    fine_per_bin: int = setting(8, gt=0, cli=False)
+    """Contexts kept per fine log-spaced bin (the pool the quantile samples are drawn from)."""
+    n_negative: int = setting(20, ge=0)
+    """Random non-activating contexts kept per feature and split."""
+    held_out_fraction: float = setting(0.5, gt=0, lt=1)
+    """Share of contexts held out for scoring (never shown to explainers)."""
+    contexts_per_chunk: int = setting(64, gt=0)
+    """Contexts encoded per step."""
+    hist_stride: int = setting(4, gt=0)
+    """Histogram from every n-th context (1 = exact; larger is faster)."""
+    cooccur_top: int = setting(32, ge=0)
+    """Features (densest in the first chunk) whose co-occurrence with every feature is counted."""
+    exclude_bos: bool = setting(True)
+    """Ignore the BOS position of each context."""
+    max_contexts: int = setting(0, ge=0)
+    """Cache only the first n contexts (0 = all committed contexts)."""
+    checkpoint_every: int = setting(50, gt=0)
+    """Chunks between checkpoints."""
+    seed: int = setting(0)
+    """Seed of the explain/held-out split and of the samples."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    z = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def held_out_mask(contexts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True where a context belongs to the held-out set: splitmix64(c ⊕ seed)/2^64 < fraction."""
+    h = splitmix64(np.asarray(contexts, np.uint64) ^ np.uint64(seed * 0x9E3779B1 + 0x51ED))
+    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def _hash_keys(ctx_C: jax.Array, n_features: int, seed: int) -> jax.Array:
+    """Uniform keys u(c, f) in [0, 1) from a murmur3 finaliser of (c, f, seed); [C, F]."""
+    c = ctx_C.astype(jnp.uint32)[:, None] * jnp.uint32(0x9E3779B1)
+    f = jnp.arange(n_features, dtype=jnp.uint32)[None, :] * jnp.uint32(0x85EBCA77)
+    h = c ^ f ^ jnp.uint32((seed * 0xC2B2AE3D + 0x27D4EB2F) & 0xFFFFFFFF)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) / float(1 << 24)
+
+
+def fine_bin(a: jax.Array) -> jax.Array:
+    """Index of the log-spaced bin of FINE_EDGES holding a (> 0), clipped to the grid."""
+    b = jnp.floor((jnp.log10(jnp.maximum(a, 1e-30)) + 6.0) * BINS_PER_DECADE)
+    return jnp.clip(b, 0, N_FINE - 1).astype(jnp.int32)
+
+
+def _keep_best(key_FxN, payload_old: tuple, key_new_FxC, payload_new: tuple, largest: bool):
+    """Keep, per feature, the N best candidates of old and new (largest keys, or smallest), with their payloads."""
+    key = jnp.concatenate([key_FxN, key_new_FxC], axis=1)
+    _, idx = jax.lax.top_k(key if largest else -key, key_FxN.shape[1])
+    take = lambda a: jnp.take_along_axis(a, idx, axis=1)  # noqa: E731
+    return take(key), tuple(take(jnp.concatenate([o, n], axis=1)) for o, n in zip(payload_old, payload_new))
+
+
+def init_state(n_features: int, cfg: CacheConfig) -> dict:
+    F, S, N, K, Kn = n_features, 2, cfg.top_n, cfg.fine_per_bin, max(cfg.n_negative, 1)
+    full = lambda shape, v, dt: jnp.full(shape, v, dt)  # noqa: E731
+    return {
+        "top_act": full((S, F, N), -1.0, jnp.float32), "top_ctx": full((S, F, N), -1, jnp.int32),
+        "top_pos": full((S, F, N), -1, jnp.int32),
+        "res_key": full((S, N_FINE, F, K), jnp.inf, jnp.float32), "res_ctx": full((S, N_FINE, F, K), -1, jnp.int32),
+        "res_pos": full((S, N_FINE, F, K), -1, jnp.int32), "res_act": full((S, N_FINE, F, K), 0.0, jnp.float32),
+        "ctx_bin_count": full((S, N_FINE, F), 0, jnp.int32),
+        "neg_key": full((S, F, Kn), jnp.inf, jnp.float32), "neg_ctx": full((S, F, Kn), -1, jnp.int32),
+        "max": full((F,), 0.0, jnp.float32),
+    }
+
+
+def chunk_step(state: dict, codes_CxTxF, valid_CxT, ctx_C, split_C, hist_C, cooc_idx_M, *, seed: int):
+    """One chunk of C contexts: update the example state; return per-chunk sums for the host accumulators.
+
+    codes_CxTxF: activations (anything at invalid positions); valid_CxT: real, counted tokens;
+    ctx_C: context ids (-1 = padding context); split_C: 0 explain / 1 held-out; hist_C: contexts whose
+    tokens enter the histogram; cooc_idx_M: features whose co-occurrences are counted.
+    """
+    C, T, F = codes_CxTxF.shape
+    a = jnp.where(valid_CxT[:, :, None], jnp.maximum(codes_CxTxF, 0.0), 0.0)
+    ctx_max_CxF = a.max(axis=1)
+    ctx_pos_CxF = a.argmax(axis=1).astype(jnp.int32)
+    real_C = ctx_C >= 0
+    ctx_FxC = jnp.broadcast_to(ctx_C[None, :], (F, C))
+    keys_CxF = _hash_keys(ctx_C, F, seed)
+    bins_CxF = fine_bin(ctx_max_CxF)
+    active_ctx = (ctx_max_CxF > 0) & real_C[:, None]
+    new = dict(state)
+    tops, ress, negs = [], [], []
+    for s in (EXPLAIN, HELD_OUT):
+        in_s = real_C & (split_C == s)
+        v = jnp.where(in_s[:, None] & active_ctx, ctx_max_CxF, -1.0).T
+        tops.append(_keep_best(state["top_act"][s], (state["top_ctx"][s], state["top_pos"][s]), v,
+                               (ctx_FxC, ctx_pos_CxF.T), largest=True))
+        k_neg = jnp.where(in_s[:, None] & ~active_ctx, keys_CxF, jnp.inf).T
+        negs.append(_keep_best(state["neg_key"][s], (state["neg_ctx"][s],), k_neg, (ctx_FxC,), largest=False))
+
+        def one_bin(b, s=s, in_s=in_s):
+            k = jnp.where(in_s[:, None] & active_ctx & (bins_CxF == b), keys_CxF, jnp.inf).T
+            return _keep_best(state["res_key"][s, b], (state["res_ctx"][s, b], state["res_pos"][s, b],
+                                                       state["res_act"][s, b]),
+                              k, (ctx_FxC, ctx_pos_CxF.T, ctx_max_CxF.T), largest=False)
+
+        ress.append(jax.lax.map(one_bin, jnp.arange(N_FINE)))
+    new["top_act"] = jnp.stack([t[0] for t in tops])
+    new["top_ctx"] = jnp.stack([t[1][0] for t in tops])
+    new["top_pos"] = jnp.stack([t[1][1] for t in tops])
+    new["neg_key"] = jnp.stack([n[0] for n in negs])
+    new["neg_ctx"] = jnp.stack([n[1][0] for n in negs])
+    new["res_key"] = jnp.stack([r[0] for r in ress])
+    new["res_ctx"], new["res_pos"], new["res_act"] = (jnp.stack([r[1][i] for r in ress]) for i in range(3))
+    onehot_bins = (bins_CxF[None, :, :] == jnp.arange(N_FINE)[:, None, None]) & active_ctx[None]
+    per_split = jnp.stack([(onehot_bins & (split_C == s)[None, :, None]).sum(axis=1) for s in (EXPLAIN, HELD_OUT)])
+    new["ctx_bin_count"] = state["ctx_bin_count"] + per_split.astype(jnp.int32)
+    new["max"] = jnp.maximum(state["max"], ctx_max_CxF.max(axis=0))
+
+    flat = a.reshape(C * T, F)
+    active = flat > 0
+    in_hist = (hist_C[:, None] & valid_CxT).reshape(C * T)
+    hist_idx = jnp.arange(F)[None, :] * N_FINE + fine_bin(flat)
+    hist = jnp.zeros(F * N_FINE, jnp.int32).at[hist_idx.ravel()].add(
+        (active & in_hist[:, None]).ravel().astype(jnp.int32)).reshape(F, N_FINE)
+    sums = {
+        "active": active.sum(axis=0, dtype=jnp.int32),
+        "sum": flat.sum(axis=0),
+        "tokens": valid_CxT.sum(dtype=jnp.int32),
+        "hist": hist,
+        "cooc": (active[:, cooc_idx_M].astype(jnp.float32).T @ active.astype(jnp.float32)).astype(jnp.int32),
+    }
+    return new, sums
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+_jit_step = jax.jit(chunk_step, static_argnames=("seed",), donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class ChunkInput:
+    """One chunk of whole contexts: ids (-1 = padding), activations [C·T, d] and valid-token mask [C, T]."""
+
+    ctx_C: np.ndarray
+    acts: np.ndarray
+    valid_CxT: np.ndarray
+
+
+def store_chunks(store, hook: str, c_start: int, c_stop: int, contexts_per_chunk: int,
+                 exclude_bos: bool) -> Iterator[ChunkInput]:
+    """Contexts [c_start, c_stop) of a store in order, C at a time (the last chunk padded to C)."""
+    T, C = store.context_length, contexts_per_chunk
+    for c0 in range(c_start, c_stop, C):
+        c1 = min(c0 + C, c_stop)
+        acts = store.read_rows(hook, np.arange(c0 * T, c1 * T))
+        valid = np.arange(T)[None, :] < np.asarray(store.n_valid[c0:c1])[:, None]
+        if exclude_bos:
+            valid[:, 0] = False
+        pad = C - (c1 - c0)
+        ctx = np.concatenate([np.arange(c0, c1), -np.ones(pad, np.int64)]).astype(np.int32)
+        if pad:
+            acts = np.concatenate([acts, np.zeros((pad * T, acts.shape[1]), acts.dtype)])
+            valid = np.concatenate([valid, np.zeros((pad, T), bool)])
+        yield ChunkInput(ctx, acts, valid)
+
+
+def _host_init(n_features: int, n_cooc: int) -> dict:
+    return {"active": np.zeros(n_features, np.int64), "sum": np.zeros(n_features, np.float64),
+            "tokens": np.zeros((), np.int64), "hist": np.zeros((n_features, N_FINE), np.int64),
+            "cooc": np.zeros((n_cooc, n_features), np.int64), "cooc_idx": np.full(n_cooc, -1, np.int64),
+            "next_ctx": np.zeros((), np.int64)}
+
+
+def _first_cooc_features(codes_NxF, m: int) -> np.ndarray:
+    counts = np.asarray((codes_NxF > 0).sum(axis=0))
+    return np.argsort(-counts, kind="stable")[:m].astype(np.int64)
+
+
+def cache_pass(store, dictionary, cfg: CacheConfig, run, *, progress: bool = True,
+               stop_after_chunks: int | None = None) -> dict | None:
+    """Stream the store's contexts through `dictionary.encode`, checkpointing in `run`; return the final
+    state pytree ({"state", "host"}), or None when stopped early by `stop_after_chunks` (for tests)."""
+    from tqdm.auto import tqdm
+
+    F, T, C = dictionary.n_features, store.context_length, cfg.contexts_per_chunk
+    n_ctx = store.n_contexts if not cfg.max_contexts else min(cfg.max_contexts, store.n_contexts)
+    n_cooc = min(cfg.cooccur_top, F)
+    like = {"state": init_state(F, cfg), "host": _host_init(F, n_cooc)}
+    ckpt = run.checkpoints(keep=1)
+    start = 0
+    if run.resuming and ckpt.latest_step() is not None:
+        like = ckpt.restore(ckpt.latest_step(), like=like)
+        start = int(like["host"]["next_ctx"])
+    state, host = like["state"], like["host"]
+    bar = tqdm(total=(n_ctx - start) * T, unit="tok", unit_scale=True, disable=not progress, desc="cache",
+               dynamic_ncols=True)
+    chunks_done = 0
+    try:
+        for chunk in store_chunks(store, dictionary.hook, start, n_ctx, C, cfg.exclude_bos):
+            codes = dictionary.encode(chunk.acts)
+            real = chunk.ctx_C >= 0
+            if host["cooc_idx"].size and host["cooc_idx"][0] < 0:
+                host["cooc_idx"] = _first_cooc_features(codes * chunk.valid_CxT.reshape(-1, 1), n_cooc)
+            split = held_out_mask(np.maximum(chunk.ctx_C, 0), cfg.held_out_fraction, cfg.seed).astype(np.int32)
+            hist_c = real & (chunk.ctx_C % cfg.hist_stride == 0)
+            state, sums = _jit_step(state, jnp.reshape(codes, (C, T, F)), jnp.asarray(chunk.valid_CxT),
+                                    jnp.asarray(chunk.ctx_C), jnp.asarray(split), jnp.asarray(hist_c),
+                                    jnp.asarray(host["cooc_idx"], jnp.int32), seed=cfg.seed)
+            sums = jax.device_get(sums)
+            host["active"] += sums["active"]
+            host["sum"] += sums["sum"].astype(np.float64)
+            host["tokens"] += int(sums["tokens"])
+            host["hist"] += sums["hist"]
+            host["cooc"] += sums["cooc"]
+            host["next_ctx"] = np.asarray(int(chunk.ctx_C[real].max()) + 1, np.int64)
+            chunks_done += 1
+            bar.update(int(real.sum()) * T)
+            done = int(host["next_ctx"]) >= n_ctx
+            if chunks_done % cfg.checkpoint_every == 0 or done:
+                ckpt.save(int(host["next_ctx"]), {"state": state, "host": host})
+            if stop_after_chunks is not None and chunks_done >= stop_after_chunks and not done:
+                ckpt.save(int(host["next_ctx"]), {"state": state, "host": host})
+                return None
+    finally:
+        bar.close()
+        ckpt.close()
+    return {"state": state, "host": host}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finalising: quantile bins and the published cache.h5
+# ---------------------------------------------------------------------------------------------
+def quantile_groups(counts_B: np.ndarray, n_quantiles: int) -> np.ndarray:
+    """Quantile bin of each fine bin: floor(Q · (count before + count/2) / total), -1 for empty fine bins."""
+    total = counts_B.sum()
+    if total == 0:
+        return -np.ones_like(counts_B)
+    mid = np.cumsum(counts_B) - counts_B / 2.0
+    q = np.minimum((n_quantiles * mid / total).astype(np.int64), n_quantiles - 1)
+    return np.where(counts_B > 0, q, -1)
+
+
+def allocate(counts: np.ndarray, available: np.ndarray, n: int) -> np.ndarray:
+    """Split n draws over strata in proportion to counts (largest remainder), capped by what is available."""
+    take = np.zeros(len(counts), np.int64)
+    want = min(n, int(available.sum()))
+    while take.sum() < want:
+        open_ = take < available
+        share = np.where(open_, counts, 0).astype(np.float64)
+        if share.sum() == 0:
+            break
+        ideal = share / share.sum() * (want - take.sum())
+        add = np.minimum(np.floor(ideal).astype(np.int64), available - take)
+        if add.sum() == 0:
+            add[np.argmax(np.where(open_, ideal, -1.0))] = 1
+        take += add
+    return take
+
+
+def finalize(final: dict, cfg: CacheConfig) -> dict:
+    """The published arrays (see the module docstring) from the final pass state."""
+    st = {k: np.asarray(v) for k, v in final["state"].items()}
+    host = final["host"]
+    S, F, Q, K = 2, st["max"].shape[0], cfg.n_quantiles, cfg.per_bin
+    bin_act = np.zeros((S, F, Q, K), np.float32)
+    bin_ctx = -np.ones((S, F, Q, K), np.int32)
+    bin_pos = -np.ones((S, F, Q, K), np.int32)
+    q_edges = np.zeros((F, Q + 1), np.float32)
+    all_counts = st["ctx_bin_count"].sum(axis=0)  # [N_FINE, F]
+    for f in range(F):
+        groups = quantile_groups(all_counts[:, f], Q)
+        for q in range(Q):
+            fine = np.flatnonzero(groups == q)
+            if fine.size:
+                q_edges[f, q], q_edges[f, q + 1] = FINE_EDGES[fine[0]], FINE_EDGES[fine[-1] + 1]
+            for s in range(S):
+                avail = (st["res_ctx"][s, fine, f] >= 0).sum(axis=1)
+                take = allocate(st["ctx_bin_count"][s, fine, f], avail, K)
+                picks = [(b, j) for b, t in zip(fine, take) for j in range(t)]  # smallest keys first
+                if not picks:
+                    continue
+                order = np.argsort([-st["res_act"][s, b, f, j] for b, j in picks], kind="stable")
+                for slot, i in enumerate(order):
+                    b, j = picks[i]
+                    bin_act[s, f, q, slot] = st["res_act"][s, b, f, j]
+                    bin_ctx[s, f, q, slot] = st["res_ctx"][s, b, f, j]
+                    bin_pos[s, f, q, slot] = st["res_pos"][s, b, f, j]
+    tokens = max(int(host["tokens"]), 1)
+    active = host["active"]
+    top_ok = st["top_act"] > 0
+    neg_ctx = st["neg_ctx"][:, :, :cfg.n_negative] if cfg.n_negative else st["neg_ctx"][:, :, :0]
+    return {
+        "top_act": np.where(top_ok, st["top_act"], 0).astype(np.float32),
+        "top_ctx": np.where(top_ok, st["top_ctx"], -1).astype(np.int32),
+        "top_pos": np.where(top_ok, st["top_pos"], -1).astype(np.int32),
+        "bin_act": bin_act, "bin_ctx": bin_ctx, "bin_pos": bin_pos, "quantile_edges": q_edges,
+        "neg_ctx": neg_ctx.astype(np.int32),
+        "density": active / tokens, "max": st["max"].astype(np.float32), "mean": host["sum"] / tokens,
+        "mean_active": np.where(active > 0, host["sum"] / np.maximum(active, 1), 0.0),
+        "active_tokens": active.astype(np.int64),
+        "hist": host["hist"], "hist_edges": FINE_EDGES,
+        "cooc_features": host["cooc_idx"].astype(np.int32), "cooc": host["cooc"],
+        "n_tokens": np.asarray(int(host["tokens"]), np.int64),
+    }
+
+
+def write_cache_file(path: Path, arrays: dict, attrs: dict) -> None:
+    """Write cache.h5 atomically (temp file, fsync, rename) through the run layer."""
+    import h5py
+
+    from featureatlas.activation_store.runs import atomic_write
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            for name, arr in arrays.items():
+                f.create_dataset(name, data=arr)
+            f.attrs["format"] = CACHE_FORMAT
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job and the reader
+# ---------------------------------------------------------------------------------------------
+CACHE_FILE = "cache.h5"
+
+
+def check_inputs(store, dictionary) -> None:
+    """Refuse a dictionary whose hook is not in the store or whose width does not match, before any work."""
+    hook = dictionary.hook
+    if hook not in store.hooks:
+        raise ConfigError(f"the dictionary reads hook {hook!r} but store {store.path} has only "
+                          f"{', '.join(store.hooks)}; harvest {hook} or pick a dictionary trained on a stored hook")
+    d_store, d_dic = store.dim(hook), int(np.shape(dictionary.directions_FxD)[1])
+    in_dim = getattr(dictionary, "d_in", None) or (dictionary.config.d_in if hasattr(dictionary, "config")
+                                                   and hasattr(dictionary.config, "d_in") else d_dic)
+    if int(in_dim) != d_store:
+        raise ConfigError(f"dimension mismatch: store {store.path} has {hook} of width {d_store}, the dictionary "
+                          f"expects {in_dim}; use the store the dictionary was trained on (same model and hook)")
+    if store.n_contexts == 0:
+        raise ConfigError(f"store {store.path} has no committed contexts yet; run or resume the harvest first")
+
+
+def build_cache(store, dictionary, cfg: CacheConfig, out, *, dictionary_id: str, resume: bool = False,
+                overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None,
+                flags: dict | None = None) -> Path | None:
+    """The `featureatlas cache` job: a run directory `out` holding cache.h5 (see the module docstring)."""
+    from featureatlas.activation_store.runs import Run
+
+    cfg.validate()
+    check_inputs(store, dictionary)
+    settings = {"cache": cfg.to_dict(), "store": {"path": str(Path(store.path).resolve()),
+                                                  "fingerprint": store.fingerprint},
+                "hook": dictionary.hook, "dictionary": dictionary_id, "n_features": dictionary.n_features}
+    run = Run.prepare(out, "cache", settings, resume=resume, overwrite=overwrite, flags=flags,
+                      ignore=("store",) if resume else ())
+    with run.active():
+        final = cache_pass(store, dictionary, cfg, run, progress=progress, stop_after_chunks=stop_after_chunks)
+        if final is None:
+            return None
+        arrays = finalize(final, cfg)
+        attrs = {"store_path": str(Path(store.path).resolve()), "store_fingerprint": store.fingerprint,
+                 "hook": dictionary.hook, "dictionary": dictionary_id, "n_features": dictionary.n_features,
+                 "n_contexts": int(final["host"]["next_ctx"]), "context_length": store.context_length,
+                 "settings": cfg.to_dict()}
+        write_cache_file(run.dir / CACHE_FILE, arrays, attrs)
+        run.write_results({"n_tokens": int(arrays["n_tokens"]), "n_contexts": attrs["n_contexts"],
+                           "dead_features": int((arrays["active_tokens"] == 0).sum()),
+                           "n_features": dictionary.n_features})
+    return run.dir / CACHE_FILE
+
+
+class FeatureCache:
+    """Read access to a published cache.h5 (arrays loaded on first use)."""
+
+    def __init__(self, path):
+        import h5py
+
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / CACHE_FILE
+        if not self.path.exists():
+            raise ConfigError(f"no feature cache at {self.path}; run `featureatlas cache` first")
+        with h5py.File(self.path, "r") as f:
+            if f.attrs.get("format") != CACHE_FORMAT:
+                raise ConfigError(f"{self.path} is not a featureatlas feature cache (format "
+                                  f"{f.attrs.get('format')!r})")
+            self.attrs = {k: (json.loads(v) if k == "settings" else v) for k, v in f.attrs.items()}
+            self.arrays = {k: f[k][()] for k in f.keys()}
+        self.n_features = int(self.attrs["n_features"])
+        self.hook = str(self.attrs["hook"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    @property
+    def dead(self) -> np.ndarray:
+        return self.arrays["active_tokens"] == 0
+
+    def check_features(self, features) -> np.ndarray:
+        f = np.asarray(features, np.int64).ravel()
+        bad = f[(f < 0) | (f >= self.n_features)]
+        if bad.size:
+            raise ConfigError(f"feature id {int(bad[0])} is out of range: the dictionary has {self.n_features} "
+                              f"features (ids 0..{self.n_features - 1})")
+        return f
+
+    def examples(self, feature: int, split: int = EXPLAIN) -> dict:
+        """{"top": [(ctx, pos, act)], "quantiles": [[(ctx, pos, act)] per bin], "negative": [ctx]} of one split."""
+        a = self.arrays
+        top = [(int(c), int(p), float(v)) for c, p, v in zip(a["top_ctx"][split, feature],
+                                                             a["top_pos"][split, feature],
+                                                             a["top_act"][split, feature]) if c >= 0]
+        quant = [[(int(c), int(p), float(v)) for c, p, v in zip(a["bin_ctx"][split, feature, q],
+                                                                a["bin_pos"][split, feature, q],
+                                                                a["bin_act"][split, feature, q]) if c >= 0]
+                 for q in range(a["bin_ctx"].shape[2])]
+        neg = [int(c) for c in a["neg_ctx"][split, feature] if c >= 0]
+        return {"top": top, "quantiles": quant, "negative": neg}
