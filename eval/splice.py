@@ -31,9 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from featureatlas.activation_store.models import replace
-
-# Order of hook sites inside one layer (activation_store/models/transformer.py `block`).
-_SITE_ORDER = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
+from featureatlas.activation_store.models.config import HOOK_KINDS as _SITE_ORDER  # in block order
 
 
 def _site_rank(hook: str) -> tuple[int, int]:

@@ -29,9 +29,6 @@ import numpy as np
 
 from featureatlas.saes.config import SAEConfig
 
-RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-
-
 def param_names(config: SAEConfig) -> tuple[str, ...]:
     """The saved parameter names of one architecture (see the module docstring)."""
     if config.architecture == "gated":

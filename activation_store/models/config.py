@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_hidden", "mlp_out")
+HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
+"""The hook sites of every layer L (named `<kind>.L`), in the order one block computes them
+(transformer.py `block`). The one list of hook kinds: everything that names, validates or orders
+hooks imports it."""
 
 
 @dataclass(frozen=True)
