@@ -156,7 +156,7 @@ def test_stop_at_capture_equals_full_pass(lm):
 
 
 def test_unknown_hook_error_lists_valid_hooks(lm):
-    with pytest.raises(ValueError, match=r"valid hooks: resid_pre\.0-1, resid_mid\.0-1.*mlp_out\.0-1"):
+    with pytest.raises(ValueError, match=r"valid hooks: resid_pre\.0-1, attn_out\.0-1, resid_mid\.0-1.*mlp_out\.0-1"):
         lm.forward(lm.params, _tokens(lm), capture=("resid_post.7",))
     with pytest.raises(ValueError, match="unknown hook"):
         lm.hook_dim("mlp.0")
