@@ -139,3 +139,26 @@ def test_bad_inputs_are_refused_before_any_work(setup, tmp_path):
     cache = FeatureCache(build_cache(store, dic, CFG, tmp_path / "c", dictionary_id="relu", progress=False))
     with pytest.raises(ConfigError, match="feature id 6 is out of range.*ids 0..5"):
         cache.check_features([1, 6])
+
+
+def test_maxact_windows_are_centred_and_carry_exact_activations(setup, tmp_path):
+    from featureatlas.eval.maxact import example_windows, normalise, window_bounds
+
+    store, dic, acts, n_valid = setup
+    cache = FeatureCache(build_cache(store, dic, CFG, tmp_path / "c", dictionary_id="relu", progress=False))
+    codes, _ = brute(acts, n_valid, dic)
+    wins = example_windows(store, dic, cache, [0, 3, 5], lambda t: f"<t{t}>", width=6)
+    for f in (0, 3):
+        ex = cache.examples(f)
+        assert len(wins[f]["top"]) == len(ex["top"])
+        for (c, p, v), w in zip(ex["top"], wins[f]["top"]):
+            assert w["context"] == c and 1 <= w["start"] <= p < w["start"] + len(w["tokens"])
+            assert w["start"] + w["max_pos"] == p and abs(w["acts"][w["max_pos"]] - v) < 1e-4
+            np.testing.assert_allclose(w["acts"], codes[c, w["start"]:w["start"] + len(w["tokens"]), f], atol=1e-5)
+            assert w["tokens"] == [f"<t{t}>" for t in store.tokens[c, w["start"]:w["start"] + len(w["tokens"])]]
+            assert len(w["tokens"]) == min(6, n_valid[c] - 1)
+        assert all(max(w["acts"]) == 0 for w in wins[f]["random"])
+    assert wins[5] == {"top": [], "quantiles": [[] for _ in range(CFG.n_quantiles)], "random": wins[5]["random"]}
+    assert window_bounds(10, 1, 40, 32) == (1, 33) and window_bounds(30, 1, 40, 32) == (8, 40)
+    assert window_bounds(20, 1, 100, 32) == (4, 36)
+    assert normalise([0.0, 0.5, 1.0, -1.0], 1.0) == [0, 5, 10, 0]
