@@ -50,6 +50,7 @@ import numpy as np
 
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
+from featureatlas.activation_store.prefetch import Prefetcher
 
 CACHE_FORMAT = "featureatlas-cache/1"
 BINS_PER_DECADE = 4
@@ -270,8 +271,9 @@ def cache_pass(store, dictionary, cfg: CacheConfig, run, *, progress: bool = Tru
     bar = tqdm(total=(n_ctx - start) * T, unit="tok", unit_scale=True, disable=not progress, desc="cache",
                dynamic_ncols=True)
     chunks_done = 0
+    chunks = Prefetcher(lambda: store_chunks(store, dictionary.hook, start, n_ctx, C, cfg.exclude_bos), depth=2)
     try:
-        for chunk in store_chunks(store, dictionary.hook, start, n_ctx, C, cfg.exclude_bos):
+        for chunk in chunks:
             codes = dictionary.encode(chunk.acts)
             real = chunk.ctx_C >= 0
             if host["cooc_idx"].size and host["cooc_idx"][0] < 0:
@@ -297,6 +299,7 @@ def cache_pass(store, dictionary, cfg: CacheConfig, run, *, progress: bool = Tru
                 ckpt.save(int(host["next_ctx"]), {"state": state, "host": host})
                 return None
     finally:
+        chunks.close()
         bar.close()
         ckpt.close()
     return {"state": state, "host": host}
