@@ -3,15 +3,17 @@
 SAELens (v6) directory = `cfg.json` + `sae_weights.safetensors`:
 
   cfg.json      architecture ("standard" | "topk" | "jumprelu" | "gated" | "transcoder" |
-                "jumprelu_transcoder"), d_in, d_sae, dtype, device, apply_b_dec_to_input,
+                "jumprelu_transcoder"; a training checkpoint, TrainingSAE.save_model, may also say
+                "batchtopk" | "matryoshka_batchtopk"), d_in, d_sae, dtype, device, apply_b_dec_to_input,
                 normalize_activations ("none" | "expected_average_only_in" | "constant_norm_rescale"
-                | "layer_norm"), reshape_activations ("none" | "hook_z"), k and
-                rescale_acts_by_decoder_norm (topk), d_out (transcoders), and `metadata`
+                | "layer_norm" | "covariance_whitening"), reshape_activations ("none" | "hook_z"), k and
+                rescale_acts_by_decoder_norm (topk and its training subclasses), d_out (transcoders), and `metadata`
                 (sae_lens_version, model_name, hook_name, hook_head_index, prepend_bos, ...).
                 Before v6 the metadata fields sat at the top level (with hook_layer,
                 activation_fn_str, activation_fn_kwargs={"k": k} for TopK).
   weights       W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_out], b_enc [d_sae];
-                threshold [d_sae] (jumprelu); gated has b_gate, b_mag, r_mag instead of b_enc.
+                threshold [d_sae] (jumprelu); topk_threshold [] (batchtopk training checkpoints);
+                gated has b_gate, b_mag, r_mag instead of b_enc.
 
 SAELens forward (sae_lens/saes/*.py), with s = x - b_dec·[apply_b_dec_to_input]:
   standard  f = relu(s W_enc + b_enc)
@@ -26,19 +28,36 @@ apply_b_dec_to_input=False and normalize_activations="none" (scales are folded),
 folds SAELens's variants into that form:
   apply_b_dec_to_input:  b_enc ← b_enc − b_dec W_enc  (gated: b_gate likewise, b_mag ← b_mag − (b_dec W_enc) ⊙ exp(r_mag))
   rescale_acts_by_decoder_norm:  W_enc ← W_enc·n, b_enc ← b_enc·n, W_dec ← W_dec / n  (n = ‖W_dec_i‖)
+                 (for "topk" and for the training checkpoints "batchtopk" / "matryoshka_batchtopk",
+                 whose rescale flag defaults to true; this is SAELens's own fold when it saves the
+                 inference model, TopKTrainingSAE.process_state_dict_for_saving_inference)
   jumprelu:  threshold ← max(threshold, 0)  (makes our h·1[h > θ] equal relu(h)·1[h > θ])
+  batchtopk / matryoshka_batchtopk training checkpoints:  threshold ← topk_threshold (one scalar, in
+                 units of the rescaled h·n, so it is unchanged by the fold), run as JumpReLU.
 BatchTopK and Matryoshka-BatchTopK run as JumpReLU at inference, so they export as "jumprelu"
-(what SAELens itself does); our full config rides along in metadata["featureatlas"], so
-export → import restores the original architecture and weights bit for bit.
+(what SAELens itself does); our full config rides along in metadata["featureatlas"] and a digest
+of the weights in metadata["featureatlas_weights_sha256"], so export → import restores the original
+architecture and weights bit for bit. When SAELens loaded, edited and re-saved the directory (a
+new `k`, another threshold, another hook), the fields that decide the forward pass (see
+`_cfg_mismatches`) or the weight digest no longer agree with that embedded config, and the
+directory is read as a plain SAELens SAE instead, so the edit is what gets imported.
+
+JumpReLU sign: SAELens computes relu(h)·1[h > θ], we compute h·1[h > θ]; the two agree exactly
+when θ ≥ 0. Our training keeps θ > 0 (exp of a log for JumpReLU, a batch threshold ≥ 0 for
+BatchTopK); a hand-made SAE with a negative θ would give negative codes here and ReLU'd ones in
+SAELens, so its export is refused (SAELensFormatError) rather than written with another meaning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from featureatlas.activation_store.errors import FeatureAtlasError
+from featureatlas.activation_store.runs import publish_files, published
 from featureatlas.saes.config import SAEConfig
 from featureatlas.saes.io import load_sae
 from featureatlas.saes.sae import SAE, inference_mode, param_names, sae_from_params
@@ -60,7 +79,7 @@ _TL_HOOKS = {
 _FROM_TL = {v.split(".", 2)[2]: k for k, v in _TL_HOOKS.items()}  # "hook_resid_pre" -> "resid_pre"
 
 
-class SAELensFormatError(ValueError):
+class SAELensFormatError(FeatureAtlasError, ValueError):
     """A SAELens directory we cannot represent exactly; the message says why and what to do."""
 
 
@@ -95,28 +114,26 @@ def _saelens_architecture(config: SAEConfig) -> str:
     return {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}[mode]
 
 
-def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
-    """Write `sae` (or the SAE saved in a directory) as a SAELens directory; returns out_dir."""
-    sae = load_sae(sae_or_dir) if isinstance(sae_or_dir, (str, Path)) else sae_or_dir
-    c = sae.config
-    arch = _saelens_architecture(c)
-    hook_name, hook_layer = to_transformerlens_hook(c.hook_in)
+def _saelens_cfg(config: SAEConfig) -> dict:
+    """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
+    arch = _saelens_architecture(config)
+    hook_name, hook_layer = to_transformerlens_hook(config.hook_in)
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
-        "model_name": c.model_id,
+        "model_name": config.model_id,
         "hook_name": hook_name,
         "hook_head_index": None,
         "prepend_bos": True,
         "exclude_special_tokens": True,  # our stores train without BOS
         "dataset_path": "",
         "neuronpedia_id": None,
-        "featureatlas": c.to_dict(),
+        "featureatlas": config.to_dict(),
     }
     cfg = {
         "architecture": arch,
-        "d_in": c.d_in,
-        "d_sae": c.width,
+        "d_in": config.d_in,
+        "d_sae": config.width,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": False,
@@ -124,7 +141,7 @@ def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
         "reshape_activations": "none",
         "metadata": metadata,
         # Pre-6 readers (and tools such as SAEBench / SAEDashboard) look for these at the top level.
-        "model_name": c.model_id,
+        "model_name": config.model_id,
         "hook_name": hook_name,
         "hook_layer": hook_layer if hook_layer is not None else 0,
         "hook_head_index": None,
@@ -133,25 +150,65 @@ def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
         "prepend_bos": True,
     }
     if arch == "topk":
-        cfg["k"] = int(c.k)
+        cfg["k"] = int(config.k)
         cfg["rescale_acts_by_decoder_norm"] = False
-        cfg["activation_fn_kwargs"] = {"k": int(c.k)}
-    if c.is_transcoder:
-        hook_out, layer_out = to_transformerlens_hook(c.hook_out)
-        cfg["d_out"] = c.d_out
+        cfg["activation_fn_kwargs"] = {"k": int(config.k)}
+    if config.is_transcoder:
+        hook_out, layer_out = to_transformerlens_hook(config.hook_out)
+        cfg["d_out"] = config.d_out
         metadata["hook_name_out"] = hook_out
         metadata["hook_layer_out"] = layer_out
         cfg["hook_name_out"] = hook_out
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def _weights_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over (name, shape, float32 little-endian bytes) of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name], dtype="<f4"))
+        h.update(f"{name}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _check_jumprelu_sign(sae: SAE) -> None:
+    """Refuse a JumpReLU whose codes SAELens would compute differently (a negative threshold)."""
+    if inference_mode(sae.config) != "jumprelu":
+        return
+    theta_F = np.asarray(sae.params["threshold"])
+    neg = int(np.sum(theta_F < 0))
+    if neg:
+        raise SAELensFormatError(
+            f"{neg} of {theta_F.size} JumpReLU thresholds are negative (min {float(theta_F.min()):.4g}): featureatlas "
+            "encodes those latents as h·1[h > θ], which can be negative, while SAELens computes relu(h)·1[h > θ], "
+            "so the exported SAE would mean something else. Set the thresholds to max(θ, 0) first "
+            "(sae.params['threshold'] = jnp.maximum(sae.params['threshold'], 0): the codes then become "
+            "relu(h) for those latents, in featureatlas and SAELens alike) and export again."
+        )
+
+
+def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
+    """Write `sae` (or the SAE saved in a directory) as a SAELens directory; returns out_dir.
+
+    Raises SAELensFormatError, before anything is written, for an SAE that SAELens cannot run with
+    the same meaning (a transcoder SAELens has no class for, a JumpReLU with a negative threshold).
+    """
+    sae = load_sae(sae_or_dir) if isinstance(sae_or_dir, (str, Path)) else sae_or_dir
+    cfg = _saelens_cfg(sae.config)
+    _check_jumprelu_sign(sae)
     tensors = {n: np.ascontiguousarray(np.asarray(v, np.float32)) for n, v in sae.params.items()}
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    cfg["metadata"]["featureatlas_weights_sha256"] = _weights_digest(tensors)
+    out = Path(out_dir)
+    # Both files appear together (never new weights beside an old cfg.json).
+    publish_files(out, {WEIGHTS_FILE: lambda p: save_file(tensors, str(p)), CFG_FILE: json.dumps(cfg, indent=2)})
     return out
 
 
 def _read_dir(path: Path) -> tuple[dict, dict]:
     cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
+    if path.is_dir():
+        published(path)  # completes an export that a crash interrupted
     if not cfile.exists():
         raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
     if not wfile.exists():
@@ -161,15 +218,62 @@ def _read_dir(path: Path) -> tuple[dict, dict]:
     return cfg, weights
 
 
+# Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
+# (metadata), with the value SAELens assumes when a field is absent.
+_TOP_FIELDS = {
+    "architecture": "standard",
+    "d_in": None,
+    "d_sae": None,
+    "d_out": None,
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "reshape_activations": "none",
+    "k": None,
+    "rescale_acts_by_decoder_norm": False,
+}
+_META_FIELDS = ("hook_name", "hook_name_out", "model_name")
+
+
+def _cfg_mismatches(found: dict, expected: dict) -> list[str]:
+    """`field: found != expected` for every deciding field where a cfg.json differs from `expected`
+    (what our export of the embedded config writes); fields `expected` lacks are compared only
+    when `found` sets them to something other than SAELens's default."""
+    out = []
+    for key, default in _TOP_FIELDS.items():
+        if key not in expected and found.get(key, default) == default:
+            continue
+        a, b = found.get(key, default), expected.get(key, default)
+        if a != b:
+            out.append(f"{key}: {a!r} != {b!r}")
+    meta_f, meta_e = found.get("metadata") or {}, expected.get("metadata") or {}
+    for key in _META_FIELDS:
+        if meta_f.get(key) != meta_e.get(key):
+            out.append(f"metadata.{key}: {meta_f.get(key)!r} != {meta_e.get(key)!r}")
+    return out
+
+
 def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
-    """Our own export: rebuild the exact config when the weights are untouched (same names)."""
-    ours = (cfg.get("metadata") or {}).get("featureatlas")
+    """Our own export, untouched: rebuild its exact config. None (read it as a plain SAELens SAE)
+    when any deciding field of cfg.json or the weights differ from what that export wrote, e.g.
+    after SAELens loaded the directory, changed `k` or a threshold, and saved it again."""
+    meta = cfg.get("metadata") or {}
+    ours = meta.get("featureatlas")
     if not ours:
         return None
-    config = SAEConfig.from_dict(ours)
-    if set(param_names(config)) != set(weights) or cfg.get("apply_b_dec_to_input", True):
+    try:
+        config = SAEConfig.from_dict(ours)
+    except ValueError:  # written by a version with other config fields: read the plain SAELens form
         return None
-    if config.width != cfg.get("d_sae") or config.d_in != cfg.get("d_in"):
+    if set(param_names(config)) != set(weights):
+        return None
+    try:
+        expected = _saelens_cfg(config)
+    except SAELensFormatError:
+        return None
+    if _cfg_mismatches(cfg, expected):
+        return None
+    digest = meta.get("featureatlas_weights_sha256")
+    if digest is not None and digest != _weights_digest(weights):
         return None
     return sae_from_params(config, weights)
 
@@ -183,7 +287,10 @@ def _our_architecture(cfg: dict) -> tuple[str, bool]:
         "standard": ("relu", False),
         "topk": ("topk", False),
         "jumprelu": ("jumprelu", False),
-        "batchtopk": ("jumprelu", False),  # BatchTopK runs as JumpReLU at inference
+        # BatchTopK runs as JumpReLU at inference; these two names only occur in SAELens training
+        # checkpoints (TrainingSAE.save_model), whose inference form SAELens saves as "jumprelu".
+        "batchtopk": ("jumprelu", False),
+        "matryoshka_batchtopk": ("jumprelu", False),
         "gated": ("gated", False),
         "transcoder": ("relu", True),
         "jumprelu_transcoder": ("jumprelu", True),
@@ -193,6 +300,23 @@ def _our_architecture(cfg: dict) -> tuple[str, bool]:
             f"SAELens architecture {arch!r} is not supported; supported: {', '.join(sorted(table))}"
         )
     return table[arch]
+
+
+# SAELens architectures whose encoder may scale h by the decoder row norms (TopK and its training
+# subclasses; the flag defaults to true in TopKTrainingSAEConfig and so in BatchTopK / Matryoshka).
+_RESCALED_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def _fold_decoder_norm(params: dict) -> dict:
+    """W_enc·n, b_enc·n, W_dec / n with n = max(‖W_dec_i‖, 1e-8), as SAELens's fold_W_dec_norm: the
+    codes become h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec)
+    is unchanged, so the saved SAE needs no rescale at run time."""
+    n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
+    return {
+        "W_enc": params["W_enc"] * n_F[None, :],
+        "b_enc": params["b_enc"] * n_F,
+        "W_dec": params["W_dec"] / n_F[:, None],
+    }
 
 
 def import_saelens(path: str | Path) -> SAE:
@@ -251,12 +375,14 @@ def import_saelens(path: str | Path) -> SAE:
         else:
             raise SAELensFormatError(f"{path}: a jumprelu SAE needs a 'threshold' tensor; found {sorted(w)}")
         params["threshold"] = np.maximum(threshold, 0).astype(np.float32)
-    k = int(cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 32)))
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        n_F = np.linalg.norm(W_dec, axis=1)
-        params["W_enc"] = W_enc * n_F[None, :]
-        params["b_enc"] = params["b_enc"] * n_F
-        params["W_dec"] = W_dec / n_F[:, None]
+    k = max(1, round(float(cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 32)))))
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        if cfg.get("architecture") not in _RESCALED_ARCHITECTURES and arch != "topk":
+            raise SAELensFormatError(
+                f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
+                f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote"
+            )
+        params.update(_fold_decoder_norm(params))
 
     hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
     hook_out_tl = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""
