@@ -304,11 +304,17 @@ def ensemble_raw_prompt(record, cfg=None):
     return build_prompt(record, "ensemble-raw", cfg)[0]
 
 
-def concat_descriptions(texts: Mapping[str, str]) -> str | None:
-    """ensemble-concat: the separate descriptions joined in CONCAT_PARTS order, as
-    'Input: <maxact> Output: <vocabproj> <tokenchange>'; None when there is none."""
-    inp = [texts[m] for m in ("maxact",) if texts.get(m)]
-    out = [texts[m] for m in ("vocabproj", "tokenchange") if texts.get(m)]
+def _sentence(text: str) -> str:
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def concat_descriptions(texts: Mapping[str, str | None]) -> str | None:
+    """ensemble-concat: the separate descriptions joined in CONCAT_PARTS order, each ending in a full stop,
+    as 'Input: <maxact>. Output: <vocabproj>. <tokenchange>.'; None when there is none."""
+    inp = [_sentence(texts[m]) for m in ("maxact",) if texts.get(m)]
+    out = [_sentence(texts[m]) for m in ("vocabproj", "tokenchange") if texts.get(m)]
     parts = ([f"Input: {' '.join(inp)}"] if inp else []) + ([f"Output: {' '.join(out)}"] if out else [])
     return " ".join(parts) or None
 
