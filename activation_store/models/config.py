@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from featureatlas.activation_store.errors import ConfigError
+
 HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
 """The hook sites of every layer L (named `<kind>.L`), in the order one block computes them
 (transformer.py `block`). The one list of hook kinds: everything that names, validates or orders
@@ -46,3 +48,12 @@ class ModelConfig:
 
     def hook_names(self) -> tuple[str, ...]:
         return tuple(f"{kind}.{layer}" for layer in range(self.n_layers) for kind in HOOK_KINDS)
+
+    def check_hook(self, hook: str, model_id: str = "this model") -> tuple[str, int]:
+        """(kind, layer) of a valid hook name, else ConfigError listing the valid ones (no weights needed)."""
+        kind, _, layer = hook.rpartition(".") if isinstance(hook, str) else ("", "", "")
+        if kind not in HOOK_KINDS or not layer.isdigit() or int(layer) >= self.n_layers or layer != str(int(layer)):
+            last = self.n_layers - 1
+            valid = ", ".join(f"{k}.0-{last}" if last else f"{k}.0" for k in HOOK_KINDS)
+            raise ConfigError(f"unknown hook {hook!r} for {model_id}; valid hooks: {valid}")
+        return kind, int(layer)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from collections import OrderedDict
 
 import jax
@@ -59,14 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import transformer
-from .config import HOOK_KINDS, ModelConfig
+from .config import ModelConfig
 from .edits import Edit
 from .generate import GenPlan, Sampling, generate_core
 
 # SmolLM2-Instruct's chat template adds this system turn when the conversation has none.
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-_HOOK_RE = re.compile(r"^([a-z_]+)\.(\d+)$")
 _MAX_COMPILED = 64  # compiled variants kept per model (LRU): bounds memory if callers make fresh replace-fns
 
 
@@ -95,7 +93,6 @@ class LanguageModel:
         self.weights_hash = weights_hash
         self.chat_system_prompt = chat_system_prompt
         self.hook_names: tuple[str, ...] = config.hook_names()
-        self._hook_set = frozenset(self.hook_names)
         self._compiled: OrderedDict = OrderedDict()
         self._W_U = None
 
@@ -134,13 +131,8 @@ class LanguageModel:
     # ---- hooks --------------------------------------------------------------------------
 
     def check_hook(self, hook: str) -> tuple[str, int]:
-        """(kind, layer) of a valid hook name, else ValueError listing the valid ones."""
-        m = _HOOK_RE.match(hook) if isinstance(hook, str) else None
-        if m is None or hook not in self._hook_set:
-            last = self.config.n_layers - 1
-            valid = ", ".join(f"{k}.0-{last}" if last else f"{k}.0" for k in HOOK_KINDS)
-            raise ValueError(f"unknown hook {hook!r} for {self.model_id}; valid hooks: {valid}")
-        return m.group(1), int(m.group(2))
+        """(kind, layer) of a valid hook name, else ConfigError (a ValueError) listing the valid ones."""
+        return self.config.check_hook(hook, self.model_id)
 
     def hook_dim(self, hook: str) -> int:
         kind, _ = self.check_hook(hook)

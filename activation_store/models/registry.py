@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from .gguf_loader import CorruptModelError, read_gguf
-from .hf import read_hf_dir
+from featureatlas.activation_store.errors import FeatureAtlasError
+
+from .config import ModelConfig
+from .gguf_loader import CorruptModelError, _open_reader, read_config, read_gguf
+from .hf import config_from_hf, read_hf_dir
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,19 @@ PATH_FORMS = ("a path to a .gguf file (llama-family architecture)",
               "(model_type llama, mistral, qwen2 or gpt2)")
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FeatureAtlasError, ValueError):
     pass
 
 
-class ModelNotInstalledError(FileNotFoundError):
+class ModelNotInstalledError(FeatureAtlasError, FileNotFoundError):
     pass
 
 
-class ChecksumError(ValueError):
+class ModelNotFoundError(FeatureAtlasError, FileNotFoundError):
+    pass
+
+
+class ChecksumError(FeatureAtlasError, ValueError):
     pass
 
 
@@ -108,30 +116,46 @@ def _unknown(name) -> UnknownModelError:
     return UnknownModelError(f"unknown model {name!r}. Known names:\n{known}\nor pass\n{forms}")
 
 
+def _resolve(name_or_path) -> tuple[str, Path, str]:
+    """(kind, weights path, model id) with kind "registered", "hf" or "gguf"; the load errors otherwise."""
+    key = str(name_or_path)
+    if key.lower() in KNOWN_MODELS:
+        return "registered", locate(key.lower()), key.lower()
+    path = Path(os.path.expanduser(key))
+    if path.is_dir():
+        return "hf", path, str(path.resolve())
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path, str(path.resolve())
+    if not path.is_file() and (os.sep in key or key.endswith(".gguf")):
+        raise ModelNotFoundError(f"no such model file or directory: {key}")
+    raise _unknown(key)
+
+
+def load_config(name_or_path) -> ModelConfig | None:
+    """The ModelConfig of a model without reading its weights (GGUF metadata or config.json), so that
+    arguments can be checked before the load; None when a HF directory has no config.json (the load
+    then says what is missing). Raises the same errors as `load_model` for unknown names or paths."""
+    kind, path, _ = _resolve(name_or_path)
+    if kind == "hf":
+        cfg_file = path / "config.json"
+        return config_from_hf(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+    return read_config(_open_reader(os.fspath(path)))
+
+
 def load_model(name_or_path, *, dtype=jnp.float32):
     """Load a LanguageModel by registered name, .gguf path or HF directory (see module docstring)."""
     from .lm import LanguageModel
 
-    key = str(name_or_path)
-    if key.lower() in KNOWN_MODELS:
-        name = key.lower()
-        path = locate(name)
-        sha = verify_sha256(path, KNOWN_MODELS[name].sha256, install_command(KNOWN_MODELS[name]).replace(
+    kind, path, model_id = _resolve(name_or_path)
+    if kind == "registered":
+        sha = verify_sha256(path, KNOWN_MODELS[model_id].sha256, install_command(KNOWN_MODELS[model_id]).replace(
             "--no-deps", "--no-deps --force-reinstall"))
-        contents, model_id = read_gguf(path), name
+        contents = read_gguf(path)
+    elif kind == "hf":
+        contents = read_hf_dir(path)
+        sha = _combined_sha256(contents.files)
     else:
-        path = Path(os.path.expanduser(key))
-        if path.is_dir():
-            contents, model_id = read_hf_dir(path), str(path.resolve())
-            sha = _combined_sha256(contents.files)
-        elif path.is_file() and path.suffix == ".gguf":
-            contents, model_id, sha = read_gguf(path), str(path.resolve()), file_sha256(path)
-        elif path.is_file():
-            raise _unknown(key)
-        elif os.sep in key or key.endswith(".gguf"):
-            raise FileNotFoundError(f"no such model file or directory: {key}")
-        else:
-            raise _unknown(key)
+        contents, sha = read_gguf(path), file_sha256(path)
     lm = LanguageModel.from_hf_tensors(contents.config, contents.tensors, contents.tokenizer, model_id, sha)
     if jnp.dtype(dtype) != jnp.float32:
         lm.params = jax.tree.map(lambda a: a.astype(dtype), lm.params)
@@ -146,5 +170,5 @@ def _combined_sha256(files) -> str:
     return h.hexdigest()
 
 
-__all__ = ["load_model", "locate", "file_sha256", "verify_sha256", "KNOWN_MODELS", "UnknownModelError",
-           "ModelNotInstalledError", "ChecksumError", "CorruptModelError"]
+__all__ = ["load_model", "load_config", "locate", "file_sha256", "verify_sha256", "KNOWN_MODELS", "UnknownModelError",
+           "ModelNotInstalledError", "ModelNotFoundError", "ChecksumError", "CorruptModelError"]
