@@ -290,7 +290,7 @@ def _template_part(record: Mapping[str, Any], method: str, n: int) -> str | None
             return None
         text = "fires on " + ", ".join(show_token(t) for t, _ in _ranked(t for t, _ in peaks)[:n])
         prev = _ranked(p for _, p in peaks if p is not None)
-        if len(peaks) >= 2 and prev and 2 * prev[0][1] >= len(peaks):
+        if prev and prev[0][1] >= 2 and 2 * prev[0][1] >= len(peaks):
             text += f" (often after {show_token(prev[0][0])})"
         return text
     if method == "vocabproj":
@@ -810,7 +810,7 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in P.METHODS]
     if bad or not methods:
-        raise ConfigError(f"unknown description method {bad[0] if bad else '(none given)'}; choose from "
+        raise ConfigError(f"unknown description method {bad[0] if bad else '(none given)'!r}; choose from "
                           f"{', '.join(P.METHODS)}")
     if "ensemble-concat" in methods:
         methods = methods + list(P.CONCAT_PARTS)
@@ -897,6 +897,9 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
                 new[i].append(_described(explainer, "ensemble-concat", sample, text,
                                          {"from": [m for m in P.CONCAT_PARTS if m in texts]}) if text else
                               _failed(explainer, "ensemble-concat", sample, "no separate description to join"))
+    order = {m: j for j, m in enumerate(P.METHODS)}
+    for add in new:  # per sample in method order, the concat entries (which need every sample's parts) last
+        add.sort(key=lambda d: (d["method"] == "ensemble-concat", d["sample"], order[d["method"]]))
     n_new = sum(len(x) for x in new)
     n_fail = sum(is_failed(d) for x in new for d in x)
     if n_new:
