@@ -453,10 +453,22 @@ def test_page_in_headless_chromium(built, tmp_path):
     run_chromium(chrome, url + "#f=sae-topk%2F0", tmp_path, f"--screenshot={shot}", "--window-size=1280,1600")
     assert shot.exists() and shot.stat().st_size > 10_000
 
-    # The list view: live and dead features apart, one page of rows.
-    dom = run_chromium(chrome, url, tmp_path, "--dump-dom")
-    s = scan(dom)
-    assert s.title == TITLE
-    rows = [a["data-id"] for t, a in s.attrs if t == "tr" and "data-id" in a]
+    # The list view: live and dead features apart, one page of rows; search, filters, sort and paging
+    # (the list's state is in the hash, so a URL drives it).
+    def list_rows(fragment=""):
+        dom = run_chromium(chrome, url + fragment, tmp_path, "--dump-dom")
+        s = scan(dom)
+        assert s.title == TITLE
+        return [a["data-id"] for t, a in s.attrs if t == "tr" and "data-id" in a], dom
+
+    rows, dom = list_rows()
     assert rows == ["sae-topk/0", "sae-topk/2"]
-    assert "Live features (2)" in dom and "Dead features (1)" in dom
+    assert "Live features (2)" in dom and "Dead features (1)" in dom and "page 1 of 1" in dom
+    assert list_rows("#list?tab=dead")[0] == ["sae-topk/1"]
+    assert list_rows("#list?q=ampersands")[0] == ["sae-topk/2"]  # description text search
+    assert list_rows("#list?q=CAT%20words")[0] == ["sae-topk/0"]  # all terms, any description, any case
+    assert list_rows("#list?sort=-x")[0] == ["sae-topk/2", "sae-topk/0"]
+    assert list_rows("#list?den0=1.3")[0] == []  # density in percent
+    assert list_rows("#list?den0=1&den1=1.3&max0=7.5&max1=8&sm=detection&s0=0.7&s1=0.8")[0] == rows
+    rows, dom = list_rows("#list?n=1&page=2")
+    assert rows == ["sae-topk/2"] and "page 2 of 2" in dom

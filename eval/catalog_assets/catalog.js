@@ -128,10 +128,56 @@
       try { id = decodeURIComponent(h.slice(3)); } catch (e) { id = h.slice(3); }
       showFeature(id);
     } else {
+      if (h.indexOf("#list?") === 0 && applyListParams(h.slice(6))) S.listNode = null;
       showList();
     }
   }
   window.addEventListener("hashchange", route);
+
+  /* The list's state lives in the hash (#list?q=cat&tab=dead&sort=-max&page=2...), so links and the back
+     button keep it. Written with history.replaceState: typing does not add history entries. */
+  var PARAMS = { q: "q", dict: "dict", denMin: "den0", denMax: "den1", maxMin: "max0", maxMax: "max1",
+                 scoreMethod: "sm", scoreMin: "s0", scoreMax: "s1" };
+  function listHash() {
+    var p = [];
+    Object.keys(PARAMS).forEach(function (k) {
+      if (S.f[k] !== "" && !(k === "scoreMethod" && S.f[k] === defaultScoreMethod())) {
+        p.push(PARAMS[k] + "=" + encodeURIComponent(S.f[k]));
+      }
+    });
+    if (S.tab !== "live") p.push("tab=" + S.tab);
+    if (S.sortKey !== "x" || S.sortDir !== 1) p.push("sort=" + (S.sortDir < 0 ? "-" : "") + S.sortKey);
+    if (S.page) p.push("page=" + (S.page + 1));
+    if (S.pageSize !== 50) p.push("n=" + S.pageSize);
+    return "#list" + (p.length ? "?" + p.join("&") : "");
+  }
+  function defaultScoreMethod() { return (S.meta.score_methods || [])[0] || ""; }
+  function saveListState() {
+    var h = listHash();
+    if (h === location.hash || (h === "#list" && (location.hash === "" || location.hash === "#"))) return;
+    try { history.replaceState(null, "", h); } catch (e) { /* some file:// setups refuse: state stays in memory */ }
+  }
+  function applyListParams(query) {
+    var before = listHash();
+    var f = { q: "", dict: "", denMin: "", denMax: "", maxMin: "", maxMax: "", scoreMethod: defaultScoreMethod(),
+              scoreMin: "", scoreMax: "" };
+    var tab = "live", sortKey = "x", sortDir = 1, page = 0, size = 50;
+    query.split("&").forEach(function (kv) {
+      var i = kv.indexOf("="), k = i < 0 ? kv : kv.slice(0, i), v = "";
+      try { v = i < 0 ? "" : decodeURIComponent(kv.slice(i + 1).replace(/\+/g, " ")); } catch (e) { return; }
+      Object.keys(PARAMS).forEach(function (name) { if (PARAMS[name] === k) f[name] = v; });
+      if (k === "tab" && (v === "live" || v === "dead")) tab = v;
+      if (k === "sort" && v) {
+        var key = v.replace(/^-/, "");
+        if (COLUMNS.some(function (c) { return c.key === key; })) { sortKey = key; sortDir = v[0] === "-" ? -1 : 1; }
+      }
+      if (k === "page") page = Math.max(0, (parseInt(v, 10) || 1) - 1);
+      if (k === "n") size = Math.min(1000, Math.max(1, parseInt(v, 10) || 50));
+    });
+    S.f = f; S.tab = tab; S.sortKey = sortKey; S.sortDir = sortDir; S.page = page; S.pageSize = size;
+    S.filtered = null;
+    return listHash() !== before || !S.listNode;
+  }
 
   // ------------------------------------------------------------------------------------------
   // List view
@@ -273,7 +319,9 @@
     box.appendChild(el("label", null, ["score \u2265", numInput("scoreMin", "min")]));
     box.appendChild(el("label", null, ["score \u2264", numInput("scoreMax", "max")]));
     var sizeSel = el("select", { id: "page-size" });
-    PAGE_SIZES.forEach(function (n) { sizeSel.appendChild(el("option", { value: n, text: n + " per page" })); });
+    PAGE_SIZES.concat(PAGE_SIZES.indexOf(S.pageSize) < 0 ? [S.pageSize] : []).forEach(function (n) {
+      sizeSel.appendChild(el("option", { value: n, text: n + " per page" }));
+    });
     sizeSel.value = String(S.pageSize);
     sizeSel.addEventListener("change", function () { S.pageSize = +sizeSel.value; S.page = 0; renderRows(); });
     box.appendChild(el("label", null, ["rows", sizeSel]));
@@ -314,6 +362,7 @@
     pager.appendChild(el("span", { text: "page " + (S.page + 1) + " of " + nPages }));
     pager.appendChild(el("button", { text: "next \u2192", disabled: S.page >= nPages - 1 ? "" : null,
       onclick: function () { S.page++; renderRows(); } }));
+    saveListState();
   }
 
   // ------------------------------------------------------------------------------------------
@@ -344,7 +393,7 @@
     var dict = S.dicts[rec.dictionary] || {};
     var prev = S.rows[row.pos - 1], next = S.rows[row.pos + 1];
     root.appendChild(el("div", { cls: "crumbs" }, [
-      el("a", { href: "#", text: "\u2190 all features" }),
+      el("a", { href: listHash(), text: "\u2190 all features" }),
       prev ? el("a", { href: featureHref(prev.id), text: "\u2039 " + prev.id }) : null,
       next ? el("a", { href: featureHref(next.id), text: next.id + " \u203a" }) : null
     ]));
