@@ -4,11 +4,12 @@
 """
 from featureatlas.activation_store.corpus import CorpusConfig, CorpusError, PackedCorpus, build_corpus
 from featureatlas.activation_store.harvest import Float16OverflowError, HarvestConfig, HarvestError, HarvestResult, harvest
+from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.store import (ActivationStore, StoreCorruptedError, StoreError, StoreMismatchError,
-                                    write_store)
+                                                 write_store)
 
 __all__ = [
     "ActivationStore", "CorpusConfig", "CorpusError", "Float16OverflowError", "HarvestConfig", "HarvestError",
-    "HarvestResult", "PackedCorpus", "StoreCorruptedError", "StoreError", "StoreMismatchError", "build_corpus",
-    "harvest", "write_store",
+    "HarvestResult", "PackedCorpus", "Prefetcher", "StoreCorruptedError", "StoreError", "StoreMismatchError",
+    "build_corpus", "harvest", "write_store",
 ]

@@ -20,7 +20,6 @@ with the pad id and `n_valid` records the context's real length (BOS included).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -30,35 +29,43 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from featureatlas.activation_store.configs import Config, setting
+from featureatlas.activation_store.errors import FeatureAtlasError
+
 BBC_NAMES = ("bbc", "bbcnews", "bbc-news")
+# The shipped BBC corpus has one file that is not UTF-8 (a bare Latin-1 0xA3 pound sign); it alone
+# is read with this fallback. User corpora must be UTF-8.
+BBC_FALLBACK_ENCODING = "latin-1"
 
 
-class CorpusError(ValueError):
+class CorpusError(FeatureAtlasError, ValueError):
     """A corpus that cannot be read or packed as asked."""
 
 
 @dataclass(frozen=True)
-class CorpusConfig:
-    """Which text to read and how to pack it.
+class CorpusConfig(Config):
+    """Which text to read and how to pack it."""
 
-    source: "bbc", a directory of .txt files, a .txt file or a .jsonl file.
-    max_documents / max_contexts / max_tokens cap what is kept (None = no cap); max_tokens counts
-    real tokens (BOS included, padding excluded) and keeps the longest prefix of contexts within it.
-    """
-
-    source: str = "bbc"
-    context_length: int = 128
-    min_tokens: int = 16
-    max_documents: int | None = None
-    max_contexts: int | None = None
-    max_tokens: int | None = None
+    source: str = setting("bbc", flag="--corpus")
+    """'bbc' (BBC News, shipped), a directory of UTF-8 .txt files (sub-directory = label), a .txt file or a .jsonl file"""
+    context_length: int = setting(128, ge=2)
+    """tokens per context, BOS included"""
+    min_tokens: int = setting(16, ge=1)
+    """drop a document's trailing piece shorter than this many tokens"""
+    max_documents: int | None = setting(None, gt=0)
+    """read at most this many documents (after the seeded shuffle); none = all"""
+    max_contexts: int | None = setting(None, gt=0)
+    """keep at most this many contexts; none = all"""
+    max_tokens: int | None = setting(None, gt=0)
+    """keep the longest prefix of contexts within this many real tokens (BOS included, padding excluded); none = the whole corpus, with a notice giving its size and the estimated time"""
     shuffle_documents: bool = True
+    """visit documents in a seeded random order (so a capped harvest mixes labels); --no-shuffle-documents keeps corpus order"""
     seed: int = 0
+    """seed of the document order"""
     text_field: str = "text"
+    """JSONL field holding the text"""
     label_field: str = "label"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    """JSONL field holding the label (optional in each record)"""
 
 
 @dataclass(frozen=True)
@@ -130,17 +137,50 @@ def bbc_root() -> Path:
     return root
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+UTF16_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+              b"\xfe\xff": "UTF-16"}
+
+
+def decode_utf8(data: bytes, path) -> str:
+    """`data` as strict UTF-8 (a UTF-8 byte-order mark is dropped); CorpusError naming the file, line
+    and byte offset otherwise, saying how to convert (text in another encoding would be read as garbage)."""
+    for bom, name in UTF16_BOMS.items():
+        if data.startswith(bom):
+            return _not_utf8(path, f"is {name} text (it starts with a {name} byte-order mark)", name)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        # One BBC file is Latin-1 (a bare 0xA3 pound sign); Latin-1 decodes any byte string.
-        return data.decode("latin-1")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = 1 + data.count(b"\n", 0, err.start)
+        bad = data[err.start:err.start + 1].hex().upper()
+        return _not_utf8(path, f"is not valid UTF-8: byte 0x{bad} at byte offset {err.start} (line {line})", None)
+    if "\x00" in text:
+        offset = data.index(b"\x00")
+        return _not_utf8(path, f"holds NUL bytes (first at byte offset {offset}): it is probably UTF-16 text without "
+                               "a byte-order mark, or a binary file", "UTF-16")
+    return text
 
 
-def read_directory(root: Path) -> Documents:
-    """Every *.txt below root, sorted by relative path; label = first-level sub-directory name."""
+def _not_utf8(path, what: str, encoding: str | None):
+    source = f"-f {encoding} " if encoding else "-f <its encoding, e.g. latin1> "
+    raise CorpusError(f"{path} {what}; corpora are read as UTF-8: convert it first, e.g. "
+                      f"`iconv {source}-t UTF-8 {path} > converted.txt`")
+
+
+def _read_text(path: Path, fallback_encoding: str | None = None) -> str:
+    data = path.read_bytes()
+    if fallback_encoding is not None:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode(fallback_encoding)
+    return decode_utf8(data, path)
+
+
+def read_directory(root: Path, fallback_encoding: str | None = None) -> Documents:
+    """Every *.txt below root, sorted by relative path; label = first-level sub-directory name.
+    Files must be UTF-8 unless a `fallback_encoding` is given (only for the shipped BBC corpus)."""
     files = sorted(p for p in root.rglob("*.txt") if p.is_file())
     if not files:
         raise CorpusError(f"no .txt files under {root}: point --corpus at a directory of .txt files, "
@@ -149,26 +189,27 @@ def read_directory(root: Path) -> Documents:
     label_names = tuple(sorted({r.parts[0] for r in rel if len(r.parts) > 1}))
     index = {name: i for i, name in enumerate(label_names)}
     labels = np.array([index[r.parts[0]] if len(r.parts) > 1 else -1 for r in rel], np.int32)
-    return Documents(tuple(_read_text(p) for p in files), labels, label_names)
+    return Documents(tuple(_read_text(p, fallback_encoding) for p in files), labels, label_names)
 
 
 def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label") -> Documents:
-    """One JSON object per non-blank line; `text_field` is required, `label_field` optional."""
+    """One JSON object per non-blank line; `text_field` is required, `label_field` optional.
+    The file must be UTF-8; an undecodable line or invalid JSON is an error naming file:line."""
     texts, raw_labels = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{line_no} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise CorpusError(f"{path}:{line_no} has no string field {text_field!r}; "
-                                  "set --text-field to the field holding the text")
-            texts.append(record[text_field])
-            value = record.get(label_field)
-            raw_labels.append(None if value is None else str(value))
+    for line_no, line in enumerate(decode_utf8(path.read_bytes(), path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{line_no} is not valid JSON ({err.msg} at column {err.colno}); "
+                              "each line must be one JSON object such as {\"text\": \"...\"}") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise CorpusError(f"{path}:{line_no} has no string field {text_field!r}; "
+                              "set --text-field to the field holding the text")
+        texts.append(record[text_field])
+        value = record.get(label_field)
+        raw_labels.append(None if value is None else str(value))
     if not texts:
         raise CorpusError(f"{path} holds no JSON records: add lines like {{\"{text_field}\": \"...\"}}")
     label_names = tuple(sorted({v for v in raw_labels if v is not None}))
@@ -181,7 +222,7 @@ def read_documents(config: CorpusConfig) -> Documents:
     """Documents named by `config.source`, in their deterministic order."""
     source = config.source
     if source.lower() in BBC_NAMES:
-        return read_directory(bbc_root())
+        return read_directory(bbc_root(), BBC_FALLBACK_ENCODING)
     path = Path(source).expanduser()
     if path.is_dir():
         return read_directory(path)
@@ -257,21 +298,22 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None) -> PackedCorpus:
-    """Read, tokenize (no special tokens; BOS added per context) and pack a corpus."""
-    T = config.context_length
-    if T < 2:
-        raise CorpusError(f"context_length must be at least 2 (BOS + one token), got {T}")
-    if max_ctx is not None and T > max_ctx:
-        raise CorpusError(f"context_length {T} exceeds the model's maximum context {max_ctx}; "
+def check_context_length(config: CorpusConfig, max_ctx: int | None) -> None:
+    """CorpusError unless the contexts fit the model (checked before anything is read or loaded)."""
+    if max_ctx is not None and config.context_length > max_ctx:
+        raise CorpusError(f"context_length {config.context_length} exceeds the model's maximum context {max_ctx}; "
                           f"use --context-length {max_ctx} or less")
-    for name in ("max_documents", "max_contexts", "max_tokens"):
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise CorpusError(f"{name} must be positive, got {value}")
-    if config.min_tokens < 1:
-        raise CorpusError(f"min_tokens must be at least 1, got {config.min_tokens}")
-    documents = read_documents(config)
+
+
+def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None,
+                 documents: Documents | None = None) -> PackedCorpus:
+    """Read (unless `documents` were read already), tokenize (no special tokens; BOS added per
+    context) and pack a corpus."""
+    config.validate()
+    check_context_length(config, max_ctx)
+    T = config.context_length
+    if documents is None:
+        documents = read_documents(config)
     order = document_order(len(documents.texts), config.shuffle_documents, config.seed)
     if config.max_documents is not None:
         order = order[:config.max_documents]

@@ -1,29 +1,42 @@
 """Harvest: run a language model over a packed corpus and write its activations to a store.
 
-Contexts go through the model in fixed batches (`lm.forward(..., capture=hooks, stop_at="capture")`,
-one pass for every hook); a writer thread commits every `commit_contexts` contexts while the model
-computes the next batches. The batch boundaries depend only on the config, and a resumed run starts
-at the committed counter (a multiple of the batch size), so a harvest killed at any point and run
-again produces the same file, byte for byte, as one that was never interrupted.
+Pipeline. The model's forward passes run on a background `Prefetcher` thread, in fixed batches
+(`lm.forward(..., capture=hooks, stop_at="capture")`, one pass for every hook; batch i+1 is
+dispatched before batch i is converted, so the device never idles), and yield each batch's rows in
+the store dtype. The calling thread gathers the rows into blocks of `commit_contexts` contexts and
+commits each block (rows, CRCs, fsync, then the counter: see store_format) while the model computes
+the next batches. The batch boundaries depend only on the config, and a resumed run starts at the
+committed counter (a multiple of the batch size), so a harvest killed at any point and run again
+produces the same file, byte for byte, as one that was never interrupted.
+
+Checks, in order, before anything expensive or on disk happens: the settings (`HarvestConfig.validate`),
+the output path, the hooks and context length against the model's config (read without its weights),
+the corpus text (UTF-8, JSONL syntax), then, holding an exclusive lock on the store so that no other
+harvest writes it meanwhile: the existing store (resumed only if made with the same settings), the free
+disk space, and only then the model load, the skeleton and the commits.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import queue
-import threading
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from featureatlas.activation_store.corpus import CorpusConfig, PackedCorpus, build_corpus
+from featureatlas.activation_store.configs import Config, setting
+from featureatlas.activation_store.corpus import (CorpusConfig, PackedCorpus, build_corpus, check_context_length,
+                                                  read_documents)
+from featureatlas.activation_store.errors import FeatureAtlasError
+from featureatlas.activation_store.prefetch import Prefetcher
+from featureatlas.activation_store.runs import check_output_path
 from featureatlas.activation_store.store import (DTYPES, FLOAT16_MAX, ActivationStore, StoreWriter, check_compatible,
-                                    create_store)
+                                                 check_free_space, create_store, store_lock)
 
 
-class HarvestError(ValueError):
+class HarvestError(FeatureAtlasError, ValueError):
     """A harvest that cannot run as configured."""
 
 
@@ -32,28 +45,41 @@ class Float16OverflowError(HarvestError):
 
 
 @dataclass(frozen=True)
-class HarvestConfig:
-    """What to harvest. `commit_contexts` must be a multiple of `batch_size` (resume keeps batches aligned)."""
+class HarvestConfig(Config):
+    """What to harvest: the settings recorded in the store, which a resumed harvest must repeat."""
 
     model: str = "smollm2-135m"
+    """'smollm2-135m', a .gguf file or a local Hugging Face checkpoint directory"""
     hooks: tuple[str, ...] = ("resid_post.15",)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    dtype: str = "float16"
-    batch_size: int = 16
-    commit_contexts: int = 64
-    val_fraction: float = 0.05
+    """hook names to capture, <kind>.<layer> with kind resid_pre, attn_out, resid_mid, mlp_hidden, mlp_out or resid_post"""
+    corpus: CorpusConfig = setting(default_factory=CorpusConfig, cli=False)
+    """the text and how it is packed into contexts"""
+    dtype: str = setting("float16", choices=DTYPES)
+    """storage dtype of the activations (float32 for models whose activations exceed float16's range)"""
+    batch_size: int = setting(16, gt=0)
+    """contexts per forward pass"""
+    commit_contexts: int = setting(64, gt=0)
+    """contexts per committed chunk, a multiple of --batch-size (a killed harvest redoes at most one chunk)"""
+    val_fraction: float = setting(0.05, ge=0.0, lt=1.0)
+    """fraction of contexts held out for validation (chosen by a hash of the context index)"""
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hooks"] = list(self.hooks)
-        return d
+    def validate(self) -> "HarvestConfig":
+        super().validate()
+        if not self.hooks:
+            raise HarvestError("give at least one hook to capture (e.g. --hooks resid_post.15)")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise HarvestError(f"hooks listed twice: {list(self.hooks)}; give each hook once")
+        if self.commit_contexts % self.batch_size:
+            raise HarvestError(f"commit_contexts ({self.commit_contexts}) must be a multiple of batch_size "
+                               f"({self.batch_size}) so that a resumed run keeps the same batches; "
+                               "change --commit-contexts or --batch-size")
+        return self
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "HarvestConfig":
-        d = dict(d)
-        d["hooks"] = tuple(d.get("hooks", ()))
-        d["corpus"] = CorpusConfig(**d.get("corpus", {}))
-        return cls(**d)
+    def check_model(self, model_config, model_id: str) -> None:
+        """Hooks and context length against the model's config (ConfigError/CorpusError naming the fix)."""
+        for hook in self.hooks:
+            model_config.check_hook(hook, model_id)
+        check_context_length(self.corpus, model_config.max_ctx)
 
 
 @dataclass
@@ -64,29 +90,12 @@ class HarvestResult:
     new_contexts: int = 0
     new_tokens: int = 0
     wall_s: float = 0.0
-    write_s: float = 0.0  # writer thread busy writing/flushing (overlaps compute)
-    stall_s: float = 0.0  # compute thread waiting for the writer
+    write_s: float = 0.0  # committing (overlaps compute)
+    stall_s: float = 0.0  # the forward thread waiting for the committer
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def validate_config(config: HarvestConfig) -> None:
-    if config.dtype not in DTYPES:
-        raise HarvestError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
-    if not config.hooks:
-        raise HarvestError("give at least one hook to capture (e.g. --hooks resid_post.15)")
-    if len(set(config.hooks)) != len(config.hooks):
-        raise HarvestError(f"hooks listed twice: {list(config.hooks)}")
-    if config.batch_size < 1 or config.commit_contexts < 1:
-        raise HarvestError(f"batch_size and commit_contexts must be positive, got {config.batch_size}, "
-                           f"{config.commit_contexts}")
-    if config.commit_contexts % config.batch_size:
-        raise HarvestError(f"commit_contexts ({config.commit_contexts}) must be a multiple of batch_size "
-                           f"({config.batch_size}) so that a resumed run keeps the same batches")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise HarvestError(f"val_fraction must lie in [0, 1), got {config.val_fraction}")
 
 
 def store_identity(lm, config: HarvestConfig, corpus: PackedCorpus) -> dict:
@@ -147,165 +156,182 @@ def to_store_rows(acts_BxTxD, mask_BxT, n_real: int, dtype: str, hook: str, firs
     return a.astype(dtype)
 
 
-class _CommitThread:
-    """Collects per-batch rows into commit blocks and commits them on a background thread."""
+def check_store_path(out: Path) -> None:
+    """HarvestError/RunError unless `out` can be a store file we write (checked before any work)."""
+    if out.is_dir():
+        raise HarvestError(f"--out {out} is a directory; give a file path such as {out / 'store.h5'}")
+    if out.exists() and not out.is_file():
+        raise HarvestError(f"--out {out} exists and is not a regular file; give a path for the store's .h5 file")
+    check_output_path(out.parent, "the folder of --out")
+    if out.exists() and not os.access(out, os.R_OK | os.W_OK):
+        raise HarvestError(f"--out {out} is not writable (permission denied); fix its permissions or choose "
+                           "another --out")
 
-    def __init__(self, writer: StoreWriter, hooks, T: int, n_contexts: int, commit_contexts: int):
-        self.writer, self.hooks, self.T = writer, hooks, T
-        self.n_contexts, self.commit_contexts = n_contexts, commit_contexts
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.write_s = 0.0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        block: dict[str, list[np.ndarray]] = {h: [] for h in self.hooks}
-        block_c0, block_n = None, 0
+def _make_parents(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; the created ones, deepest first."""
+    missing, d = [], directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for d in directories:  # deepest first; stops at the first one something else was put in
         try:
-            while True:
-                item = self.queue.get()
-                if item is None:
-                    return
-                c0, n, rows = item
-                if block_c0 is None:
-                    block_c0 = c0
-                for h in self.hooks:
-                    block[h].append(rows[h])
-                block_n += n
-                c1 = block_c0 + block_n
-                if block_n == self.commit_contexts or c1 == self.n_contexts:
-                    t0 = time.perf_counter()
-                    self.writer.commit(block_c0, c1, {h: np.concatenate(block[h]) for h in self.hooks})
-                    self.write_s += time.perf_counter() - t0
-                    block = {h: [] for h in self.hooks}
-                    block_c0, block_n = None, 0
-        except BaseException as err:
-            self.error = err
-            # Drain so the producer never blocks on a dead consumer.
-            while True:
-                try:
-                    if self.queue.get(timeout=0.5) is None:
-                        return
-                except queue.Empty:
-                    return
-
-    def put(self, item) -> float:
-        """Queue a batch; returns seconds spent waiting for room."""
-        t0 = time.perf_counter()
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.1)
-                return time.perf_counter() - t0
-            except queue.Full:
-                continue
-
-    def finish(self) -> None:
-        """Commit everything queued, then stop; re-raises a writer error."""
-        if self.thread.is_alive():
-            try:
-                self.queue.put(None, timeout=60)
-            except queue.Full:
-                pass
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
+            d.rmdir()
+        except OSError:
+            return
 
 
 def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, progress: bool = True,
-            fsync: bool = True, on_phase=None) -> HarvestResult:
+            fsync: bool = True, on_phase=None, notify: Callable[[str], None] | None = None) -> HarvestResult:
     """Harvest `config.hooks` of `lm` (default: load_model(config.model)) over the corpus into `out`.
 
     An existing store is resumed from its committed counter if it was made with the same settings
     (model, weights, hooks, context length, dtype, corpus, batch/commit sizes, val fraction) and
     refused otherwise; `overwrite=True` replaces it (the old file stays until the new skeleton is
-    complete). Every check runs before the output file is touched. `on_phase(name, commit_index)`
-    is called at "created", "hook_written", "rows_flushed" and "committed" (for crash tests).
+    complete). Every check runs before the output file is touched (see the module docstring); a
+    failed run removes the folders it created. `on_phase(name, commit_index)` is called at
+    "created", "hook_written", "rows_flushed" and "committed" (for crash tests); `notify(line)`
+    receives notices for the user (e.g. when no token cap was given).
     """
-    validate_config(config)
-    if lm is None:
-        from featureatlas.activation_store.models import load_model
-
-        lm = load_model(config.model)
-    elif config.model != lm.model_id:
-        config = dataclasses.replace(config, model=lm.model_id)  # record the model actually used
-    for hook in config.hooks:
-        lm.check_hook(hook)
-    corpus = build_corpus(config.corpus, lm.tokenizer, max_ctx=lm.config.max_ctx)
-    identity = store_identity(lm, config, corpus)
+    config.validate()
     out = Path(out)
-    on_phase = on_phase or (lambda name, index: None)
+    check_store_path(out)
+    if lm is None:
+        from featureatlas.activation_store.models.registry import load_config
 
-    if out.exists() and not overwrite:
-        existing = ActivationStore.open(out)
-        expected = dict(identity)
-        # The model is identified by model_id + weights_hash, not by how it was named on the command line.
-        expected["harvest_config"] = {**identity["harvest_config"], "model": existing.harvest_config.get("model")}
-        check_compatible(existing.attrs, expected, out)
-        if existing.complete:
-            return HarvestResult(existing)
-        existing.close()
+        model_config, model_name = load_config(config.model), config.model
     else:
-        if out.is_dir():
-            raise HarvestError(f"--out {out} is a directory; give a file path such as {out / 'store.h5'}")
-        create_store(out, tokens_NxT=corpus.tokens_NxT, n_valid_N=corpus.n_valid_N, doc_id_N=corpus.doc_id_N,
-                     label_N=corpus.label_N, label_names=corpus.label_names, dims=identity["dims"],
-                     dtype=config.dtype, attrs=identity, commit_contexts=config.commit_contexts,
-                     val_fraction=config.val_fraction, bos_id=lm.tokenizer.bos_id, tokenizer=corpus.tokenizer_name)
-        on_phase("created", -1)
-    writer = StoreWriter(out, fsync=fsync, on_phase=on_phase)
+        model_config, model_name = lm.config, lm.model_id
+    if model_config is not None:
+        config.check_model(model_config, model_name)
+    documents = read_documents(config.corpus)
+    created = _make_parents(out.parent)
     try:
-        result = _run(lm, config, corpus, writer, progress)
-    finally:
-        writer.close()
+        with store_lock(out):
+            existing = ActivationStore.open(out) if out.exists() and not overwrite else None
+            if lm is None:
+                from featureatlas.activation_store.models import load_model
+
+                lm = load_model(config.model)
+            elif config.model != lm.model_id:
+                config = config.replace(model=lm.model_id)  # record the model actually used
+            corpus = build_corpus(config.corpus, lm.tokenizer, max_ctx=lm.config.max_ctx, documents=documents)
+            identity = store_identity(lm, config, corpus)
+            if existing is not None:
+                expected = dict(identity)
+                # The model is identified by model_id + weights_hash, not by how it was named on the command line.
+                expected["harvest_config"] = {**identity["harvest_config"],
+                                              "model": existing.harvest_config.get("model")}
+                check_compatible(existing.attrs, expected, out)
+                existing.close()
+                if existing.complete:
+                    return HarvestResult(existing)
+            start = existing.n_committed if existing is not None else 0
+            row_bytes = sum(identity["dims"].values()) * np.dtype(config.dtype).itemsize * corpus.context_length
+            check_free_space(out, (corpus.n_contexts - start) * row_bytes,
+                             f"harvesting contexts [{start}, {corpus.n_contexts})")
+            if existing is None:
+                create_store(out, tokens_NxT=corpus.tokens_NxT, n_valid_N=corpus.n_valid_N,
+                             doc_id_N=corpus.doc_id_N, label_N=corpus.label_N, label_names=corpus.label_names,
+                             dims=identity["dims"], dtype=config.dtype, attrs=identity,
+                             commit_contexts=config.commit_contexts, val_fraction=config.val_fraction,
+                             bos_id=lm.tokenizer.bos_id, tokenizer=corpus.tokenizer_name)
+                if on_phase is not None:
+                    on_phase("created", -1)
+            writer = StoreWriter(out, fsync=fsync, on_phase=on_phase)
+            try:
+                result = _run(lm, config, corpus, writer, progress, notify)
+            finally:
+                writer.close()
+    except BaseException:
+        _remove_empty(created)
+        raise
     result.store = ActivationStore.open(out)
     return result
 
 
-def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, progress: bool) -> HarvestResult:
-    from tqdm.auto import tqdm
-
+def _forward_rows(lm, config: HarvestConfig, corpus: PackedCorpus, start: int, timing: dict):
+    """(c0, n_real, {hook: rows}) for every batch from context `start` on (runs on the Prefetcher
+    thread). timing["stall_s"] collects the time spent suspended at `yield`, i.e. waiting for room."""
     N, T, B = corpus.n_contexts, corpus.context_length, config.batch_size
-    start = writer.n_committed
     hooks = tuple(config.hooks)
-    done_tokens = int(corpus.n_valid_N[:start].sum())
-    bar = tqdm(total=corpus.n_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {','.join(hooks)}", smoothing=0.1)
-    committer = _CommitThread(writer, hooks, T, N, config.commit_contexts)
-    t_start = time.perf_counter()
-    stall = 0.0
 
     def dispatch(c0):
         tokens, mask, n_real = batch_inputs(corpus, c0, B)
         _, caps = lm.forward(lm.params, tokens, attention_mask_BxT=mask, capture=hooks, stop_at="capture")
         return c0, caps, mask, n_real
 
+    starts = list(range(start, N, B))
+    pending = dispatch(starts[0]) if starts else None
+    for i in range(len(starts)):
+        c0, caps, mask, n_real = pending
+        # Dispatch the next batch before converting this one, so the device is never idle.
+        pending = dispatch(starts[i + 1]) if i + 1 < len(starts) else None
+        rows = {h: to_store_rows(caps[h], mask, n_real, config.dtype, h, c0 * T) for h in hooks}
+        t0 = time.perf_counter()
+        yield c0, n_real, rows
+        timing["stall_s"] += time.perf_counter() - t0
+
+
+RATE_BATCHES = 4  # batches (after the first, which compiles) timed for the whole-corpus estimate
+
+
+def _whole_corpus_notice(corpus: PackedCorpus, remaining_tokens: int, rate: float | None) -> str:
+    eta = f", about {remaining_tokens / rate / 60:.1f} min at the measured {rate:,.0f} tokens/s" if rate else ""
+    return (f"note: no --max-tokens given, so the whole corpus is harvested: {corpus.n_tokens:,} tokens in "
+            f"{corpus.n_contexts:,} contexts ({remaining_tokens:,} to go{eta}); pass --max-tokens N to harvest less")
+
+
+def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, progress: bool,
+         notify: Callable[[str], None] | None) -> HarvestResult:
+    from tqdm.auto import tqdm
+
+    N, T, C = corpus.n_contexts, corpus.context_length, config.commit_contexts
+    start = writer.n_committed
+    hooks = tuple(config.hooks)
+    done_tokens = int(corpus.n_valid_N[:start].sum())
+    remaining = corpus.n_tokens - done_tokens
+    announce = notify if notify is not None and config.corpus.max_tokens is None else None
+    n_batches = -(-(N - start) // config.batch_size)
+    bar = tqdm(total=corpus.n_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {','.join(hooks)}", smoothing=0.1)
+    timing = {"stall_s": 0.0}
+    write_s, t_start, t_first, seen_tokens = 0.0, time.perf_counter(), 0.0, 0
+    block: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    block_c0, block_n = None, 0
     try:
-        starts = list(range(start, N, B))
-        pending = dispatch(starts[0]) if starts else None
-        for i in range(len(starts)):
-            c0, caps, mask, n_real = pending
-            # Dispatch the next batch before converting this one, so the device is never idle.
-            pending = dispatch(starts[i + 1]) if i + 1 < len(starts) else None
-            rows = {h: to_store_rows(caps[h], mask, n_real, config.dtype, h, c0 * T) for h in hooks}
-            stall += committer.put((c0, n_real, rows))
-            bar.update(int(corpus.n_valid_N[c0:c0 + n_real].sum()))
-    except BaseException:
-        # Let complete blocks already queued commit; an in-flight partial block stays invisible.
-        try:
-            committer.finish()
-        except BaseException:
-            pass  # the original error is the one to report
-        finally:
-            bar.close()
-        raise
-    committer.finish()
-    bar.close()
+        with Prefetcher(lambda: _forward_rows(lm, config, corpus, start, timing), depth=2,
+                        name="harvest-forward") as batches:
+            for i, (c0, n_real, rows) in enumerate(batches):
+                tokens = int(corpus.n_valid_N[c0:c0 + n_real].sum())
+                if i == 0:
+                    t_first, first_tokens = time.perf_counter(), tokens  # the first batch also paid for compiling
+                if announce is not None and i == min(RATE_BATCHES, n_batches - 1):
+                    # batches 1..i were produced between the arrivals of batch 0 and batch i
+                    rate = (seen_tokens - first_tokens + tokens) / (time.perf_counter() - t_first) if i else None
+                    announce(_whole_corpus_notice(corpus, remaining, rate))
+                    announce = None
+                seen_tokens += tokens
+                block_c0 = c0 if block_c0 is None else block_c0
+                for h in hooks:
+                    block[h].append(rows[h])
+                block_n += n_real
+                if block_n == C or block_c0 + block_n == N:
+                    t0 = time.perf_counter()
+                    writer.commit(block_c0, block_c0 + block_n, {h: np.concatenate(block[h]) for h in hooks})
+                    write_s += time.perf_counter() - t0
+                    block, block_c0, block_n = {h: [] for h in hooks}, None, 0
+                bar.update(tokens)
+    finally:
+        bar.close()
     wall = time.perf_counter() - t_start
-    return HarvestResult(store=None, new_contexts=N - start, new_tokens=corpus.n_tokens - done_tokens,
-                         wall_s=wall, write_s=committer.write_s, stall_s=stall)
+    return HarvestResult(store=None, new_contexts=N - start, new_tokens=remaining, wall_s=wall, write_s=write_s,
+                         stall_s=timing["stall_s"])
 
 
 def describe(result: HarvestResult) -> str:
