@@ -34,13 +34,15 @@ forward(params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), st
     fast as a bare matmul chain; see scripts/bench_lm.py.
 
 generate(params, prompt_tokens, max_new, *, sampling=Sampling(), edits=(), key=None,
-         stop_at_eos=True, return_logits=False)
+         stop_at_eos=True, return_logits=False, pad_to=8)
   * prompt_tokens: one token list (-> [max_new]) or a list of lists of different lengths
     (-> [B, max_new]); batches are left-padded internally. Include BOS yourself.
   * KV cache; edits apply at every position, prompt and generated. After EOS a row is filled
     with config.pad_id (EOS when there is none).
   * key: a jax PRNG key for sampling (default key(0)); same key, same tokens.
   * return_logits=True also returns logits_[B]xNxV, the distribution each new token came from.
+  * pad_to: the batch is left-padded to a multiple of pad_to tokens; one function is compiled per
+    padded length, so a larger pad_to (e.g. 64) means fewer compiles for prompts of varied lengths.
 
 unembed(x_D or x_NxD) = final_norm(x) @ W_U;  W_U: [D, V];  write_matrix(hook): W_down [d_mlp, D]
 for mlp_hidden.L, None for hooks already in the residual stream.
@@ -186,7 +188,7 @@ class LanguageModel:
     # ---- generation ---------------------------------------------------------------------
 
     def generate(self, params, prompt_tokens, max_new: int, *, sampling: Sampling = Sampling(), edits=(),
-                 key=None, stop_at_eos: bool = True, return_logits: bool = False):
+                 key=None, stop_at_eos: bool = True, return_logits: bool = False, pad_to: int = 8):
         """Tokens generated after each prompt (KV cache; edits at every position); see module docstring."""
         single = _is_flat_token_list(prompt_tokens)
         rows = [list(map(int, prompt_tokens))] if single else [list(map(int, r)) for r in prompt_tokens]
@@ -198,8 +200,10 @@ class LanguageModel:
         if self.config.arch == "gpt2" and longest + max_new > self.config.max_ctx:
             raise ValueError(f"prompt ({longest}) + max_new ({max_new}) exceeds the model's "
                              f"{self.config.max_ctx} learned positions")
-        # Left-pad to a multiple of 8 so prompts of similar length share one compiled function.
-        T0 = -(-longest // 8) * 8
+        if not isinstance(pad_to, int) or pad_to < 1:
+            raise ValueError(f"pad_to must be an integer >= 1, got {pad_to!r}")
+        # Left-pad to a multiple of pad_to so prompts of similar length share one compiled function.
+        T0 = -(-longest // pad_to) * pad_to
         prompt_BxT = np.zeros((len(rows), T0), np.int32)
         mask_BxT = np.zeros((len(rows), T0), np.int32)
         for b, r in enumerate(rows):
