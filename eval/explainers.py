@@ -357,16 +357,22 @@ class LocalExplainer(Explainer):
     """A local chat model (default SmolLM2-135M-Instruct) run with featureatlas's `generate`, offline.
 
     Prompts go through the model's ChatML template; they are sorted by length and generated batch_size at
-    a time (left-padded, one compiled function per padded length). Sample j uses PRNG key fold_in(seed, j).
+    a time, left-padded to a multiple of pad_to tokens. One function is compiled per (batch, padded length)
+    (~17 s for SmolLM2 on 2 cores), so when a call has at least batch_size prompts every batch is filled
+    to batch_size rows (repeating the last prompt), and pad_to is coarse. Sample j uses PRNG key
+    fold_in(seed, j).
     """
 
     backend = "local"
 
     def __init__(self, lm=None, *, model_name: str = "smollm2-135m", batch_size: int = 8, seed: int = 0,
-                 top_logprobs: int = 5, cache: ResponseCache | None = None):
+                 top_logprobs: int = 5, pad_to: int = 64, cache: ResponseCache | None = None):
         super().__init__(cache=cache)
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(pad_to, int) or pad_to < 1:
+            raise ConfigError(f"pad_to must be an integer >= 1, got {pad_to!r}")
+        self.pad_to = pad_to
         self._lm = lm
         self.model_name = model_name
         source = lm.model_id if lm is not None else model_name
@@ -407,11 +413,15 @@ class LocalExplainer(Explainer):
         for sample, idx in sorted(by_sample.items()):
             idx = sorted(idx, key=lambda i: len(rows[i]))
             key = jax.random.fold_in(jax.random.key(self.seed), sample)
+            fill = len(requests) >= self.batch_size  # keep one batch shape across the call
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b:b + self.batch_size]
+                batch_rows = [rows[i] for i in batch]
+                if fill:
+                    batch_rows += [batch_rows[-1]] * (self.batch_size - len(batch))
                 t0 = time.perf_counter()
                 try:
-                    out = lm.generate(lm.params, [rows[i] for i in batch], max_new=max_tokens,
+                    out = lm.generate(lm.params, batch_rows, max_new=max_tokens, pad_to=self.pad_to,
                                       sampling=Sampling(temperature=temperature), key=key, return_logits=logprobs)
                 except (ValueError, RuntimeError) as e:  # e.g. a prompt longer than the model's context
                     for i in batch:

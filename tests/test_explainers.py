@@ -564,7 +564,45 @@ def test_template_explainer_takes_no_prompts():
 
 
 # ---------------------------------------------------------------------------------------------
-# local: the real SmolLM2-135M-Instruct
+# local: a tiny random model (fast), then the real SmolLM2-135M-Instruct (slow)
+# ---------------------------------------------------------------------------------------------
+def test_local_backend_batches_samples_logprobs_and_cache(tmp_path):
+    from featureatlas.activation_store.models import random_model
+
+    lm = random_model("llama", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, max_ctx=512)
+    # three prompts that pad to one length: each batch shape compiles once (~4 s each on 2 cores)
+    prompts = ["hi", "hey", [{"role": "user", "content": "yo"}]]
+    one = LocalExplainer(lm, batch_size=1).complete(prompts, max_tokens=5)
+    many = LocalExplainer(lm, batch_size=3).complete(prompts, max_tokens=5)
+    assert [a.text for a in one] == [a.text for a in many]  # left-padded batches = one at a time
+    ex = LocalExplainer(lm, batch_size=3)
+    assert ex.model == lm.model_id
+    for a, p in zip(many, prompts):
+        assert a.ok and a.tokens_in == len(ex.encode(P_messages(p))) and 1 <= a.tokens_out <= 5
+        assert a.finish_reason in ("stop", "length")
+    sampled = [a.text for a in ex.complete(prompts, max_tokens=5, temperature=1.5, n=3)]
+    assert len(sampled) == 9 and sampled == [a.text for a in ex.complete(prompts, max_tokens=5, temperature=1.5, n=3)]
+    assert len(set(sampled[:3])) > 1  # samples 0, 1, 2 of one prompt draw different keys
+    [a] = ex.complete(["hi"], max_tokens=5, logprobs=True)
+    assert len(a.logprobs) == a.tokens_out and all(len(pos) == 5 for pos in a.logprobs)
+    for pos in a.logprobs:
+        lps = [lp for _, lp in pos]
+        assert lps == sorted(lps, reverse=True) and lps[0] <= 0.0
+    cache = ResponseCache(tmp_path / "cache")
+    first = ex.complete(prompts, max_tokens=5, cache=cache)
+    assert len(cache) == 3
+    offline = LocalExplainer(model_name="no-such-model")
+    offline.model = ex.model  # same cache identity, but any model call would fail to load
+    again = offline.complete(prompts, max_tokens=5, cache=cache)
+    assert [a.text for a in again] == [a.text for a in first] and all(a.cached for a in again)
+
+
+def P_messages(prompt):
+    from featureatlas.eval.explainers import as_messages
+
+    return as_messages(prompt)
+
+
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_smollm2_describes_a_feature(smollm2, tmp_path):
@@ -580,12 +618,10 @@ def test_local_smollm2_describes_a_feature(smollm2, tmp_path):
     assert descs, out
     for d in descs:
         assert d["text"].strip() and d["explainer"] == "local" and d["tokens_in"] > 100 and 0 < d["tokens_out"] <= 24
-    assert took < 90, took
+    assert took < 60, took
     print(f"local explainer: {took:.1f} s;", [d.get("text") or d.get("error") for d in out[0]])
     # cached: no model call the second time
     t0 = time.perf_counter()
     again = describe_features([tiny_record()], ex, ["maxact", "vocabproj"], cache=cache, max_tokens=24,
                               prompt_config=cfg)
     assert again == out and time.perf_counter() - t0 < 1.0
-    [a] = ex.complete(["Say hi."], max_tokens=3, logprobs=True)
-    assert a.logprobs and len(a.logprobs) == a.tokens_out and len(a.logprobs[0]) == 5
