@@ -76,11 +76,11 @@ def write_bench_store(path: str, tokens: int) -> None:
 def streaming_child(store_path: str, chunk_size: int, passes: int) -> dict:
     """Runs in its own process: open the store, one initialization pass + `passes` passes."""
     from featureatlas.activation_store import ActivationStore
-    from featureatlas.snmf.data import StoreSource
+    from featureatlas.snmf.data import StoreColumns
     from featureatlas.snmf.solver import SNMFConfig
     from featureatlas.snmf.streaming import fit_streaming
 
-    source = StoreSource.open(ActivationStore.open(store_path), "mlp_hidden.15")
+    source = StoreColumns.open(ActivationStore.open(store_path), "mlp_hidden.15")
     stamps = []
     work = tempfile.mkdtemp(prefix="snmf_bench_y_", dir=os.path.dirname(store_path))
     t0 = time.perf_counter()

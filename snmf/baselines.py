@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.snmf.dictionary import DiffMeansDictionary, PCADictionary
 from featureatlas.snmf.solver import check_finite
+
+
+def check_labels(labels_N: np.ndarray) -> np.ndarray:
+    """The labels present (≥ 0); ConfigError when there are none or one label covers every token."""
+    present = np.unique(labels_N[labels_N >= 0])
+    if len(present) == 0:
+        raise ConfigError("DiffMeans needs labelled tokens, but every token has label -1; harvest a "
+                          "labelled corpus (e.g. BBC News categories) or choose another --method")
+    if len(present) == 1 and (labels_N == present[0]).all():
+        raise ConfigError(f"every token has label {present[0]}: there is no 'rest' to contrast with; "
+                          "harvest a corpus with several labels or choose another --method")
+    return present
+
+
+def check_pca_rank(k: int, d: int, n: int) -> None:
+    if not 0 < k < min(d, n):
+        raise ConfigError(f"k={k} must be in [1, min(d, n)) = [1, {min(d, n)}): lower --k or fit on more tokens")
 
 
 def fit_diffmeans(source, hook: str, *, label_names=(), chunk_size: int = 65536) -> DiffMeansDictionary:
     """One unit direction per label present in `source.labels()` (labels ≥ 0)."""
     labels_N = np.asarray(source.labels(), np.int64)
-    present = np.unique(labels_N[labels_N >= 0])
-    if len(present) == 0:
-        raise ValueError("DiffMeans needs labelled tokens, but every token has label -1; harvest a "
-                         "labelled corpus (e.g. BBC News categories)")
+    present = check_labels(labels_N)
     L = int(present.max()) + 1
     sums_LxD = np.zeros((L, source.d))
     counts_L = np.zeros(L, np.int64)
@@ -40,8 +55,6 @@ def fit_diffmeans(source, hook: str, *, label_names=(), chunk_size: int = 65536)
     directions, norms, names = [], [], []
     for ell in present:
         c = counts_L[ell]
-        if c == n:
-            raise ValueError(f"every token has label {ell}: there is no 'rest' to contrast with")
         diff = sums_LxD[ell] / c - (total_D - sums_LxD[ell]) / (n - c)
         norm = float(np.linalg.norm(diff))
         directions.append(diff / norm if norm > 0 else diff)
@@ -54,8 +67,7 @@ def fit_diffmeans(source, hook: str, *, label_names=(), chunk_size: int = 65536)
 
 def fit_pca(source, hook: str, k: int, *, chunk_size: int | None = None, seed: int = 0) -> PCADictionary:
     """Top-k principal axes of the tokens (k < min(d, n))."""
-    if not 0 < k < min(source.d, source.n):
-        raise ValueError(f"k={k} must be in [1, min(d, n)) = [1, {min(source.d, source.n)})")
+    check_pca_rank(k, source.d, source.n)
     if chunk_size is None:
         from sklearn.decomposition import PCA
 

@@ -1,7 +1,7 @@
 """Where the activation matrix comes from: an in-memory array or an activation store.
 
-A `Source` lists tokens in a fixed order (column j of A is token j) and yields them in
-row layout (X_CxD, tokens × hook dimension), which is how the store keeps them.
+`ArrayColumns` and `StoreColumns` list tokens in a fixed order (column j of A is token j) and
+yield them in row layout (X_CxD, tokens × hook dimension), which is how the store keeps them.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Iterator
 
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
+
 
 @dataclasses.dataclass
-class ArraySource:
+class ArrayColumns:
     """Tokens from an in-memory array X_NxD (tests, benchmarks)."""
 
     X_NxD: np.ndarray
@@ -42,7 +44,7 @@ class ArraySource:
 
 
 @dataclasses.dataclass
-class StoreSource:
+class StoreColumns:
     """Tokens of one hook of an `activation_store.ActivationStore` (BOS and padding excluded).
 
     rows_N: the store rows in order (`store.token_rows(split)`, optionally subsampled).
@@ -56,12 +58,13 @@ class StoreSource:
 
     @classmethod
     def open(cls, store, hook: str, *, split: str = "train", max_tokens: int | None = None,
-             seed: int = 0) -> "StoreSource":
+             seed: int = 0) -> "StoreColumns":
         if hook not in store.hooks:
-            raise ValueError(f"hook {hook!r} is not in the store; it has {list(store.hooks)}")
+            raise ConfigError(f"--hook {hook!r} is not in the store {store.path}; it has {', '.join(store.hooks)}")
         rows = np.asarray(store.token_rows(split=split, exclude_bos=True), np.int64)
         if len(rows) == 0:
-            raise ValueError(f"the store has no {split} tokens for {hook!r} (empty store or split)")
+            raise ConfigError(f"the store {store.path} has no {split} tokens ({store.n_committed} contexts "
+                              "committed): harvest more contexts, or pick another --split")
         full = True
         if max_tokens is not None and max_tokens < len(rows):
             # a uniform, seeded subset in store order (sorted reads are fast in HDF5)

@@ -24,6 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.snmf.encode import NNLS_ITERS, nnls_encode
 
 
@@ -35,8 +36,8 @@ def map_to_residual(directions_FxD, hook: str, model):
         return d
     W = jnp.asarray(W, jnp.float32)
     if W.shape[0] != d.shape[1]:
-        raise ValueError(f"write matrix of {hook!r} is {W.shape}, directions are {d.shape}: "
-                         "the model does not match the dictionary")
+        raise ConfigError(f"write matrix of {hook!r} is {W.shape}, directions are {d.shape}: "
+                          "the model does not match the dictionary; pass the model it was trained on (--model)")
     return d @ W
 
 

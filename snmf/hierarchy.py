@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.snmf.io import unit_columns
 from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
 
@@ -45,10 +46,16 @@ def children_of(Y_KxKprev: np.ndarray, fraction: float = CHILD_FRACTION,
     return out
 
 
+def check_ranks(ranks) -> None:
+    """At least two positive ranks, strictly decreasing (e.g. 400,200,100,50)."""
+    if len(ranks) < 2 or min(ranks) < 1 or list(ranks) != sorted(set(ranks), reverse=True):
+        raise ConfigError(f"--hierarchy ranks must be at least two positive numbers, strictly decreasing "
+                          f"(e.g. 400,200,100,50); got {','.join(map(str, ranks))}")
+
+
 def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[Level]:
     """Levels 1.. of the hierarchy above the main features Z0 (ranks[0] == Z0's k)."""
-    if list(ranks) != sorted(ranks, reverse=True) or len(set(ranks)) != len(ranks):
-        raise ValueError(f"hierarchy ranks must strictly decrease, got {ranks}")
+    check_ranks(ranks)
     Zprev, _ = unit_columns(np.asarray(Z0_DxK, np.float32))
     levels = [Level(Zprev, None, [[] for _ in range(Zprev.shape[1])], float("nan"))]
     for k in ranks[1:]:

@@ -2,27 +2,33 @@
 
 A result directory holds
   config.json         method ("snmf" | "diffmeans" | "pca"), hook, n_features, model_id,
-                      store_fingerprint, the training config, final loss / relative error ...
+                      store_fingerprint, the training settings, final loss / relative error ...
   weights.safetensors snmf:      Z_DxK (unit-norm columns; the scale lives in Y),
                                  optionally Yt_NxK (= Yᵀ, token coefficients) and rows_N
                                  (the store row of each token);
                       diffmeans: directions_FxD (unit rows), norms_F;
                       pca:       components_KxD, mean_D, explained_variance_K
-  metrics.jsonl, loss.png (SNMF loss curve), hierarchy.json / hierarchy.safetensors (optional).
+  loss.png (SNMF loss curve), hierarchy.json / hierarchy.safetensors (optional),
+  and the run's records (run.json, results.json, metrics.jsonl; `activation_store.runs`).
 
-Tensors are written by a small streaming safetensors writer, so a Yᵀ larger than memory (the
-streaming solver's file) is copied chunk by chunk; files are read with `safetensors`.
+The files of one result are published together (`activation_store.runs.publish_files`): a
+reader (`load`, which calls `runs.published` first) never sees new weights beside an old
+config. `*_files` functions return {name: data} for that. Tensors are written by a small
+streaming safetensors writer, so a Yᵀ larger than memory (the streaming solver's file) is
+copied chunk by chunk; files are read with `safetensors.numpy`.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
-import tempfile
 from typing import Callable, Iterator
 
 import numpy as np
+from safetensors.numpy import load_file, safe_open
 
+from featureatlas.activation_store.errors import RunError
+from featureatlas.activation_store.runs import publish_files, published
 from featureatlas.snmf.dictionary import DiffMeansDictionary, PCADictionary, SNMFDictionary
 
 CONFIG = "config.json"
@@ -38,17 +44,9 @@ class Chunked:
         self.shape, self.dtype, self.blocks = tuple(shape), np.dtype(dtype), blocks
 
 
-def publish(tmp: str, path: str) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and move it
-    into place atomically."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """Write tensors (ndarrays or `Chunked`) in the safetensors format, atomically.
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write tensors (ndarrays or `Chunked`) to `path` in the safetensors format (not atomic by
+    itself: pass `lambda p: write_safetensors(p, ...)` to `runs.atomic_write` / `publish_files`).
 
     Format: u64 little-endian header length, JSON header {name: {dtype, shape,
     data_offsets}}, then the raw little-endian bytes of each tensor, in header order.
@@ -63,48 +61,26 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, t in tensors.items():
-                blocks = t.blocks() if isinstance(t, Chunked) else [np.asarray(t)]
-                written = 0
-                for b in blocks:
-                    b = np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<"))
-                    f.write(b.tobytes())
-                    written += b.nbytes
-                if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                    raise RuntimeError(f"tensor {name}: wrote {written} bytes, header says otherwise")
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, t in tensors.items():
+            written = 0
+            for b in (t.blocks() if isinstance(t, Chunked) else [np.asarray(t)]):
+                b = np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<"))
+                f.write(b.tobytes())
+                written += b.nbytes
+            if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise RuntimeError(f"tensor {name}: wrote {written} bytes, header says otherwise")
 
 
-def read_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
-    from safetensors.numpy import safe_open
-
-    out = {}
-    with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-            if names is None or name in names:
-                out[name] = f.get_tensor(name)
-    return out
+def tensors_file(tensors: dict, metadata: dict | None = None) -> Callable:
+    """The data argument of `publish_files` for a safetensors file."""
+    return lambda path: write_safetensors(path, tensors, metadata)
 
 
-def write_config(out_dir: str, config: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-    publish(tmp, os.path.join(out_dir, CONFIG))
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
 
 
 def _json_default(x):
@@ -122,55 +98,48 @@ def unit_columns(Z_DxK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (Z_DxK / norms).astype(np.float32), norms
 
 
-def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None,
-              block: int = 65536) -> None:
-    """Save Z normalised to unit columns; Yᵀ (ndarray or streaming `YFile`) scaled to match."""
+def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, block: int = 65536) -> dict:
+    """config.json and weights.safetensors of an SNMF result: Z normalised to unit columns; Yᵀ
+    (ndarray or streaming `YFile`, read by blocks) scaled to match."""
     Zn, norms = unit_columns(np.asarray(Z_DxK, np.float32))
     tensors: dict = {"Z_DxK": Zn}
     if Yt_NxK is not None:
         n, k = Yt_NxK.shape
-        if hasattr(Yt_NxK, "read"):
-            def blocks():
-                for s in range(0, n, block):
-                    yield Yt_NxK.read(s, min(block, n - s)) * norms
-        else:
-            def blocks():
-                for s in range(0, n, block):
-                    yield np.asarray(Yt_NxK[s:s + block], np.float32) * norms
-        tensors["Yt_NxK"] = Chunked((n, k), np.float32, blocks)
+        read = Yt_NxK.read if hasattr(Yt_NxK, "read") else lambda s, c: np.asarray(Yt_NxK[s:s + c], np.float32)
+        tensors["Yt_NxK"] = Chunked((n, k), np.float32,
+                                    lambda: (read(s, min(block, n - s)) * norms for s in range(0, n, block)))
         if rows_N is not None:
             tensors["rows_N"] = np.asarray(rows_N, np.int64)
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, WEIGHTS), tensors, {"method": "snmf"})
-    write_config(out_dir, {**config, "method": "snmf", "n_features": Zn.shape[1],
-                           "z_unit_norm": True, "saved_y": Yt_NxK is not None})
+    config = {**config, "method": "snmf", "n_features": Zn.shape[1], "z_unit_norm": True,
+              "saved_y": Yt_NxK is not None}
+    return {WEIGHTS: tensors_file(tensors, {"method": "snmf"}), CONFIG: json_text(config)}
 
 
-def save_diffmeans(out_dir: str, dic: DiffMeansDictionary, config: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, WEIGHTS),
-                      {"directions_FxD": np.asarray(dic.directions_np, np.float32),
-                       "norms_F": np.asarray(dic.norms_F, np.float32)}, {"method": "diffmeans"})
-    write_config(out_dir, {**config, "method": "diffmeans", "hook": dic.hook,
-                           "n_features": dic.n_features, "label_names": list(dic.label_names)})
+def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None) -> None:
+    """Publish an SNMF result into `out_dir` (see `snmf_files`)."""
+    publish_files(out_dir, snmf_files(Z_DxK, config, Yt_NxK=Yt_NxK, rows_N=rows_N))
 
 
-def save_pca(out_dir: str, dic: PCADictionary, config: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, WEIGHTS),
-                      {"components_KxD": np.asarray(dic.components_KxD, np.float32),
-                       "mean_D": np.asarray(dic.mean_D, np.float32),
-                       "explained_variance_K": np.asarray(dic.explained_variance_K, np.float32)},
-                      {"method": "pca"})
-    write_config(out_dir, {**config, "method": "pca", "hook": dic.hook, "n_features": dic.n_features,
-                           "pca_split": "± halves: features 0..k-1 are +axis, k..2k-1 are −axis"})
+def diffmeans_files(dic: DiffMeansDictionary, config: dict) -> dict:
+    tensors = {"directions_FxD": np.asarray(dic.directions_np, np.float32), "norms_F": np.asarray(dic.norms_F, np.float32)}
+    config = {**config, "method": "diffmeans", "hook": dic.hook, "n_features": dic.n_features,
+              "label_names": list(dic.label_names)}
+    return {WEIGHTS: tensors_file(tensors, {"method": "diffmeans"}), CONFIG: json_text(config)}
+
+
+def pca_files(dic: PCADictionary, config: dict) -> dict:
+    tensors = {"components_KxD": np.asarray(dic.components_KxD, np.float32), "mean_D": np.asarray(dic.mean_D, np.float32),
+               "explained_variance_K": np.asarray(dic.explained_variance_K, np.float32)}
+    config = {**config, "method": "pca", "hook": dic.hook, "n_features": dic.n_features,
+              "pca_split": "± halves: features 0..k-1 are +axis, k..2k-1 are −axis"}
+    return {WEIGHTS: tensors_file(tensors, {"method": "pca"}), CONFIG: json_text(config)}
 
 
 def read_config(out_dir: str) -> dict:
-    path = os.path.join(out_dir, CONFIG)
+    path = os.path.join(published(out_dir), CONFIG)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {CONFIG} in {out_dir}: not a saved dictionary "
-                                "(train one with `featureatlas train-snmf`)")
+        raise RunError(f"no {CONFIG} in {out_dir}: not a saved dictionary "
+                       "(train one with `featureatlas train-snmf`)")
     with open(path) as f:
         return json.load(f)
 
@@ -181,21 +150,21 @@ def load(out_dir: str):
     method = config.get("method")
     weights = os.path.join(out_dir, WEIGHTS)
     if method == "snmf":
-        w = read_safetensors(weights, {"Z_DxK"})
-        return SNMFDictionary(config["hook"], w["Z_DxK"], config)
+        with safe_open(weights, framework="numpy") as f:
+            return SNMFDictionary(config["hook"], f.get_tensor("Z_DxK"), config)
+    w = load_file(weights)
     if method == "diffmeans":
-        w = read_safetensors(weights)
         return DiffMeansDictionary(config["hook"], w["directions_FxD"], w["norms_F"],
                                    tuple(config.get("label_names", ())), config)
     if method == "pca":
-        w = read_safetensors(weights)
         return PCADictionary(config["hook"], w["components_KxD"], w["mean_D"], w["explained_variance_K"], config)
-    raise ValueError(f"{out_dir}/config.json has unknown method {method!r} (snmf, diffmeans or pca)")
+    raise RunError(f"{out_dir}/config.json has unknown method {method!r} (snmf, diffmeans or pca); "
+                   "is it a dictionary saved by train-snmf?")
 
 
 def load_codes(out_dir: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(Yt_NxK, rows_N) saved with --save-y (loads into memory)."""
-    w = read_safetensors(os.path.join(out_dir, WEIGHTS), {"Yt_NxK", "rows_N"})
+    w = load_file(os.path.join(published(out_dir), WEIGHTS))
     if "Yt_NxK" not in w:
-        raise ValueError(f"{out_dir} was saved without Y; train again with --save-y")
+        raise RunError(f"{out_dir} was saved without Y; train again with --save-y")
     return w["Yt_NxK"], w.get("rows_N")

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import time
 from functools import partial
 from typing import Callable, NamedTuple
@@ -41,6 +39,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from featureatlas.activation_store.configs import Config, setting
+from featureatlas.activation_store.errors import ConfigError, FeatureAtlasError
 
 RIDGE = 1e-6  # step 1's Tikhonov term (the authors' value)
 MU_EPS = 1e-6  # step 4's denominator guard (the authors' value)
@@ -51,38 +52,43 @@ INITS = ("random", "svd", "kmeans")
 
 
 @dataclasses.dataclass(frozen=True)
-class SNMFConfig:
+class SNMFConfig(Config):
     """Hyper-parameters of one semi-NMF fit (the paper's defaults)."""
 
-    k: int = 100  # number of features
-    p: float = 0.01  # fraction of entries kept per column of Z (winner-take-all)
-    init: str = "random"  # random | svd | kmeans
-    iters: int = 1000  # maximum iterations (streaming: passes)
-    patience: int = 20  # stop after this many iterations without a relative improvement > tol
-    tol: float = 1e-4  # relative improvement that counts
-    seed: int = 0
-    init_sample: int = 20_000  # tokens used to fit the svd/kmeans initializer
-    kmeans_iters: int = 15
+    k: int = setting(100, gt=0)
+    """Number of features (columns of Z); for --method pca, the number of components."""
+    p: float = setting(0.01, gt=0, le=1)
+    """Fraction of entries kept per feature (column of Z) by winner-take-all, in (0, 1]; the paper uses 0.01."""
+    init: str = setting("random", choices=INITS)
+    """Initialization of the factors."""
+    iters: int = setting(1000, ge=1)
+    """Maximum iterations (streaming solver: passes over the data)."""
+    patience: int = setting(20, ge=1)
+    """Stop after this many iterations without a relative loss improvement larger than --tol."""
+    tol: float = setting(1e-4, ge=0)
+    """Relative loss improvement that counts as progress."""
+    seed: int = setting(0, ge=0)
+    """Seed of the initialization and of the --max-tokens subset."""
+    init_sample: int = setting(20_000, gt=0)
+    """Tokens the svd / kmeans initializer is fitted on."""
+    kmeans_iters: int = setting(15, ge=1)
+    """Lloyd iterations of the kmeans initializer."""
 
     def kept_per_column(self, d: int) -> int:
         """m = ⌈p·d⌉, the number of nonzeros winner-take-all keeps in each column of Z."""
         return max(1, min(d, math.ceil(self.p * d - 1e-9)))
 
+    def validate(self, d: int | None = None, n: int | None = None) -> "SNMFConfig":
+        """The declared ranges, and with the matrix shape (d × n) k < min(d, n); ConfigError otherwise."""
+        super().validate()
+        if d is not None and n is not None and self.k >= min(d, n):
+            raise ConfigError(f"k={self.k} must be smaller than min(d, n) = min({d}, {n}): lower --k "
+                              "(with --hierarchy, its first rank) or fit on more tokens")
+        return self
 
-def validate_config(cfg: SNMFConfig, d: int, n: int) -> None:
-    """Reject impossible settings before any work is done."""
-    if not (0.0 < cfg.p <= 1.0):
-        raise ValueError(f"p={cfg.p} is outside (0, 1]: it is the fraction of entries kept per "
-                         "column of Z (the paper uses 0.01)")
-    if cfg.k < 1:
-        raise ValueError(f"k={cfg.k} must be a positive number of features")
-    if cfg.k >= min(d, n):
-        raise ValueError(f"k={cfg.k} must be smaller than min(d, n) = min({d}, {n}); "
-                         "use fewer features or more tokens")
-    if cfg.init not in INITS:
-        raise ValueError(f"init={cfg.init!r} is not one of random, svd, kmeans")
-    if cfg.iters < 0 or cfg.patience < 1 or cfg.tol < 0:
-        raise ValueError("iters must be >= 0, patience >= 1 and tol >= 0")
+
+class MatrixError(FeatureAtlasError, ValueError):
+    """The activation matrix cannot be factorized (non-finite values, all zeros, constant)."""
 
 
 def check_finite(A_DxN: np.ndarray, *, col_offset: int = 0, what: str = "activations") -> None:
@@ -90,9 +96,9 @@ def check_finite(A_DxN: np.ndarray, *, col_offset: int = 0, what: str = "activat
     bad = ~np.isfinite(A_DxN)
     if bad.any():
         dim, col = _first_bad(bad)
-        raise ValueError(f"{what} contain {int(bad.sum())} non-finite values (NaN/Inf); the first is "
-                         f"{A_DxN[dim, col]} at token column {col + col_offset}, dimension {dim}. "
-                         "Re-harvest the store or drop those tokens.")
+        raise MatrixError(f"{what} contain {int(bad.sum())} non-finite values (NaN/Inf); the first is "
+                          f"{A_DxN[dim, col]} at token column {col + col_offset}, dimension {dim}. "
+                          "Re-harvest the store or drop those tokens.")
 
 
 def _first_bad(bad_DxN: np.ndarray) -> tuple[int, int]:
@@ -105,11 +111,11 @@ def _first_bad(bad_DxN: np.ndarray) -> tuple[int, int]:
 def check_informative(sq_norm: float, col_var_sum: float) -> None:
     """Raise for an all-zero matrix or one whose tokens are all identical (constant)."""
     if sq_norm == 0.0:
-        raise ValueError("the activation matrix is all zeros: there is nothing to factorize "
-                         "(wrong hook, or the store was not filled)")
+        raise MatrixError("the activation matrix is all zeros: there is nothing to factorize "
+                          "(wrong hook, or the store was not filled)")
     if col_var_sum <= 1e-12 * sq_norm:
-        raise ValueError("the activation matrix is constant (every token has the same "
-                         "activation vector): it has rank 1 and no features to find")
+        raise MatrixError("the activation matrix is constant (every token has the same "
+                          "activation vector): it has rank 1 and no features to find")
 
 
 def check_matrix(A_DxN: np.ndarray) -> float:
@@ -300,20 +306,11 @@ class SNMFFit:
         return math.sqrt(max(self.loss, 0.0) / self.sq_norm_A)
 
 
-def save_npz_atomic(path: str, **arrays) -> None:
-    """Write an .npz so that a crash leaves either the old or the new file, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def state_like(k: int, d: int, n: int) -> dict:
+    """Shapes and dtypes of a full-batch `SNMFState` (as a dict), to restore a checkpoint into."""
+    shapes = {"Zt_KxD": (k, d), "Y_KxN": (k, n), "YYt_KxK": (k, k), "best_Zt_KxD": (k, d), "best_Y_KxN": (k, n)}
+    return {f: jax.ShapeDtypeStruct(shapes.get(f, ()), jnp.int32 if f == "bad_iters" else jnp.float32)
+            for f in SNMFState._fields}
 
 
 def fit_full_batch(
@@ -321,18 +318,18 @@ def fit_full_batch(
     cfg: SNMFConfig,
     *,
     init: tuple[np.ndarray, np.ndarray] | None = None,
-    checkpoint: str | None = None,
+    checkpoints=None,
     checkpoint_every: int = 10,
-    resume: bool = False,
     on_iter: Callable[[int, float, float, float], None] | None = None,
     progress: bool = False,
 ) -> SNMFFit:
     """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations.
 
     init: (Z0_DxK, Y0_KxN); default `snmf.init.initial_factors(A, cfg)`.
-    checkpoint: .npz path written atomically every `checkpoint_every` iterations (and at the
-      end); with resume=True an existing checkpoint is continued, giving the same result as an
-      uninterrupted run (the step is deterministic).
+    checkpoints: an `activation_store.runs.Checkpoints` (orbax); the state (a pytree) is saved every
+      `checkpoint_every` iterations and at the end, with the iteration as its step. When it already
+      holds a checkpoint the fit continues from it, giving the same result as an uninterrupted run
+      (the step is deterministic); the caller checks that it belongs to this problem (`runs.Run`).
     on_iter(iteration, loss, best_loss, ‖A‖²) is called after every iteration (1-based), before
       that iteration's checkpoint.
     """
@@ -340,20 +337,15 @@ def fit_full_batch(
 
     A_DxN = np.ascontiguousarray(A_DxN, dtype=np.float32)
     d, n = A_DxN.shape
-    validate_config(cfg, d, n)
+    cfg.validate(d, n)
     sq_norm = check_matrix(A_DxN)
     m = cfg.kept_per_column(d)
-    signature = np.asarray([d, n, cfg.k, m, cfg.seed, INITS.index(cfg.init)], np.int64)
 
-    start, state = 0, None
-    if resume and checkpoint and os.path.exists(checkpoint):
-        with np.load(checkpoint) as ck:
-            if not np.array_equal(ck["signature"], signature):
-                raise ValueError(f"checkpoint {checkpoint} was written for a different problem "
-                                 "(shape, k, p, seed or init differ); remove it or drop --resume")
-            start = int(ck["iteration"])
-            state = SNMFState(*(jnp.asarray(ck[f]) for f in SNMFState._fields))
-    if state is None:
+    start = checkpoints.latest_step() if checkpoints is not None else None
+    if start is not None:
+        state = SNMFState(**checkpoints.restore(start, like=state_like(cfg.k, d, n)))
+    else:
+        start = 0
         Z0_DxK, Y0_KxN = init if init is not None else initial_factors(A_DxN, cfg)
         state = initial_state(np.asarray(Z0_DxK, np.float32).T, np.asarray(Y0_KxN, np.float32))
 
@@ -365,12 +357,6 @@ def fit_full_batch(
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.iters, initial=start, desc="snmf", unit="it")
-
-    def save():
-        if checkpoint:
-            save_npz_atomic(checkpoint, signature=signature, iteration=np.asarray(it),
-                            **{f: np.asarray(v) for f, v in zip(SNMFState._fields, state)})
-
     while it < cfg.iters and int(state.bad_iters) < cfg.patience:
         state = snmf_step(state, A, sq, m=m, tol=cfg.tol)
         it += 1
@@ -381,19 +367,15 @@ def fit_full_batch(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rel_err=f"{math.sqrt(max(loss, 0) / sq_norm):.4f}")
-        if it % checkpoint_every == 0:
-            save()
+        if checkpoints is not None and it % checkpoint_every == 0:
+            checkpoints.save(it, state._asdict())
     if bar is not None:
         bar.close()
-    save()
-
-    if it == 0:  # zero iterations: return the initialization as is
-        best_Zt, best_Y = state.Zt_KxD, state.Y_KxN
-        best_loss = float(jnp.sum((A - best_Zt.T @ best_Y) ** 2))
-    else:
-        best_Zt, best_Y, best_loss = state.best_Zt_KxD, state.best_Y_KxN, float(state.best_loss)
-    return SNMFFit(Z_DxK=np.asarray(best_Zt).T.copy(), Yt_NxK=np.asarray(best_Y).T, loss=best_loss,
-                   sq_norm_A=sq_norm, iterations=it, losses=losses,
+    if checkpoints is not None:
+        checkpoints.save(it, state._asdict())
+    # iters >= 1 and patience >= 1 (SNMFConfig.validate): at least one iteration ran, so a best state exists
+    return SNMFFit(Z_DxK=np.asarray(state.best_Zt_KxD).T.copy(), Yt_NxK=np.asarray(state.best_Y_KxN).T,
+                   loss=float(state.best_loss), sq_norm_A=sq_norm, iterations=it, losses=losses,
                    stopped_early=int(state.bad_iters) >= cfg.patience)
 
 

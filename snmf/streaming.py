@@ -22,16 +22,16 @@ With mu_steps = 1, pass t computes exactly full-batch iteration t (same Z_t, Y_t
 to float summation order). mu_steps > 1 is a block-coordinate variant of the same objective
 ‖A − ZY‖²_F: each read of A refines Y further before Z moves; the loss still never needs Z·Y.
 
-Crash safety: pass t reads Yᵀ from file `cur` and writes file `nxt` (never `cur` or the
-best-so-far file), then atomically replaces the small checkpoint (Z, s, counters, which file
-is which). A SIGKILL mid-pass leaves the checkpoint and `cur` intact; resuming redoes the pass.
+Crash safety: pass t reads Yᵀ from file `cur` and writes a new version of file `nxt` (never
+`cur` or the best-so-far file) to a temporary name that replaces it once complete
+(`runs.atomic_write`); then the small state (Z, s, counters, which file is which) is saved as an
+orbax checkpoint (`runs.Checkpoints`). A SIGKILL mid-pass leaves the checkpoint and `cur` intact;
+resuming redoes the pass.
 """
 from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
 from functools import partial
 from typing import Callable, Iterator
 
@@ -39,17 +39,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
+from featureatlas.activation_store.prefetch import Prefetcher
+from featureatlas.activation_store.runs import atomic_write, recover_publish
 from featureatlas.snmf.init import make_initializer, sample_columns
-from featureatlas.snmf.solver import (INITS, SNMFConfig, SNMFFit, check_finite, check_informative,
-                         gram_of_sparse, multiplicative_update, row_scales, save_npz_atomic,
-                         sparse_ZtA, validate_config, winner_take_all,
-                         z_least_squares, densify)
+from featureatlas.snmf.solver import (SNMFConfig, SNMFFit, check_finite, check_informative, densify, gram_of_sparse,
+                                      multiplicative_update, row_scales, sparse_ZtA, winner_take_all, z_least_squares)
 
-STATE_FILE = "stream_state.npz"
+Y_FILES = 3  # the current Yᵀ, the best state's Yᵀ (with save_y), and the one a pass writes
+# The state between passes: numpy arrays of fixed dtypes, a pytree that orbax checkpoints as is.
+STATE_DTYPES = {"iteration": np.int64, "sq_norm": np.float64, "idx": np.int32, "vals": np.float32,
+                "Q": np.float32, "s": np.float32, "cur": np.int64, "best_file": np.int64, "loss": np.float64,
+                "best_loss": np.float64, "best_Zt": np.float32, "bad_iters": np.int64}
+
+
+def stream_state(**values) -> dict:
+    """The streaming state from its values, each cast to its dtype in `STATE_DTYPES`."""
+    return {key: np.asarray(values[key], dtype) for key, dtype in STATE_DTYPES.items()}
+
+
+def stream_state_like(k: int, d: int, m: int) -> dict:
+    """A zero state with the shapes of a (k features, dimension d, m kept) fit, to restore into."""
+    shapes = {"idx": (k, m), "vals": (k, m), "Q": (k, k), "s": (k,), "best_Zt": (k, d)}
+    return stream_state(**{key: np.zeros(shapes.get(key, ())) for key in STATE_DTYPES})
 
 
 class YFile:
-    """Yᵀ (n×k float32) on disk, read and written by row ranges (created on first write)."""
+    """Yᵀ (n×k float32) in a file, read by row ranges; each pass writes a whole new version
+    (`rewrite_y`)."""
 
     def __init__(self, path: str, n: int, k: int):
         self.path, self.n, self.k = path, n, k
@@ -67,33 +84,32 @@ class YFile:
             os.close(fd)
         return np.frombuffer(buf, np.float32).reshape(count, self.k)
 
-    def write(self, start: int, Yt_CxK: np.ndarray) -> None:
-        data = np.ascontiguousarray(Yt_CxK, np.float32).tobytes()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(fd, data, start * self.k * 4)
-        finally:
-            os.close(fd)
-
-    def flush(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def remove(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
     def __array__(self, dtype=None, copy=None):
         out = self.read(0, self.n)
         return out.astype(dtype) if dtype is not None else out
 
 
+def rewrite_y(path: str, fill: Callable) -> object:
+    """Write a new version of the Yᵀ file at `path`: `fill(write)` calls write(start, Yt_CxK) for
+    row ranges; the file replaces the old one atomically (`runs.atomic_write`) once `fill` returns.
+    Returns what `fill` returns."""
+    result = []
+
+    def write_file(tmp) -> None:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            result.append(fill(lambda start, Yt_CxK: os.pwrite(
+                fd, np.ascontiguousarray(Yt_CxK, np.float32).tobytes(), start * Yt_CxK.shape[1] * 4)))
+        finally:
+            os.close(fd)
+
+    atomic_write(path, write_file)
+    return result[0]
+
+
 def remove_y_files(workdir: str) -> None:
     """Delete the streaming solver's Yᵀ files (n×k float32 each) once the result is saved."""
-    for i in range(3):
+    for i in range(Y_FILES):
         path = os.path.join(workdir, f"y_{i}.f32")
         if os.path.exists(path):
             os.unlink(path)
@@ -139,29 +155,6 @@ def stream_z_update(YAt_KxD, YYt_KxK, *, m: int):
     return idx_KxM, vals_KxM, gram_of_sparse(idx_KxM, vals_KxM, Zt_KxD.shape[1]), s_K
 
 
-def prefetch(it: Iterator, depth: int = 1) -> Iterator:
-    """Run a producer iterator on a background thread, `depth` items ahead (reads overlap compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    sentinel = object()
-
-    def run():
-        try:
-            for item in it:
-                q.put(item)
-            q.put(sentinel)
-        except BaseException as err:  # re-raised on the consumer side
-            q.put(err)
-
-    threading.Thread(target=run, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is sentinel:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def transposed_chunks(source, chunk_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, count, A_DxC): each chunk transposed to the solver's d×tokens layout (in its own
     dtype), the last one zero-padded to chunk_size columns so one compiled shape serves all.
@@ -189,38 +182,34 @@ def fit_streaming(
     workdir: str,
     mu_steps: int = 1,
     save_y: bool = False,
-    resume: bool = False,
+    checkpoints=None,
     on_iter: Callable[[int, float, float, float], None] | None = None,
     progress: bool = False,
 ) -> SNMFFit:
     """Fit A ≈ Z·Y over `source` (see `snmf.data`) in passes of `chunk_size` tokens.
 
     Returns an `SNMFFit` with the best Z; with save_y its `Yt_NxK` is the best state's Yᵀ
-    as a `YFile` in `workdir` (else None). Checkpoints after every pass; resume=True continues.
+    as a `YFile` in `workdir` (else None). checkpoints: an `activation_store.runs.Checkpoints`,
+    saved after every pass (step = passes done, 0 after the initialization); when it holds a
+    checkpoint the fit continues from it (the caller checks that it belongs to this problem).
     """
     n, d = source.n, source.d
-    validate_config(cfg, d, n)
-    if chunk_size < 1 or mu_steps < 1 or cfg.iters < 1:
-        raise ValueError("chunk_size, mu_steps and iters must be positive for the streaming solver")
+    cfg.validate(d, n)
+    if chunk_size < 1 or mu_steps < 1:
+        raise ConfigError(f"--chunk-size ({chunk_size}) and --mu-steps ({mu_steps}) must be positive")
     chunk_size = min(chunk_size, n)
     m = cfg.kept_per_column(d)
     os.makedirs(workdir, exist_ok=True)
-    state_path = os.path.join(workdir, STATE_FILE)
-    signature = np.asarray([d, n, cfg.k, m, cfg.seed, INITS.index(cfg.init), chunk_size,
-                            mu_steps], np.int64)
-    files = [YFile(os.path.join(workdir, f"y_{i}.f32"), n, cfg.k) for i in range(3)]
+    recover_publish(workdir)  # drops the temporary Yᵀ file of a pass that was killed
+    files = [YFile(os.path.join(workdir, f"y_{i}.f32"), n, cfg.k) for i in range(Y_FILES)]
 
-    st = None
-    if resume and os.path.exists(state_path):
-        with np.load(state_path) as ck:
-            if not np.array_equal(ck["signature"], signature):
-                raise ValueError(f"checkpoint {state_path} was written for a different problem "
-                                 "(shape, k, p, seed, init, chunk size or mu_steps differ); "
-                                 "remove it or drop --resume")
-            st = {key: ck[key] for key in ck.files}
-    if st is None:
-        st = _pass_zero(source, cfg, chunk_size, files[0], m, signature)
-        save_npz_atomic(state_path, **st)
+    step = checkpoints.latest_step() if checkpoints is not None else None
+    if step is not None:
+        st = checkpoints.restore(step, like=stream_state_like(cfg.k, d, m))
+    else:
+        st = _pass_zero(source, cfg, chunk_size, files[0].path, m)
+        if checkpoints is not None:
+            checkpoints.save(0, st)
 
     bar = None
     if progress:
@@ -228,84 +217,84 @@ def fit_streaming(
         bar = tqdm(total=cfg.iters, initial=int(st["iteration"]), desc="snmf-stream", unit="pass")
     losses: list[float] = []
     while int(st["iteration"]) < cfg.iters and int(st["bad_iters"]) < cfg.patience:
-        st = _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m, progress)
+        st = _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m)
         losses.append(float(st["loss"]))
         if on_iter:  # before the checkpoint: a kill in between only repeats this pass's record
             on_iter(int(st["iteration"]), float(st["loss"]), float(st["best_loss"]), float(st["sq_norm"]))
-        save_npz_atomic(state_path, **st)
+        if checkpoints is not None:
+            checkpoints.save(int(st["iteration"]), st)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rel_err=f"{math.sqrt(max(float(st['loss']), 0) / float(st['sq_norm'])):.4f}")
     if bar is not None:
         bar.close()
 
-    iters = int(st["iteration"])
     if save_y and int(st["best_file"]) < 0:
-        raise ValueError("this streaming run kept no best-state Y (it was started without --save-y); "
-                         "fit again without --resume to save Y")
-    Yt = files[int(st["best_file"])] if save_y else None
-    return SNMFFit(Z_DxK=np.asarray(st["best_Zt"]).T.copy(),
-                   loss=float(st["best_loss"]), sq_norm_A=float(st["sq_norm"]), iterations=iters,
-                   losses=losses, stopped_early=int(st["bad_iters"]) >= cfg.patience, Yt_NxK=Yt)
+        raise ConfigError("this streaming fit kept no best-state Y (it was started without --save-y); "
+                          "fit again with --save-y from the start")
+    return SNMFFit(Z_DxK=np.asarray(st["best_Zt"]).T.copy(), loss=float(st["best_loss"]),
+                   sq_norm_A=float(st["sq_norm"]), iterations=int(st["iteration"]), losses=losses,
+                   stopped_early=int(st["bad_iters"]) >= cfg.patience,
+                   Yt_NxK=files[int(st["best_file"])] if save_y else None)
 
 
-def _pass_zero(source, cfg, chunk_size, yfile, m, signature) -> dict:
-    """Initialize Y chunk by chunk, validate the data, and compute Z_1."""
+def _pass_zero(source, cfg, chunk_size, path, m) -> dict:
+    """Initialize Y chunk by chunk into the Yᵀ file `path`, validate the data, and compute Z_1."""
     cols = sample_columns(source.n, cfg.init_sample, cfg.seed)
     sample_DxS = (np.zeros((source.d, 1), np.float32) if cfg.init == "random"
                   else np.asarray(source.take(cols), np.float32).T)
     init = make_initializer(sample_DxS, cfg.k, cfg.init, cfg.seed, cfg.kmeans_iters)
-    YAt = np.zeros((cfg.k, source.d), np.float64)
-    YYt = np.zeros((cfg.k, cfg.k), np.float64)
-    sum_D, sumsq_D = np.zeros(source.d), np.zeros(source.d)
-    for start, count, A in prefetch(transposed_chunks(source, chunk_size)):
-        check_finite(A[:, :count], col_offset=start)
-        A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
-        Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
-        yfile.write(start, Yt[:count])
-        ya, yy, sum_c, sumsq_c = stream_chunk_stats(A, Yt)
-        YAt += np.asarray(ya, np.float64)
-        YYt += np.asarray(yy, np.float64)
-        sum_D += np.asarray(sum_c, np.float64)
-        sumsq_D += np.asarray(sumsq_c, np.float64)
+
+    def fill(write):
+        YAt, YYt = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k))
+        sum_D, sumsq_D = np.zeros(source.d), np.zeros(source.d)
+        with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
+            for start, count, A in chunks:
+                check_finite(A[:, :count], col_offset=start)
+                A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
+                Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
+                write(start, Yt[:count])
+                ya, yy, sum_c, sumsq_c = stream_chunk_stats(A, Yt)
+                YAt += np.asarray(ya, np.float64)
+                YYt += np.asarray(yy, np.float64)
+                sum_D += np.asarray(sum_c, np.float64)
+                sumsq_D += np.asarray(sumsq_c, np.float64)
+        return YAt, YYt, sum_D, sumsq_D
+
+    YAt, YYt, sum_D, sumsq_D = rewrite_y(path, fill)
     sq_norm = float(sumsq_D.sum())
-    var_sum = float((sumsq_D - sum_D ** 2 / source.n).sum())
-    check_informative(sq_norm, var_sum)
-    yfile.flush()
+    check_informative(sq_norm, float((sumsq_D - sum_D ** 2 / source.n).sum()))
     idx, vals, Q, s = stream_z_update(jnp.asarray(YAt, jnp.float32), jnp.asarray(YYt, jnp.float32), m=m)
-    return dict(signature=signature, iteration=np.asarray(0), sq_norm=np.asarray(sq_norm),
-                idx=np.asarray(idx), vals=np.asarray(vals), Q=np.asarray(Q), s=np.asarray(s),
-                cur=np.asarray(0), best_file=np.asarray(-1), loss=np.asarray(np.inf),
-                best_loss=np.asarray(np.inf), best_Zt=np.zeros((cfg.k, source.d), np.float32),
-                bad_iters=np.asarray(0))
+    return stream_state(iteration=0, sq_norm=sq_norm, idx=idx, vals=vals, Q=Q, s=s, cur=0, best_file=-1,
+                        loss=np.inf, best_loss=np.inf, best_Zt=np.zeros((cfg.k, source.d)), bad_iters=0)
 
 
-def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m, progress) -> dict:
+def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m) -> dict:
     cur, best_file = int(st["cur"]), int(st["best_file"]) if save_y else -1
-    nxt = next(i for i in range(3) if i not in (cur, best_file))
+    nxt = next(i for i in range(Y_FILES) if i not in (cur, best_file))
     s, idx, vals, Q = (jnp.asarray(st[key]) for key in ("s", "idx", "vals", "Q"))
-    YAt = np.zeros((cfg.k, source.d), np.float64)
-    YYt = np.zeros((cfg.k, cfg.k), np.float64)
-    cross = 0.0
-    for start, count, A in prefetch(transposed_chunks(source, chunk_size)):
-        Yt = pad_rows(files[cur].read(start, count), chunk_size)
-        Yt_new, ya, yy, cr = stream_chunk_step(A, Yt, s, idx, vals, Q, mu_steps=mu_steps)
-        files[nxt].write(start, np.asarray(Yt_new)[:count])
-        YAt += np.asarray(ya, np.float64)
-        YYt += np.asarray(yy, np.float64)
-        cross += float(cr)
-    files[nxt].flush()
-    Zt_used = np.asarray(densify(idx, vals, source.d))
+
+    def fill(write):
+        YAt, YYt, cross = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k)), 0.0
+        with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
+            for start, count, A in chunks:
+                Yt = pad_rows(files[cur].read(start, count), chunk_size)
+                Yt_new, ya, yy, cr = stream_chunk_step(A, Yt, s, idx, vals, Q, mu_steps=mu_steps)
+                write(start, np.asarray(Yt_new)[:count])
+                YAt += np.asarray(ya, np.float64)
+                YYt += np.asarray(yy, np.float64)
+                cross += float(cr)
+        return YAt, YYt, cross
+
+    YAt, YYt, cross = rewrite_y(files[nxt].path, fill)
     # step 5 by the trace identity, with this pass's Z and the Y it just wrote
     loss = float(st["sq_norm"]) - 2.0 * cross + float(np.sum(np.asarray(Q, np.float64) * YYt))
-    improved = loss < float(st["best_loss"]) * (1.0 - cfg.tol)
-    new = dict(st)
-    new.update(iteration=np.asarray(int(st["iteration"]) + 1), loss=np.asarray(loss), cur=np.asarray(nxt))
-    if improved:
-        new.update(best_loss=np.asarray(loss), best_Zt=Zt_used, bad_iters=np.asarray(0),
-                   best_file=np.asarray(nxt if save_y else -1))
+    new = {**st, "iteration": int(st["iteration"]) + 1, "loss": loss, "cur": nxt}
+    if loss < float(st["best_loss"]) * (1.0 - cfg.tol):
+        new.update(best_loss=loss, best_Zt=densify(idx, vals, source.d), bad_iters=0,
+                   best_file=nxt if save_y else -1)
     else:
-        new.update(bad_iters=np.asarray(int(st["bad_iters"]) + 1))
-    idx, vals, Q, s = stream_z_update(jnp.asarray(YAt, jnp.float32), jnp.asarray(YYt, jnp.float32), m=m)
-    new.update(idx=np.asarray(idx), vals=np.asarray(vals), Q=np.asarray(Q), s=np.asarray(s))
-    return new
+        new.update(bad_iters=int(st["bad_iters"]) + 1)
+    new["idx"], new["vals"], new["Q"], new["s"] = stream_z_update(
+        jnp.asarray(YAt, jnp.float32), jnp.asarray(YYt, jnp.float32), m=m)
+    return stream_state(**new)

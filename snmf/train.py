@@ -1,204 +1,234 @@
 """Fit SNMF / DiffMeans / PCA on one hook of an activation store and save the result.
 
-This is what `featureatlas train-snmf` runs: open the store, pick the tokens (train split,
-BOS and padding excluded, optionally a seeded subset of --max-tokens), fit, save
-(`snmf.io`), log the loss curve to metrics.jsonl + loss.png, optionally build the hierarchy,
-and summarise (relative error, VocabProj tokens of the first features when the model loads).
-Resumable: full batch checkpoints to <out>/checkpoint.npz, streaming to <out>/stream/.
+This is what `featureatlas train-snmf` runs, as a run of the run layer (`activation_store.runs`):
+check every setting and the output directory (nothing on disk changes before that), open the
+store, pick the tokens (the split, BOS and padding excluded, optionally a seeded subset of
+--max-tokens), fit, publish the result (`snmf.io`: config.json, weights.safetensors, loss.png,
+optionally the hierarchy, all at once), and summarise (relative error, VocabProj tokens of the
+first features when the model loads). The run directory also holds run.json (the settings,
+with the store's fingerprint), results.json, metrics.jsonl and the orbax checkpoints
+(checkpoints/; the streaming solver's Yᵀ scratch files in stream/). --resume continues from the
+last checkpoint after checking that every setting (and the store) is the same.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from featureatlas.activation_store.configs import Config, flags_of, setting
+from featureatlas.activation_store.errors import ConfigError, RunError
+from featureatlas.activation_store.runs import MANIFEST, RESULTS, Run
 from featureatlas.snmf import io
-from featureatlas.snmf.baselines import fit_diffmeans, fit_pca
-from featureatlas.snmf.data import StoreSource, load_matrix
+from featureatlas.snmf.baselines import check_labels, check_pca_rank, fit_diffmeans, fit_pca
+from featureatlas.snmf.data import StoreColumns, load_matrix
+from featureatlas.snmf.hierarchy import check_ranks
 from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
-from featureatlas.snmf.streaming import STATE_FILE, fit_streaming, remove_y_files
+from featureatlas.snmf.streaming import fit_streaming, remove_y_files
 
+JOB = "train-snmf"
 METHODS = ("snmf", "diffmeans", "pca")
-CHECKPOINT = "checkpoint.npz"
 STREAM_DIR = "stream"
-METRICS = "metrics.jsonl"
+# Checkpoints of runs written before the run layer (.npz): they do not record the store, so they are not resumed.
+LEGACY_CHECKPOINTS = ("checkpoint.npz", "stream/stream_state.npz")
+# Fields that say how to drive the run, not what is fitted: not part of the settings a resume compares.
+RUN_OPTIONS = ("out", "resume", "overwrite", "progress", "vocab_features", "model", "checkpoint_every")
+RESULT_KEYS = ("iterations", "stopped_early", "final_loss", "rel_error", "n_tokens", "n_contexts", "hierarchy",
+               "label_counts", "time_s")
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    store: str
-    out: str
-    hook: str = "mlp_hidden.15"
-    method: str = "snmf"
-    snmf: SNMFConfig = dataclasses.field(default_factory=SNMFConfig)
-    chunk_size: int | None = None  # streaming solver when set
-    mu_steps: int = 1  # streaming: multiplicative Y updates per chunk and pass
-    max_tokens: int | None = None
-    split: str = "train"
-    save_y: bool = False
-    resume: bool = False
-    hierarchy: tuple[int, ...] | None = None  # e.g. (400, 200, 100, 50); ranks[0] is the main k
-    checkpoint_every: int = 10
-    vocab_features: int = 5  # features whose VocabProj tokens the summary prints
-    model: str | None = None  # model for VocabProj; default: the store's model_id
-    progress: bool = True
+class SNMFJobConfig(Config):
+    """What `featureatlas train-snmf` fits, on which data, and how the run is driven."""
+
+    store: str = setting()
+    """Activation store (.h5) written by `featureatlas harvest`."""
+    out: str = setting()
+    """Output directory: the saved dictionary and the run's records."""
+    hook: str = setting("mlp_hidden.15")
+    """Hook to factorize (any hook of the store works)."""
+    method: str = setting("snmf", choices=METHODS)
+    """snmf, diffmeans (one direction per store label) or pca (2k ± features)."""
+    snmf: SNMFConfig = setting(default_factory=SNMFConfig, cli=False)
+    """The semi-NMF hyper-parameters (flags --k, --p, --init, --iters, ...)."""
+    chunk_size: int | None = setting(None, gt=0)
+    """Tokens per chunk: use the streaming solver, whose memory does not grow with the token count (unset: full batch)."""
+    mu_steps: int = setting(1, ge=1)
+    """Streaming only: multiplicative Y updates per chunk and pass (1 = exactly the full-batch iteration)."""
+    max_tokens: int | None = setting(None, gt=0)
+    """Fit on a seeded random subset of this many tokens (unset: every token of the split)."""
+    split: str = setting("train", choices=("train", "val", "all"))
+    """Store split to fit on."""
+    save_y: bool = setting(False)
+    """Also save the token coefficients Y (Yt_NxK) and their store rows."""
+    hierarchy: tuple[int, ...] | None = setting(None)
+    """Also fit a hierarchy with these ranks, e.g. 400,200,100,50 (the first rank replaces --k)."""
+    checkpoint_every: int = setting(10, ge=1)
+    """Full batch: iterations between checkpoints (the streaming solver checkpoints every pass)."""
+    vocab_features: int = setting(5, ge=0)
+    """Print the VocabProj top tokens of this many features (0: do not load the model)."""
+    model: str | None = setting(None)
+    """Model for the VocabProj summary (unset: the store's model)."""
+    progress: bool = setting(True)
+    """Show a progress bar."""
+    resume: bool = setting(False)
+    """Continue the run in --out from its last checkpoint (its settings and store must be the same)."""
+    overwrite: bool = setting(False)
+    """Replace a run already in --out (deleted only after every check has passed)."""
+
+    def validate(self) -> "SNMFJobConfig":
+        super().validate()
+        if self.hierarchy is not None:
+            check_ranks(self.hierarchy)
+            if self.method != "snmf":
+                raise ConfigError(f"--hierarchy needs --method snmf (got --method {self.method})")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        return self
 
 
-def train(cfg: TrainConfig) -> dict:
+FLAGS = {**flags_of(SNMFJobConfig, SNMFConfig), "store_fingerprint": "--store", "model_id": "--store",
+         "weights_hash": "--store", "store_dtype": "--store", "n_contexts": "--store", "d": "--hook",
+         "n_tokens": "--store, --split or --max-tokens"}
+
+
+def train(cfg: SNMFJobConfig) -> dict:
     """Run the fit described by cfg; returns the saved config.json contents (plus 'summary')."""
-    from featureatlas.activation_store import ActivationStore
-
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is not one of {', '.join(METHODS)}")
-    if cfg.hierarchy:
-        cfg = dataclasses.replace(cfg, snmf=dataclasses.replace(cfg.snmf, k=cfg.hierarchy[0]))
-    store = ActivationStore.open(cfg.store)
-    source = StoreSource.open(store, cfg.hook, split=cfg.split, max_tokens=cfg.max_tokens, seed=cfg.snmf.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    base = {
-        "hook": cfg.hook, "model_id": store.model_id, "weights_hash": store.weights_hash,
-        "store": os.path.abspath(cfg.store), "store_fingerprint": store.fingerprint,
-        "split": cfg.split, "n_tokens": source.n, "d": source.d, "max_tokens": cfg.max_tokens,
-    }
+    cfg, run, source = prepare(cfg)
+    store = source.store
+    base = {"hook": cfg.hook, "model_id": store.model_id, "weights_hash": store.weights_hash,
+            "store": str(Path(cfg.store).absolute()), "store_fingerprint": store.fingerprint, "split": cfg.split,
+            "n_tokens": source.n, "n_contexts": store.n_committed, "d": source.d, "max_tokens": cfg.max_tokens}
     t0 = time.time()
-    if cfg.method == "diffmeans":
-        dic = fit_diffmeans(source, cfg.hook, label_names=store.label_names, chunk_size=cfg.chunk_size or 65536)
-        config = {**base, **dic.config}
-        io.save_diffmeans(cfg.out, dic, config)
-    elif cfg.method == "pca":
-        dic = fit_pca(source, cfg.hook, cfg.snmf.k, chunk_size=cfg.chunk_size, seed=cfg.snmf.seed)
-        config = {**base, "k": cfg.snmf.k, "seed": cfg.snmf.seed, "chunk_size": cfg.chunk_size,
-                  "rel_error": pca_rel_error(source, dic)}
-        io.save_pca(cfg.out, dic, config)
-    else:
-        config = _train_snmf(cfg, source, base)
-        dic = io.load(cfg.out)
-    config["time_s"] = round(time.time() - t0, 2)
-    config = {**io.read_config(cfg.out), "time_s": config["time_s"]}
-    io.write_config(cfg.out, config)
-    config["summary"] = summarize(cfg, config, dic)
+    with run.active():
+        if cfg.method == "diffmeans":
+            dic = fit_diffmeans(source, cfg.hook, label_names=store.label_names, chunk_size=cfg.chunk_size or 65536)
+            config, files = {**base, **dic.config}, lambda c: io.diffmeans_files(dic, c)
+        elif cfg.method == "pca":
+            dic = fit_pca(source, cfg.hook, cfg.snmf.k, chunk_size=cfg.chunk_size, seed=cfg.snmf.seed)
+            config = {**base, "k": cfg.snmf.k, "seed": cfg.snmf.seed, "chunk_size": cfg.chunk_size,
+                      "rel_error": pca_rel_error(source, dic)}
+            files = lambda c: io.pca_files(dic, c)  # noqa: E731
+        else:
+            config, files = _fit_snmf(cfg, source, base, run)
+        config["time_s"] = round(time.time() - t0, 2)
+        run.publish(files(config))
+        run.write_results({k: config[k] for k in RESULT_KEYS if k in config})
+        if cfg.method == "snmf" and cfg.chunk_size:  # the result holds what is needed; the n×k scratch can be large
+            remove_y_files(str(run.dir / STREAM_DIR))
+    config = io.read_config(cfg.out)
+    config["summary"] = summarize(cfg, config, io.load(cfg.out))
     return config
 
 
-def _train_snmf(cfg: TrainConfig, source, base: dict) -> dict:
-    s = cfg.snmf
-    metrics_path = os.path.join(cfg.out, METRICS)
-    ckpt = os.path.join(cfg.out, CHECKPOINT)
-    stream_dir = os.path.join(cfg.out, STREAM_DIR)
-    done = checkpoint_iteration(ckpt, stream_dir) if cfg.resume else None
-    if done is None:  # a fresh run: drop what an earlier run left, so nothing stale mixes in
-        for name in (CHECKPOINT, METRICS, io.CONFIG, io.WEIGHTS, "loss.png", "hierarchy.json",
-                     "hierarchy.safetensors"):
-            if os.path.exists(os.path.join(cfg.out, name)):
-                os.unlink(os.path.join(cfg.out, name))
-        shutil.rmtree(stream_dir, ignore_errors=True)
+def prepare(cfg: SNMFJobConfig) -> tuple[SNMFJobConfig, Run, StoreColumns]:
+    """Every check a run needs before it starts (settings, store, hook, shapes, output directory);
+    nothing on disk changes. Returns the config (k from --hierarchy), the prepared run and the tokens."""
+    from featureatlas.activation_store import ActivationStore
+
+    cfg = cfg.validate()
+    if cfg.hierarchy:
+        cfg = cfg.replace(snmf=cfg.snmf.replace(k=cfg.hierarchy[0]))
+    snmf = cfg.snmf
+    out = Path(cfg.out)
+    old = [name for name in LEGACY_CHECKPOINTS if (out / name).exists()]
+    if old and not (out / MANIFEST).exists() and not cfg.overwrite:
+        raise RunError(f"{out} holds a checkpoint in the old .npz format ({old[0]}), which does not record the "
+                       f"store it was fitted on, so it cannot be resumed safely; pass --overwrite to start again "
+                       f"in {out}, or choose another --out")
+    store = ActivationStore.open(cfg.store)
+    source = StoreColumns.open(store, cfg.hook, split=cfg.split, max_tokens=cfg.max_tokens, seed=snmf.seed)
+    if cfg.method == "snmf":
+        snmf.validate(source.d, source.n)
+    elif cfg.method == "pca":
+        check_pca_rank(snmf.k, source.d, source.n)
     else:
-        truncate_metrics(metrics_path, done)
+        check_labels(source.labels())
+    if not store.complete:
+        print(f"featureatlas {JOB}: warning: {store.path} holds {store.n_committed} of its {store.n_planned} "
+              f"contexts (its harvest was interrupted or is still running); fitting on the {source.n:,} tokens "
+              "committed so far (recorded as n_contexts). Resume the harvest first to use them all.",
+              file=sys.stderr)
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RUN_OPTIONS}
+    settings.update(store_fingerprint=store.fingerprint, model_id=store.model_id, weights_hash=store.weights_hash,
+                    store_dtype=store.dtype, n_contexts=store.n_committed, n_tokens=source.n, d=source.d)
+    run = Run.prepare(out, JOB, settings, resume=cfg.resume, overwrite=cfg.overwrite, flags=FLAGS,
+                      ignore=("store",), progress_markers=("checkpoints", RESULTS, io.CONFIG, io.WEIGHTS,
+                                                           STREAM_DIR, *LEGACY_CHECKPOINTS))
+    return cfg, run, source
+
+
+def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
+    """Fit (resuming from the run's checkpoint if any); returns (config, files(config) -> {name: data})."""
+    s = cfg.snmf
 
     def on_iter(it, loss, best, sq_norm):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"iteration": it, "loss": loss, "best_loss": best,
-                                "rel_error": math.sqrt(max(loss, 0.0) / sq_norm),
-                                "time": round(time.time(), 3)}) + "\n")
+        run.metrics.append([{"iteration": it, "loss": loss, "best_loss": best,
+                             "rel_error": math.sqrt(max(loss, 0.0) / sq_norm), "time": round(time.time(), 3)}])
 
-    if cfg.chunk_size:
-        fit = fit_streaming(source, s, chunk_size=cfg.chunk_size, workdir=stream_dir, mu_steps=cfg.mu_steps,
-                            save_y=cfg.save_y or bool(cfg.hierarchy), resume=cfg.resume,
-                            on_iter=on_iter, progress=cfg.progress)
-    else:
-        A_DxN = load_matrix(source)
-        fit = fit_full_batch(A_DxN, s, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
-                             resume=cfg.resume, on_iter=on_iter, progress=cfg.progress)
-        del A_DxN
+    with run.checkpoints() as ckpt:
+        run.metrics.truncate_after(ckpt.latest_step() or 0, key="iteration")
+        if cfg.chunk_size:
+            fit = fit_streaming(source, s, chunk_size=cfg.chunk_size, workdir=str(run.dir / STREAM_DIR),
+                                mu_steps=cfg.mu_steps, save_y=cfg.save_y or bool(cfg.hierarchy), checkpoints=ckpt,
+                                on_iter=on_iter, progress=cfg.progress)
+        else:
+            fit = fit_full_batch(load_matrix(source), s, checkpoints=ckpt, checkpoint_every=cfg.checkpoint_every,
+                                 on_iter=on_iter, progress=cfg.progress)
     config = {**base, "k": s.k, "p": s.p, "init": s.init, "max_iters": s.iters, "patience": s.patience,
               "tol": s.tol, "seed": s.seed, "iterations": fit.iterations, "stopped_early": fit.stopped_early,
               "solver": "streaming" if cfg.chunk_size else "full_batch", "chunk_size": cfg.chunk_size,
               "mu_steps": cfg.mu_steps if cfg.chunk_size else None,
               "final_loss": fit.loss, "rel_error": fit.rel_error,
               "kept_per_column": s.kept_per_column(source.d)}
-    rows = source.rows_N if cfg.save_y else None
-    io.save_snmf(cfg.out, fit.Z_DxK, config, Yt_NxK=fit.Yt_NxK if cfg.save_y else None, rows_N=rows)
-    plot_loss(metrics_path, os.path.join(cfg.out, "loss.png"))
+    extra = {}
     if cfg.hierarchy:
-        config["hierarchy"] = _build_hierarchy(cfg, source, fit)
-        io.write_config(cfg.out, {**io.read_config(cfg.out), "hierarchy": config["hierarchy"]})
-    if cfg.chunk_size:  # the result holds what is needed; the n×k scratch files can be large
-        remove_y_files(stream_dir)
-    return config
+        config["hierarchy"], extra = _build_hierarchy(cfg, source, fit)
+    rows = run.metrics.rows()
+    extra["loss.png"] = lambda path: plot_loss(rows, path)
+
+    def files(config):
+        return {**extra, **io.snmf_files(fit.Z_DxK, config, Yt_NxK=fit.Yt_NxK if cfg.save_y else None,
+                                          rows_N=source.rows_N if cfg.save_y else None)}
+    return config, files
 
 
-def checkpoint_iteration(ckpt: str, stream_dir: str) -> int | None:
-    """Iterations completed by the checkpoint a resumed run will continue from (None: no checkpoint)."""
-    for path in (ckpt, os.path.join(stream_dir, STATE_FILE)):
-        if os.path.exists(path):
-            with np.load(path) as ck:
-                return int(ck["iteration"])
-    return None
+def plot_loss(rows: list[dict], png_path) -> None:
+    """The relative reconstruction error per iteration (metrics.jsonl rows) as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-
-def truncate_metrics(path: str, iteration: int) -> None:
-    """Drop metric lines written after the checkpoint (the resumed run writes them again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["iteration"] <= iteration:
-                keep.append(ln)
-        except (ValueError, KeyError):
-            break  # a torn last line from a kill
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-def plot_loss(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    its, rel = [], []
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for ln in f:
-                rec = json.loads(ln)
-                if rec.get("rel_error") is not None:
-                    its.append(rec["iteration"])
-                    rel.append(rec["rel_error"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(its, rel)
+    rows = [r for r in rows if r.get("rel_error") is not None]
+    fig = Figure(figsize=(4.4, 3.3), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["iteration"] for r in rows], [r["rel_error"] for r in rows], lw=1.4)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("‖A − ZY‖_F / ‖A‖_F")
-    ax.set_title("SNMF reconstruction error")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    ax.set_title("SNMF reconstruction error ‖A − ZY‖_F / ‖A‖_F", fontsize=10)
+    ax.grid(alpha=0.3)
+    FigureCanvasAgg(fig)
+    fig.savefig(png_path, dpi=110, format="png")
 
 
-def _build_hierarchy(cfg: TrainConfig, source, fit) -> dict:
+def _build_hierarchy(cfg: SNMFJobConfig, source, fit) -> tuple[dict, dict]:
+    """(the hierarchy's summary for config.json, its files: hierarchy.json and hierarchy.safetensors)."""
     from featureatlas.snmf.hierarchy import fit_levels, hierarchy_json, top_tokens_per_level
 
     levels = fit_levels(fit.Z_DxK, list(cfg.hierarchy), cfg.snmf)
     _, norms = io.unit_columns(fit.Z_DxK)
-    Yt = fit.Yt_NxK
-    scaled = _ScaledY(Yt, norms)
     token_ids = source.token_ids()
-    tops = top_tokens_per_level(levels, scaled, token_ids)
+    tops = top_tokens_per_level(levels, _ScaledY(fit.Yt_NxK, norms), token_ids)
     tok = _tokenizer(cfg, source)
     token_text = (lambda t: tok.decode([t])) if tok is not None else None
     data = hierarchy_json(levels, tops, token_ids, token_text, cfg.hierarchy)
-    with open(os.path.join(cfg.out, "hierarchy.json"), "w") as f:
-        json.dump(data, f, indent=1)
     tensors = {f"Z{i}_DxK": lv.Z_DxK for i, lv in enumerate(levels) if i > 0}
     tensors.update({f"Y{i}_KxKprev": lv.Y_KxKprev for i, lv in enumerate(levels) if i > 0})
-    io.write_safetensors(os.path.join(cfg.out, "hierarchy.safetensors"), tensors, {"ranks": list(cfg.hierarchy)})
-    return {"ranks": list(cfg.hierarchy), "rel_errors": [lv.rel_error for lv in levels[1:]]}
+    files = {"hierarchy.json": io.json_text(data),
+             "hierarchy.safetensors": io.tensors_file(tensors, {"ranks": list(cfg.hierarchy)})}
+    return {"ranks": list(cfg.hierarchy), "rel_errors": [lv.rel_error for lv in levels[1:]]}, files
 
 
 class _ScaledY:
@@ -241,7 +271,7 @@ def _model(name: str | None):
     return _MODEL_CACHE[name]
 
 
-def _tokenizer(cfg: TrainConfig, source):
+def _tokenizer(cfg: SNMFJobConfig, source):
     lm = _model(cfg.model or source.store.model_id)
     return lm.tokenizer if lm is not None else None
 
@@ -258,7 +288,7 @@ def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:
     return out
 
 
-def summarize(cfg: TrainConfig, config: dict, dic) -> str:
+def summarize(cfg: SNMFJobConfig, config: dict, dic) -> str:
     lines = [f"{config['method']} on {config['hook']}: {config['n_features']} features from "
              f"{config['n_tokens']:,} tokens (d={config['d']}) in {config.get('time_s', 0):.1f}s"]
     if config.get("rel_error") is not None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from featureatlas.snmf.data import ArraySource
+from featureatlas.snmf.data import ArrayColumns
 from featureatlas.snmf.encode import nnls_encode, nnls_residual
 from featureatlas.snmf.solver import SNMFConfig, fit_full_batch, initial_state, snmf_step, snmf_update
 from featureatlas.snmf.streaming import fit_streaming
@@ -129,11 +129,11 @@ def test_streaming_matches_full_batch(problem, tmp_path):
     cfg = SNMFConfig(k=8, p=0.05, iters=60, patience=1000, init="random", tol=0.0)
     full = fit_full_batch(A, cfg)
     # 700 does not divide 2000: exercises the zero-padded last chunk
-    stream = fit_streaming(ArraySource(A.T.copy()), cfg, chunk_size=700, workdir=str(tmp_path / "s1"))
+    stream = fit_streaming(ArrayColumns(A.T.copy()), cfg, chunk_size=700, workdir=str(tmp_path / "s1"))
     assert abs(stream.loss - full.loss) <= 0.02 * full.loss
     np.testing.assert_allclose(stream.losses, full.losses, rtol=1e-3)  # same iteration, pass by pass
     # the block-coordinate variant (3 Y updates per read) optimizes the same objective
-    bc = fit_streaming(ArraySource(A.T.copy()), cfg, chunk_size=500, workdir=str(tmp_path / "s2"),
+    bc = fit_streaming(ArrayColumns(A.T.copy()), cfg, chunk_size=500, workdir=str(tmp_path / "s2"),
                        mu_steps=3, save_y=True)
     assert bc.loss <= 1.02 * full.loss
     Yt = np.asarray(bc.Yt_NxK)
@@ -146,7 +146,7 @@ def test_streaming_float16_chunks(problem, tmp_path):
     A, _, _ = problem
     cfg = SNMFConfig(k=8, p=0.05, iters=30, patience=1000, tol=0.0)
     full = fit_full_batch(A.astype(np.float16).astype(np.float32), cfg)
-    stream = fit_streaming(ArraySource(A.T.astype(np.float16)), cfg, chunk_size=512, workdir=str(tmp_path))
+    stream = fit_streaming(ArrayColumns(A.T.astype(np.float16)), cfg, chunk_size=512, workdir=str(tmp_path))
     assert abs(stream.loss - full.loss) <= 1e-3 * full.loss
 
 
@@ -193,8 +193,8 @@ def test_Y_nonnegative_always(problem):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=60), r"k=60 must be smaller than min\(d, n\)"),
-    (dict(k=5, p=0.0), r"p=0.0 is outside \(0, 1\]"),
-    (dict(k=5, p=1.5), r"p=1.5 is outside \(0, 1\]"),
+    (dict(k=5, p=0.0), r"--p must be > 0 \(got 0.0\)"),
+    (dict(k=5, p=1.5), r"--p must be <= 1 \(got 1.5\)"),
 ])
 def test_bad_config_errors(kwargs, match):
     A = np.random.default_rng(0).random((60, 300)).astype(np.float32)
@@ -216,11 +216,11 @@ def test_bad_matrix_errors(tmp_path):
     with pytest.raises(ValueError, match=r"2 non-finite .* token column 31, dimension 7"):
         fit_full_batch(A, cfg)
     with pytest.raises(ValueError, match=r"token column 31, dimension 7"):
-        fit_streaming(ArraySource(A.T.copy()), cfg, chunk_size=16, workdir=str(tmp_path))
+        fit_streaming(ArrayColumns(A.T.copy()), cfg, chunk_size=16, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="all zeros"):
-        fit_streaming(ArraySource(np.zeros((50, 20), np.float32)), cfg, chunk_size=16, workdir=str(tmp_path))
+        fit_streaming(ArrayColumns(np.zeros((50, 20), np.float32)), cfg, chunk_size=16, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="k=30 must be smaller"):
-        fit_streaming(ArraySource(A.T.copy()), SNMFConfig(k=30), chunk_size=16, workdir=str(tmp_path))
+        fit_streaming(ArrayColumns(A.T.copy()), SNMFConfig(k=30), chunk_size=16, workdir=str(tmp_path))
 
 
 # ------------------------------------------------------------------ baselines
@@ -234,7 +234,7 @@ def test_diffmeans_finds_planted_direction():
     labels = rng.integers(-1, 3, n)
     X = rng.standard_normal((n, d)) + 0.3
     X[labels >= 0] += 2.0 * dirs[labels[labels >= 0]]
-    dic = fit_diffmeans(ArraySource(X.astype(np.float32), labels), "resid_post.0",
+    dic = fit_diffmeans(ArrayColumns(X.astype(np.float32), labels), "resid_post.0",
                         label_names=("a", "b", "c"), chunk_size=1000)
     assert dic.label_names == ("a", "b", "c") and dic.n_features == 3
     # the difference of means is 2·dir_ℓ minus the others' average shift; compare with that
@@ -256,10 +256,10 @@ def test_pca_dictionary_reconstructs_rank_k():
     rng = np.random.default_rng(0)
     X = (rng.standard_normal((800, 5)) @ rng.standard_normal((5, 40)) + 3.0).astype(np.float32)
     for chunk in (None, 200):
-        dic = fit_pca(ArraySource(X), "resid_post.0", 5, chunk_size=chunk)
+        dic = fit_pca(ArrayColumns(X), "resid_post.0", 5, chunk_size=chunk)
         codes = np.asarray(dic.encode(X))
         assert codes.shape == (800, 10) and (codes >= 0).all()
         assert (np.minimum(codes[:, :5], codes[:, 5:]) == 0).all()  # ± halves never both on
         np.testing.assert_allclose(np.asarray(dic.decode(codes)), X, atol=2e-3)
     with pytest.raises(ValueError, match="k=40"):
-        fit_pca(ArraySource(X), "resid_post.0", 40)
+        fit_pca(ArrayColumns(X), "resid_post.0", 40)
