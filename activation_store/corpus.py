@@ -154,7 +154,7 @@ def decode_utf8(data: bytes, path) -> str:
     except UnicodeDecodeError as err:
         line = 1 + data.count(b"\n", 0, err.start)
         bad = data[err.start:err.start + 1].hex().upper()
-        return _not_utf8(path, f"is not valid UTF-8: byte 0x{bad} at byte offset {err.start} (line {line})", None)
+        return _not_utf8(path, f"is not valid UTF-8 at line {line}: byte 0x{bad} at byte offset {err.start}", None)
     if "\x00" in text:
         offset = data.index(b"\x00")
         return _not_utf8(path, f"holds NUL bytes (first at byte offset {offset}): it is probably UTF-16 text without "

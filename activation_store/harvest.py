@@ -31,7 +31,6 @@ from featureatlas.activation_store.corpus import (CorpusConfig, PackedCorpus, bu
                                                   read_documents)
 from featureatlas.activation_store.errors import FeatureAtlasError
 from featureatlas.activation_store.prefetch import Prefetcher
-from featureatlas.activation_store.runs import check_output_path
 from featureatlas.activation_store.store import (DTYPES, FLOAT16_MAX, ActivationStore, StoreWriter, check_compatible,
                                                  check_free_space, create_store, store_lock)
 
@@ -162,7 +161,11 @@ def check_store_path(out: Path) -> None:
         raise HarvestError(f"--out {out} is a directory; give a file path such as {out / 'store.h5'}")
     if out.exists() and not out.is_file():
         raise HarvestError(f"--out {out} exists and is not a regular file; give a path for the store's .h5 file")
-    check_output_path(out.parent, "the folder of --out")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # nearest existing folder
+    if not folder.is_dir():
+        raise HarvestError(f"--out {out}: {folder} is not a directory; choose a path under a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise HarvestError(f"--out {out}: no permission to write in {folder}; choose a writable location for --out")
     if out.exists() and not os.access(out, os.R_OK | os.W_OK):
         raise HarvestError(f"--out {out} is not writable (permission denied); fix its permissions or choose "
                            "another --out")

@@ -170,8 +170,8 @@ def not_a_store(path) -> NotAStoreError | None:
     if path.exists() and not path.is_file():
         return NotAStoreError(f"{path} is not a regular file; pass the .h5 file written by `featureatlas harvest`")
     if path.is_file() and path.stat().st_size == 0:
-        return NotAStoreError(f"{path} is an empty file, not an activation store; delete it (or pass --overwrite to "
-                              "`featureatlas harvest`) and harvest again")
+        return NotAStoreError(f"{path} is an empty file, not an activation store; pass the store written by "
+                              "`featureatlas harvest` (which may write into this path with --overwrite)")
     return None
 
 

@@ -25,6 +25,29 @@ def tiny_model():
     return random_model("llama", n_layers=2, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64, seed=0)
 
 
+def byte_bpe():
+    """A byte-level BPE tokenizer without merges (259 ids: <s>, </s>, <pad>, the 256 byte symbols)."""
+    from tokenizers import pre_tokenizers
+
+    from featureatlas.activation_store.models.tokenizer import BPETokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return BPETokenizer.from_gguf_fields(tokens=["<s>", "</s>", "<pad>"] + alphabet, merges=[],
+                                         token_types=[3, 3, 3] + [1] * 256, pre="gpt2", bos_id=0, eos_id=1, pad_id=2)
+
+
+def tiny_hf_dir(path):
+    """The tiny model saved as a Hugging Face directory, so the CLI can load it by path (`--model DIR`)."""
+    from featureatlas.activation_store.models import random_model
+    from featureatlas.activation_store.models.hf import save_hf_dir
+
+    lm = random_model("llama", n_layers=2, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, max_ctx=64, vocab_size=259,
+                      seed=0)
+    lm.tokenizer = byte_bpe()
+    save_hf_dir(lm, path)
+    return path
+
+
 def tiny_config(corpus_path, **overrides) -> HarvestConfig:
     corpus = CorpusConfig(source=str(corpus_path), context_length=32, min_tokens=4, seed=0)
     kw = dict(model="tiny", hooks=HOOKS, corpus=corpus, dtype="float16", batch_size=4, commit_contexts=8)

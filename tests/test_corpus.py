@@ -124,3 +124,44 @@ def test_bad_corpora_give_clear_errors(tmp_path):
     bad.write_text('{"text": "ok ok ok ok ok ok ok ok ok ok ok ok"}\nnot json\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2 is not valid JSON"):
         build_corpus(CorpusConfig(source=str(bad)), BYTES)
+
+
+def test_text_must_be_utf8_with_errors_naming_file_offset_and_fix(tmp_path):
+    good = tmp_path / "bom.txt"
+    good.write_bytes("\ufeffA UTF-8 file with a byte-order mark, café.".encode("utf-8"))
+    docs = read_documents(CorpusConfig(source=str(good)))
+    assert docs.texts == ("A UTF-8 file with a byte-order mark, café.",)  # the BOM is dropped
+    cases = {
+        "utf16.txt": ("Some text".encode("utf-16"), r"utf16.txt is UTF-16 text .*iconv -f UTF-16 -t UTF-8"),
+        "utf16be.txt": ("Some text".encode("utf-16-be"), r"holds NUL bytes \(first at byte offset 0\).*UTF-16"),
+        "latin1.txt": ("line one\nna\xefve\n".encode("latin-1"),
+                       r"latin1.txt is not valid UTF-8 at line 2: byte 0xEF at byte offset 11.*iconv"),
+    }
+    for name, (data, pattern) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CorpusError, match=pattern):
+            read_documents(CorpusConfig(source=str(tmp_path / name)))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"c.jsonl is not valid UTF-8 at line 2: byte 0xE9 at byte offset 28"):
+        read_documents(CorpusConfig(source=str(jsonl)))
+    # a directory corpus is checked file by file
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("fine")
+    (tmp_path / "d" / "b.txt").write_bytes(b"\xff\xfeb\x00")
+    with pytest.raises(CorpusError, match=r"b.txt is UTF-16 text"):
+        read_documents(CorpusConfig(source=str(tmp_path / "d")))
+
+
+def test_corpus_config_round_trips_and_checks_its_ranges():
+    from featureatlas.activation_store.errors import ConfigError
+
+    cfg = CorpusConfig(source="x.jsonl", max_tokens=5000, shuffle_documents=False)
+    assert CorpusConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown setting 'max_token'.*did you mean 'max_tokens'"):
+        CorpusConfig.from_dict({"max_token": 5})
+    for bad, pattern in ((dict(context_length=1), "--context-length must be >= 2"),
+                         (dict(max_contexts=0), "--max-contexts must be > 0"),
+                         (dict(min_tokens=0), "--min-tokens must be >= 1")):
+        with pytest.raises(ConfigError, match=pattern):
+            build_corpus(CorpusConfig(**bad), BYTES)

@@ -1,4 +1,5 @@
 import hashlib
+import os
 import json
 import subprocess
 import sys
@@ -211,3 +212,223 @@ def test_cli_flags_map_onto_the_harvest_config():
     assert cfg.corpus == CorpusConfig(source="data.jsonl", context_length=64, max_tokens=100000,
                                       shuffle_documents=False, text_field="body")
     assert HarvestConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line with bad inputs: non-zero exit, one line naming the problem and the fix, no
+# traceback, and the files on disk unchanged (checksums before and after).
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    from harvest_kill_helper import tiny_hf_dir
+
+    return tiny_hf_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def _argv(hf_model, corpus_path, out, *extra):
+    return ["harvest", "--model", str(hf_model), "--corpus", str(corpus_path), "--hooks", *HOOKS,
+            "--context-length", "32", "--min-tokens", "4", "--batch-size", "4", "--commit-contexts", "8",
+            "--max-tokens", "100000", "--out", str(out), "--no-progress", *extra]
+
+
+def _cli_subprocess(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "featureatlas.scripts.cli", *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _tree(path):
+    """{relative path: sha256} of every file below `path` (directories as None)."""
+    path = Path(path)
+    return {str(p.relative_to(path)): (_sha(p) if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def _one_line_error(err: str, *needles):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def cli_store(tmp_path, hf_model, corpus_path, capsys):
+    """A complete store written by the CLI, and the tree of its folder."""
+    out = tmp_path / "runs" / "store.h5"
+    assert cli(_argv(hf_model, corpus_path, out)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_cli_full_disk_stops_before_writing_with_the_space_needed(tmp_path, hf_model, corpus_path, cli_store, capsys,
+                                                                  monkeypatch):
+    import h5py
+
+    from featureatlas.activation_store import store_writer
+
+    # (1) a fresh harvest: refused before anything is created
+    monkeypatch.setattr(store_writer, "free_bytes", lambda path: 1 << 20)
+    fresh = tmp_path / "new" / "store.h5"
+    assert cli(_argv(hf_model, corpus_path, fresh)) == 2
+    _one_line_error(capsys.readouterr().err, "not enough disk space", "MB free", "free some space")
+    assert not (tmp_path / "new").exists()
+    # (2) a resumed harvest whose disk fills up after the start: the commit is refused, nothing written
+    with h5py.File(cli_store, "r+") as f:
+        f["n_committed"][()] = 8
+    before = _tree(cli_store.parent)
+    calls = iter([1 << 40])
+    monkeypatch.setattr(store_writer, "free_bytes", lambda path: next(calls, 0))
+    assert cli(_argv(hf_model, corpus_path, cli_store)) == 2
+    line = _one_line_error(capsys.readouterr().err, "committing contexts [8, 16) needs", "resumes")
+    assert "the whole remaining store needs" in line
+    assert _tree(cli_store.parent) == before
+
+
+def test_cli_refuses_utf16_and_latin1_text_naming_the_file(tmp_path, hf_model):
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("The cat sat on the mat, a long enough document.".encode("utf-16"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait, twenty words of text\nand a second line with \xa3 in it".encode("latin-1"))
+    before = _tree(tmp_path)
+    for corpus, needles in ((utf16, ["is UTF-16 text", "byte-order mark", "iconv -f UTF-16 -t UTF-8"]),
+                            (latin1, ["is not valid UTF-8 at line 1: byte 0xE9 at byte offset 3", "convert it"])):
+        proc = _cli_subprocess(*_argv(hf_model, corpus, tmp_path / "out" / "s.h5"))
+        assert proc.returncode == 2
+        _one_line_error(proc.stderr, str(corpus), *needles)
+    assert _tree(tmp_path) == before  # no output folder, nothing changed
+
+
+def test_cli_overwrite_while_another_harvest_writes_is_refused(tmp_path, hf_model, corpus_path, cli_store, capsys):
+    from featureatlas.activation_store.store import StoreBusyError, store_lock
+
+    before = _tree(cli_store.parent)
+    with store_lock(cli_store):  # what a running harvest holds
+        proc = _cli_subprocess(*_argv(hf_model, corpus_path, cli_store, "--overwrite"))
+    assert proc.returncode == 2
+    _one_line_error(proc.stderr, "is being written by another harvest", "wait for it to finish")
+    assert _tree(cli_store.parent) == before
+    # and a running harvest does hold it
+    seen = []
+
+    def on_phase(name, index):
+        if name == "committed" and index == 0:
+            with pytest.raises(StoreBusyError):
+                with store_lock(tmp_path / "s.h5"):
+                    pass
+            seen.append(index)
+
+    harvest(tiny_config(corpus_path), tmp_path / "s.h5", lm=tiny_model(), progress=False, on_phase=on_phase)
+    assert seen == [0] and not (tmp_path / "s.h5.lock").exists()
+
+
+def test_cli_ctrl_c_says_the_store_is_safe_and_resumes_to_the_same_bytes(tmp_path, hf_model, corpus_path, cli_store,
+                                                                          capsys, monkeypatch):
+    from featureatlas.activation_store.store import ActivationStore, StoreWriter
+
+    commit = StoreWriter.commit
+
+    def interrupted_after_one(self, c0, c1, acts):
+        if c0 > 0:
+            raise KeyboardInterrupt  # Ctrl-C arrives while the second chunk is being committed
+        commit(self, c0, c1, acts)
+
+    out = tmp_path / "s.h5"
+    monkeypatch.setattr(StoreWriter, "commit", interrupted_after_one)
+    assert cli(_argv(hf_model, corpus_path, out)) == 130
+    _one_line_error(capsys.readouterr().err, "interrupted", f"{out} is safe with 8 of", "run the same command again")
+    partial = ActivationStore.open(out)
+    assert partial.n_contexts == 8 and partial.verify() == []
+    monkeypatch.setattr(StoreWriter, "commit", commit)
+    assert cli(_argv(hf_model, corpus_path, out)) == 0
+    assert _sha(out) == _sha(cli_store)
+
+
+@pytest.mark.parametrize("case", ["directory", "parent-is-a-file", "unwritable"])
+def test_cli_invalid_out_paths_get_their_own_message(tmp_path, hf_model, corpus_path, case):
+    if case == "unwritable" and os.geteuid() == 0:
+        pytest.skip("root may write anywhere")
+    if case == "directory":
+        (tmp_path / "dir").mkdir()
+        out, needles = tmp_path / "dir", ["is a directory; give a file path such as", "store.h5"]
+    elif case == "parent-is-a-file":
+        (tmp_path / "file.txt").write_text("x")
+        out, needles = tmp_path / "file.txt" / "store.h5", ["is not a directory"]
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out, needles = tmp_path / "ro" / "store.h5", ["no permission to write in"]
+    before = _tree(tmp_path)
+    proc = _cli_subprocess(*_argv(hf_model, corpus_path, out))
+    assert proc.returncode == 2
+    _one_line_error(proc.stderr, str(out), *needles)
+    assert _tree(tmp_path) == before
+
+
+def test_cli_a_directory_or_a_foreign_hdf5_file_is_not_called_corrupted(tmp_path, hf_model, corpus_path, capsys):
+    import h5py
+
+    (tmp_path / "d").mkdir()
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["weights"] = np.zeros(3)
+    before = _tree(tmp_path)
+    cases = [(["store", "info", str(tmp_path / "d")], ["is a directory, not an activation store file"]),
+             (["store", "info", str(other)], ["is an HDF5 file but not a featureatlas store (no /tokens", "/weights"]),
+             (_argv(hf_model, corpus_path, other), ["is an HDF5 file but not a featureatlas store",
+                                                    "choose another --out"])]
+    for argv, needles in cases:
+        assert cli(argv) == 2
+        line = _one_line_error(capsys.readouterr().err, *needles)
+        assert "corrupted" not in line and "delete it" not in line
+    assert _tree(tmp_path) == before
+
+
+def test_cli_checks_arguments_before_loading_the_model(tmp_path, hf_model, corpus_path, capsys, monkeypatch):
+    import featureatlas.activation_store.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    out = tmp_path / "new" / "s.h5"
+    cases = [(["--hooks", "resid_post.5"], ["unknown hook 'resid_post.5'", "valid hooks: resid_pre.0-1"]),
+             (["--context-length", "128"], ["context_length 128 exceeds the model's maximum context 64",
+                                            "--context-length 64"]),
+             (["--max-tokens", "0"], ["--max-tokens must be > 0"]),
+             (["--batch-size", "0"], ["--batch-size must be > 0"]),
+             (["--commit-contexts", "6"], ["must be a multiple of batch_size"]),
+             (["--val-fraction", "1"], ["--val-fraction must be < 1"])]
+    for extra, needles in cases:
+        assert cli(_argv(hf_model, corpus_path, out) + extra) == 2, extra
+        _one_line_error(capsys.readouterr().err, *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_jsonl_errors_name_file_and_line_and_leave_no_output_folder(tmp_path, hf_model, corpus_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine text here"}\n{"text": "broken\n')
+    assert cli(_argv(hf_model, bad, tmp_path / "a" / "s.h5")) == 2
+    _one_line_error(capsys.readouterr().err, f"{bad}:2 is not valid JSON")
+    # a failure after the output folder was made (no document long enough) removes the folder again
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "tiny"}\n')
+    assert cli(_argv(hf_model, short, tmp_path / "b" / "c" / "s.h5") + ["--min-tokens", "20"]) == 2
+    _one_line_error(capsys.readouterr().err, "gives no context", "lower --min-tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "short.jsonl"]
+
+
+def test_cli_help_shows_every_flag_with_help_and_default_and_the_whole_corpus_notice(tmp_path, hf_model,
+                                                                                      corpus_path, capsys):
+    from featureatlas.scripts.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["harvest"]
+    for action in sub._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, action.dest
+        assert action.dest == "out" or "default" in action.help, (action.dest, action.help)
+    argv = [a for a in _argv(hf_model, corpus_path, tmp_path / "s.h5") if a not in ("--max-tokens", "100000")]
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    assert "note: no --max-tokens given, so the whole corpus is harvested:" in err
+    assert "tokens/s" in err and "pass --max-tokens N" in err

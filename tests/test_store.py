@@ -304,3 +304,94 @@ def test_a_second_writer_is_refused_while_one_holds_the_store(store):
         assert out.returncode != 0 and "open for writing in another process" in out.stderr
     finally:
         writer.close()
+
+
+def test_several_hooks_give_aligned_batches_that_cover_each_row_once_per_epoch(arrays, store):
+    # the two hooks have different chunk layouts (64 and 128 rows): the plan uses whole chunks of both
+    assert store.block_rows("resid_post.0") != store.block_rows("mlp_hidden.1")
+    train = store.token_rows("train")
+    B = 29
+    n = 2 * len(train) // B + 1
+    with store.batches(["resid_post.0", "mlp_hidden.1"], B, seed=3, shuffle_buffer_rows=128) as it:
+        batches = [next(it) for _ in range(n)]
+    assert all(set(b) == {"resid_post.0", "mlp_hidden.1"} for b in batches)
+    ids = np.concatenate([np.asarray(b["resid_post.0"])[:, 0] for b in batches]).astype(np.int64)
+    mlp = np.concatenate([np.asarray(b["mlp_hidden.1"]) for b in batches])
+    np.testing.assert_array_equal(mlp, arrays["acts"]["mlp_hidden.1"][ids])  # same token rows in every hook
+    assert np.array_equal(np.sort(ids[:len(train)]), train)
+    assert np.array_equal(np.sort(ids[len(train):2 * len(train)]), train)
+    # resuming at a step gives the same aligned batches
+    with store.batches(["resid_post.0", "mlp_hidden.1"], B, seed=3, shuffle_buffer_rows=128, start_step=7) as it:
+        again = [next(it) for _ in range(5)]
+    for x, y in zip(batches[7:12], again):
+        for h in x:
+            assert np.array_equal(np.asarray(x[h]), np.asarray(y[h]))
+    # one hook by name yields arrays; the same hook in a list yields the same rows as a dict
+    with store.batches("mlp_hidden.1", B, seed=3) as a, store.batches(["mlp_hidden.1"], B, seed=3) as b:
+        for _ in range(4):
+            assert np.array_equal(np.asarray(next(a)), np.asarray(next(b)["mlp_hidden.1"]))
+
+
+def test_an_explicit_row_subset_is_the_only_thing_visited(arrays, store):
+    train = store.token_rows("train")
+    keep = train[train % 5 != 0]  # e.g. leaving massive-norm tokens out
+    with store.batches("resid_post.0", 50, seed=1, rows=keep) as it:
+        ids = np.concatenate([np.asarray(next(it))[:, 0] for _ in range(-(-len(keep) // 50))]).astype(np.int64)
+    assert np.array_equal(np.sort(ids[:len(keep)]), keep)
+    with pytest.raises(StoreError, match="not real tokens of split 'train'"):
+        store.batches("resid_post.0", 50, rows=np.array([0, 1]))  # BOS row 0 is not in the selection
+    with pytest.raises(StoreError, match="has no hook 'nope'"):
+        store.batches(["resid_post.0", "nope"], 8)
+    with pytest.raises(StoreError, match="batch_size must be positive"):
+        store.batches("resid_post.0", 0)
+
+
+def test_sample_is_seeded_sorted_and_aligned(arrays, store):
+    x = store.sample("resid_post.0", 100, seed=4)
+    assert x.shape == (100, 8) and np.array_equal(x, store.sample("resid_post.0", 100, seed=4))
+    rows = x[:, 0].astype(np.int64)
+    assert np.all(np.diff(rows) > 0) and np.isin(rows, store.token_rows("train")).all()
+    both = store.sample(["resid_post.0", "mlp_hidden.1"], 100, seed=4)
+    assert np.array_equal(both["resid_post.0"], x)
+    np.testing.assert_array_equal(both["mlp_hidden.1"], arrays["acts"]["mlp_hidden.1"][rows])
+    assert len(store.sample("resid_post.0", 10**6)) == len(store.token_rows("train"))
+
+
+def test_reading_never_changes_the_store_file(store):
+    before = _sha(store.path)
+    s = ActivationStore.open(store.path)
+    s.stats("resid_post.0")
+    s.sample("mlp_hidden.1", 10)
+    with s.batches(["resid_post.0", "mlp_hidden.1"], 16) as it:
+        next(it)
+    list(s.iter_chunks("resid_post.0", 100))
+    assert s.verify() == [] and s.summary()["contexts"] == N
+    s.close()
+    assert _sha(store.path) == before
+
+
+def test_things_that_are_not_stores_are_named_not_called_corrupted(tmp_path, store):
+    from featureatlas.activation_store.errors import FeatureAtlasError
+    from featureatlas.activation_store.store import NotAStoreError
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello\n" * 100)
+    with h5py.File(tmp_path / "weights.h5", "w") as f:
+        f["W"] = np.zeros((2, 2))
+        f.attrs["format"] = "something-else"
+    cases = {"dir": (NotAStoreError, r"is a directory, not an activation store file; pass the store's \.h5 file "
+                                     r"path \(it holds s\.h5\)"),
+             "empty.h5": (NotAStoreError, "is an empty file, not an activation store"),
+             "notes.txt": (StoreCorruptedError, "is not an HDF5 file .*otherwise pass the .h5 file"),
+             "weights.h5": (NotAStoreError, r"is an HDF5 file but not a featureatlas store \(no /tokens, its format "
+                                            r"attribute is 'something-else'; it holds /W\)")}
+    (tmp_path / "dir" / "s.h5").write_bytes(store.path.read_bytes())
+    for name, (error, pattern) in cases.items():
+        with pytest.raises(error, match=pattern) as info:
+            ActivationStore.open(tmp_path / name)
+        assert isinstance(info.value, FeatureAtlasError)
+        if error is NotAStoreError:
+            assert "corrupted" not in str(info.value) and "delete it" not in str(info.value)
+    with pytest.raises(FeatureAtlasError, match="no activation store at"):
+        ActivationStore.open(tmp_path / "missing.h5")
