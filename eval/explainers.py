@@ -4,7 +4,9 @@
                                               describe_features)
     ex = OpenAIExplainer("http://127.0.0.1:8080/v1", "qwen2.5-7b-instruct", api_key_env="OPENAI_API_KEY")
     answers = ex.complete(["Say hi."], max_tokens=8, temperature=0.0, cache=ResponseCache("out/llm-cache"))
-    new_lists = describe_features(records, ex, ["maxact", "vocabproj"], cache=ResponseCache("out/llm-cache"))
+    done = describe_features(records, ex, ["maxact", "vocabproj"], cache=ResponseCache("out/llm-cache"))
+    for rec, descs in zip(records, done.descriptions):   # done.failures: this call's failed slots, per record
+        rec["descriptions"] = descs
 
 Interface (`Explainer.complete`): a list of prompts (a string = one user turn, or chat messages
 [{"role", "content"}, ...]) -> a list of `Answer`, n per prompt (answers[i * n + j] is sample
@@ -31,8 +33,9 @@ sha256(JSON of backend, model, messages, params incl. the sample index), written
 Failed calls are not cached; a rerun answers every cached request without touching the backend.
 
 Descriptions (features.jsonl schema): {"text", "method", "explainer", "model", "prompt_method", "evidence",
-"seconds", "tokens_in", "tokens_out", "sample"}; a failed one is {"failed": true, "error", "method",
-"explainer", "model", "prompt_method", "sample"} and has no text.
+"seconds", "tokens_in", "tokens_out", "sample"}. `describe_features` returns them apart from the failures
+of the call, {"failed": true, "error", "method", "explainer", "model", "prompt_method", "sample"} (no text):
+a failure is never stored as a description, and a rerun retries exactly the missing slots.
 """
 from __future__ import annotations
 
@@ -578,10 +581,17 @@ class OpenAIExplainer(Explainer):
             return self._client
 
     def close(self) -> None:
+        """Close the connection pool (a later call opens a new one)."""
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def __enter__(self) -> "OpenAIExplainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _headers(self) -> dict:
         h = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -760,6 +770,22 @@ def make_explainer(kind: str, **kw) -> Explainer:
 # ---------------------------------------------------------------------------------------------
 # describe_features
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class Described:
+    """What `describe_features` made, aligned with its records."""
+
+    descriptions: list
+    """Per record: kept descriptions then new ones (only successful ones; the record's new "descriptions")."""
+    failures: list
+    """Per record: this call's failed entries {"failed": true, "error", "method", ...} (never descriptions)."""
+
+    n_new: int = 0
+    """New descriptions made by this call (successful ones)."""
+
+    def __iter__(self):  # descriptions, failures = describe_features(...)
+        return iter((self.descriptions, self.failures))
+
+
 def description_key(d: Mapping[str, Any]) -> tuple:
     """What makes two descriptions the same slot: (method, explainer, model, prompt_method, sample)."""
     return (d.get("method"), d.get("explainer"), d.get("model", ""), d.get("prompt_method"), int(d.get("sample", 0)))
@@ -803,8 +829,9 @@ def _template_evidence(record: Mapping[str, Any], method: str) -> dict:
 def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer, methods: Sequence[str] = ("maxact",),
                       *, k: int = 1, cache: ResponseCache | None = None, temperature: float | None = None,
                       max_tokens: int = 64, prompt_config: PromptConfig | None = None,
-                      existing: Sequence[Sequence[Mapping[str, Any]]] | None = None) -> list[list[dict]]:
-    """Describe each live feature with each method: per record, its description list after this call.
+                      existing: Sequence[Sequence[Mapping[str, Any]]] | None = None) -> Described:
+    """Describe each live feature with each method; per record, its descriptions after this call and the
+    failures of this call.
 
     records: feature records (features.jsonl schema); dead ones (`dead: true`) are returned unchanged.
     methods: any of prompts.METHODS. `ensemble-concat` joins the maxact, vocabproj and tokenchange
@@ -814,14 +841,17 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
     existing: the description lists to complete (default: each record's "descriptions"). A description
         already there for the same (method, explainer, model, prompt_method, sample) is kept and not
         asked again; earlier failed entries are dropped and retried.
-    Returns, per record, the kept descriptions followed by the new entries; a failed call is an entry
-    {"failed": true, "error": ...} (no text), never a description.
+    Returns `Described`: `descriptions[i]`, the kept descriptions of record i followed by the new ones (what
+    its "descriptions" field should become); `failures[i]`, this call's failed entries for record i,
+    {"failed": true, "error", "method", "explainer", "model", "prompt_method", "sample"}: a failed call is
+    recorded there, never as a description, and a rerun asks for it again.
     """
     methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ConfigError(f"no description method given; choose from {', '.join(P.METHODS)}")
     bad = [m for m in methods if m not in P.METHODS]
-    if bad or not methods:
-        raise ConfigError(f"unknown description method {bad[0] if bad else '(none given)'!r}; choose from "
-                          f"{', '.join(P.METHODS)}")
+    if bad:
+        raise ConfigError(f"unknown description method {bad[0]!r}; choose from {', '.join(P.METHODS)}")
     if "ensemble-concat" in methods:
         methods = methods + list(P.CONCAT_PARTS)
     methods = [m for m in P.METHODS if m in methods]  # canonical order: the parts before their concat
@@ -915,12 +945,13 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
     if n_new:
         log.info("describe (%s%s): %d new entries, %d failed", explainer.backend,
                  f" {explainer.model}" if explainer.model else "", n_new, n_fail)
-    return [keep + add for keep, add in zip(kept, new)]
+    return Described([keep + [d for d in add if not is_failed(d)] for keep, add in zip(kept, new)],
+                     [[d for d in add if is_failed(d)] for add in new], n_new - n_fail)
 
 
 __all__ = [
     "Answer", "Explainer", "TemplateExplainer", "LocalExplainer", "OpenAIExplainer", "ResponseCache", "Request",
     "MissingAPIKeyError", "EndpointUnreachableError", "EndpointResponseError", "template_description",
-    "describe_features", "make_explainer", "description_key", "is_failed", "backoff_delay", "retry_after_seconds",
+    "describe_features", "Described", "make_explainer", "description_key", "is_failed", "backoff_delay", "retry_after_seconds",
     "as_messages", "EXPLAINERS", "TEMPLATE_VERSION",
 ]

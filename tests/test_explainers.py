@@ -242,14 +242,16 @@ def test_truncated_reply_is_a_failure_not_a_description(server_factory, key_env,
     assert srv.chat_requests == 2 and len(cache) == 0
     recs = [tiny_record()]
     out = describe_features(recs, client(srv, max_retries=0), ["vocabproj"], cache=cache)
-    assert out[0] == [{"method": "vocabproj", "explainer": "openai", "model": "fake-model",
-                       "prompt_method": "vocabproj-v1", "sample": 0, "failed": True, "error": out[0][0]["error"]}]
+    assert out.descriptions == [[]] and out.n_new == 0
+    assert out.failures[0] == [{"method": "vocabproj", "explainer": "openai", "model": "fake-model",
+                                "prompt_method": "vocabproj-v1", "sample": 0, "failed": True,
+                                "error": out.failures[0][0]["error"]}]
 
 
 def test_answer_cut_by_max_tokens(server_factory, key_env):
     srv = server_factory(["length"])
     out = describe_features([tiny_record()], client(srv), ["maxact"])
-    assert out[0][0]["failed"] and "max_tokens" in out[0][0]["error"]
+    assert out.descriptions == [[]] and "max_tokens" in out.failures[0][0]["error"]
 
 
 def test_response_cache_prevents_repeat_calls(server_factory, key_env, tmp_path):
@@ -279,11 +281,11 @@ def test_key_never_written_to_files_logs_or_messages(server_factory, key_env, tm
     ex = client(srv, concurrency=1, max_retries=1)
     recs = [tiny_record(), tiny_record()]
     out = describe_features(recs, ex, ["maxact", "vocabproj"], cache=cache)
-    errors = [d["error"] for ds in out for d in ds if d.get("failed")]
+    errors = [d["error"] for ds in out.failures for d in ds]
     assert any("***" in e for e in errors)  # the echoed credential was scrubbed
     assert len(cache) >= 1
     texts = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
-    texts += [caplog.text, json.dumps(out), repr(ex), str(vars(ex)), *capsys.readouterr()]
+    texts += [caplog.text, json.dumps([out.descriptions, out.failures]), repr(ex), str(vars(ex)), *capsys.readouterr()]
     with pytest.raises(EndpointUnreachableError) as info:
         OpenAIExplainer(f"http://127.0.0.1:{closed_port()}/v1", "m", api_key_env=KEY_ENV).complete(["x"], max_tokens=1)
     texts.append(str(info.value))
@@ -503,10 +505,10 @@ def test_template_descriptions_are_deterministic():
     a = describe_features([rec], TemplateExplainer(), ["maxact", "vocabproj"])
     b = describe_features([rec], TemplateExplainer(), ["maxact", "vocabproj"])
     strip = lambda ds: [{k: v for k, v in d.items() if k != "seconds"} for d in ds]  # noqa: E731
-    assert strip(a[0]) == strip(b[0])
-    assert a[0][0] == {"text": 'fires on " Rome", " Oslo" (often after " in")', "method": "maxact",
+    assert strip(a.descriptions[0]) == strip(b.descriptions[0]) and a.failures == [[]]
+    assert a.descriptions[0][0] == {"text": 'fires on " Rome", " Oslo" (often after " in")', "method": "maxact",
                        "explainer": "template", "model": "", "prompt_method": "template-v1",
-                       "evidence": {"n_examples": 3, "split": "explain"}, "seconds": a[0][0]["seconds"],
+                       "evidence": {"n_examples": 3, "split": "explain"}, "seconds": a.descriptions[0][0]["seconds"],
                        "tokens_in": 0, "tokens_out": 0, "sample": 0}
 
 
@@ -519,8 +521,8 @@ def test_describe_features_records_failures_and_reruns_fill_only_missing(server_
     recs = [tiny_record(), dead, no_output]
     ex = client(srv, concurrency=1)
     out = describe_features(recs, ex, ["maxact", "vocabproj"], cache=cache)
-    assert out[1] == []  # dead features are not described
-    good, failed = out[0][0], out[0][1]
+    assert out.descriptions[1] == [] and out.failures[1] == []  # dead features are not described
+    [good], [failed] = out.descriptions[0], out.failures[0]
     assert good["method"] == "maxact" and good["text"].startswith("feature number ")
     assert {k: good[k] for k in ("explainer", "model", "prompt_method", "evidence", "tokens_in", "tokens_out",
                                  "sample")} == {"explainer": "openai", "model": "fake-model",
@@ -528,27 +530,29 @@ def test_describe_features_records_failures_and_reruns_fill_only_missing(server_
                                                 "evidence": {"n_examples": 2, "split": "explain"},
                                                 "tokens_in": 11, "tokens_out": 7, "sample": 0}
     assert failed["failed"] and failed["method"] == "vocabproj" and "text" not in failed
-    assert out[2][0]["text"] and out[2][1]["failed"] and "vocab_proj" in out[2][1]["error"]
-    assert srv.chat_requests == 3
+    assert out.descriptions[2][0]["text"] and "vocab_proj" in out.failures[2][0]["error"]
+    assert srv.chat_requests == 3 and out.n_new == 2
     # rerun with the descriptions stored: only the failed slot is asked again
-    for rec, descs in zip(recs, out):
+    schema = pytest.importorskip("featureatlas.eval.schema")
+    for rec, descs in zip(recs, out.descriptions):
         rec["descriptions"] = descs
+        for j, d in enumerate(descs):
+            schema.validate_description(d, rec["id"], f"descriptions[{j}]")
     out2 = describe_features(recs, ex, ["maxact", "vocabproj"], cache=cache)
-    assert srv.chat_requests == 4
-    assert out2[0][0] == good and out2[0][1]["method"] == "vocabproj" and out2[0][1]["text"]
-    assert not any(d.get("failed") for d in out2[0])
+    assert srv.chat_requests == 4 and out2.failures[0] == [] and out2.n_new == 1
+    assert out2.descriptions[0][0] == good and out2.descriptions[0][1]["method"] == "vocabproj"
     # a third run asks nothing (the missing-evidence failure of record 2 costs no call)
-    out3 = describe_features(recs, ex, ["maxact", "vocabproj"], existing=out2, cache=None)
-    assert srv.chat_requests == 4 and out3[0] == out2[0]
+    out3 = describe_features(recs, ex, ["maxact", "vocabproj"], existing=out2.descriptions, cache=None)
+    assert srv.chat_requests == 4 and out3.descriptions == out2.descriptions and out3.n_new == 0
 
 
 def test_best_of_k_and_concat(server_factory, key_env):
     srv = server_factory(["ok"])
     out = describe_features([tiny_record()], client(srv), ["ensemble-concat"], k=2)
-    methods = [(d["method"], d["sample"]) for d in out[0]]
+    methods = [(d["method"], d["sample"]) for d in out.descriptions[0]]
     assert methods == [("maxact", 0), ("vocabproj", 0), ("tokenchange", 0), ("maxact", 1), ("vocabproj", 1),
                        ("tokenchange", 1), ("ensemble-concat", 0), ("ensemble-concat", 1)]
-    concat = out[0][6]
+    concat = out.descriptions[0][6]
     assert concat["text"].startswith("Input: Feature number ") and concat["evidence"] == {
         "from": ["maxact", "vocabproj", "tokenchange"]}
     assert all(b["temperature"] == 0.7 for b in srv.bodies) and srv.chat_requests == 6
@@ -614,12 +618,12 @@ def test_local_smollm2_describes_a_feature(smollm2, tmp_path):
     out = describe_features([tiny_record()], ex, ["maxact", "vocabproj"], cache=cache, max_tokens=24,
                             prompt_config=cfg)
     took = time.perf_counter() - t0
-    descs = [d for d in out[0] if not d.get("failed")]
+    descs = out.descriptions[0]
     assert descs, out
     for d in descs:
         assert d["text"].strip() and d["explainer"] == "local" and d["tokens_in"] > 100 and 0 < d["tokens_out"] <= 24
     assert took < 60, took
-    print(f"local explainer: {took:.1f} s;", [d.get("text") or d.get("error") for d in out[0]])
+    print(f"local explainer: {took:.1f} s;", [d["text"] for d in descs], out.failures)
     # cached: no model call the second time
     t0 = time.perf_counter()
     again = describe_features([tiny_record()], ex, ["maxact", "vocabproj"], cache=cache, max_tokens=24,
