@@ -124,7 +124,7 @@ def as_messages(prompt) -> list[dict]:
     if isinstance(prompt, (list, tuple)) and prompt:
         out = []
         for m in prompt:
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ConfigError(f"a chat message must be {{'role': str, 'content': str}}, got {m!r}")
             out.append({"role": m["role"], "content": m["content"]})
         return out
@@ -309,7 +309,8 @@ def _template_part(record: Mapping[str, Any], method: str, n: int) -> str | None
             part = tc.get(sign) or {}
             up, down = list(part.get("up") or []), list(part.get("down") or [])
             if up or down:
-                bits = ([f"raises {P.token_list(up, n)}"] if up else []) + ([f"lowers {P.token_list(down, n)}"] if down else [])
+                bits = ([f"raises {P.token_list(up, n)}"] if up else []) + \
+                    ([f"lowers {P.token_list(down, n)}"] if down else [])
                 return f"{verb} " + " and ".join(bits)
         return None
     raise ValueError(method)
@@ -441,7 +442,8 @@ class LocalExplainer(Explainer):
                     if logits is not None:
                         top = _top_logprobs(np.asarray(logits[row][: len(gen) + (stop is not None)]),
                                             lm.tokenizer, self.top_logprobs)
-                    answers[i] = Answer(text=lm.tokenizer.decode(gen), finish_reason="stop" if stop is not None else "length",
+                    answers[i] = Answer(text=lm.tokenizer.decode(gen),
+                                        finish_reason="stop" if stop is not None else "length",
                                         logprobs=top, seconds=seconds, tokens_in=len(rows[i]),
                                         tokens_out=len(gen) + (stop is not None))
                 log.info("local explainer: %d prompts, %.1f s each", len(batch), seconds)
@@ -952,6 +954,7 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
 __all__ = [
     "Answer", "Explainer", "TemplateExplainer", "LocalExplainer", "OpenAIExplainer", "ResponseCache", "Request",
     "MissingAPIKeyError", "EndpointUnreachableError", "EndpointResponseError", "template_description",
-    "describe_features", "Described", "make_explainer", "description_key", "is_failed", "backoff_delay", "retry_after_seconds",
+    "describe_features", "Described", "make_explainer", "description_key", "is_failed", "backoff_delay",
+    "retry_after_seconds",
     "as_messages", "EXPLAINERS", "TEMPLATE_VERSION",
 ]

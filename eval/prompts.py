@@ -349,7 +349,8 @@ def parse_description(text: str | None, *, truncated: bool = False, max_chars: i
             return None
         line = line[: ends[-1].end()]
     line = line.strip().strip("*_`").strip()
-    if len(line) >= 2 and line[0] in '"\u201c' and line[-1] in '"\u201d' and not any(q in line[1:-1] for q in '"\u201c\u201d'):
+    quotes = '"\u201c\u201d'
+    if len(line) >= 2 and line[0] in quotes and line[-1] in quotes and not any(q in line[1:-1] for q in quotes):
         line = line[1:-1].strip()
     if len(line) > max_chars:
         cut = line[:max_chars]

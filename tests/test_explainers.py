@@ -120,7 +120,8 @@ class FakeLLM:
     @staticmethod
     def reply(content: str, finish: str = "stop") -> dict:
         return {"id": "c1", "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": finish}],
                 "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
 
     def close(self):
@@ -411,7 +412,8 @@ def test_maxact_prompt_golden():
     msgs, ev = P.build_prompt(tiny_record(), "maxact", P.PromptConfig(n_examples=1, n_quantile=1, highlight=0.9))
     assert ev["n_examples"] == 2
     assert msgs[3]["content"].startswith('Example 1: We met in<< Rome>>\\n\nActivations: (" met", 1), (" in", 2), '
-                                         '(" Rome", 10), ("\\n", 4)\nExample 2: a Nice day\nActivations: (" Nice", 2)\n')
+                                         '(" Rome", 10), ("\\n", 4)\n'
+                                         'Example 2: a Nice day\nActivations: (" Nice", 2)\n')
 
 
 def test_output_prompts_golden():
@@ -431,7 +433,8 @@ def test_ensemble_raw_prompt_golden():
     msgs, ev = P.build_prompt(tiny_record(), "ensemble-raw")
     assert msgs[3]["content"] == (
         "Input evidence:\n" + MAXACT_EVIDENCE + "\n\nOutput evidence:\n" + VOCAB_EVIDENCE + "\n" + CHANGE_EVIDENCE
-        + '\n\nWhat does this feature fire on, and what does it do? Answer with one short sentence after "Description:".')
+        + '\n\nWhat does this feature fire on, and what does it do? '
+        'Answer with one short sentence after "Description:".')
     assert ev == {"n_examples": 2, "split": "explain", "vocabproj": {"n_tokens": 5},
                   "tokenchange": {"n_tokens": 3, "clamp": 10.0}}
 
@@ -492,14 +495,16 @@ def test_template_descriptions_are_deterministic():
         "maxact": 'fires on " Rome", " Oslo"',
         "vocabproj": 'promotes " Italy", " Norway", " Swiss"; suppresses " the", "<script>"',
         "tokenchange": 'amplifying it raises " Italy" and lowers " and"',
-        "ensemble-raw": 'fires on " Rome", " Oslo"; promotes " Italy", " Norway", " Swiss"; suppresses " the", "<script>"',
+        "ensemble-raw": ('fires on " Rome", " Oslo"; promotes " Italy", " Norway", " Swiss"; '
+                         'suppresses " the", "<script>"'),
         "ensemble-concat": ('Input: Fires on " Rome", " Oslo". Output: Promotes " Italy", " Norway", " Swiss"; '
                             'suppresses " the", "<script>". Amplifying it raises " Italy" and lowers " and".'),
     }
     for method, text in expected.items():
         assert template_description(rec, method) == text
         assert template_description(json.loads(json.dumps(rec)), method) == text
-    rec["examples"]["top"].append({"context": 1, "start": 0, "tokens": [" in", " Rome"], "acts": [0, 3.0], "max_pos": 1})
+    rec["examples"]["top"].append({"context": 1, "start": 0, "tokens": [" in", " Rome"], "acts": [0, 3.0],
+                                   "max_pos": 1})
     assert template_description(rec, "maxact") == 'fires on " Rome", " Oslo" (often after " in")'
     assert template_description({}, "maxact") is None
     a = describe_features([rec], TemplateExplainer(), ["maxact", "vocabproj"])
