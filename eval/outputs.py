@@ -189,48 +189,53 @@ def _mean_final_hidden(model, hook, mode, positions, t0, params, tokens_BxT, v_D
 
 
 def _unembed_linear(params, h_GxD):
-    """h @ W_U without the final norm (tied models contract against the embedding, no transpose copy)."""
-    if "unembed" in params:
-        return h_GxD @ params["unembed"]
-    return jnp.einsum("gd,vd->gv", h_GxD, params["embed"])
+    """h @ W_U, no final norm (the norm was applied per token before averaging)."""
+    return h_GxD @ transformer.unembed_matrix_DxV(params)
 
 
+# Compiled functions per model. They reach the model through a weak reference, so the cache entry
+# (a value of this weak-keyed dict) does not keep its own key alive.
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _compiled(model, key, build):
     per_model = _COMPILED.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = build()
+        per_model[key] = build(weakref.ref(model))
     return per_model[key]
 
 
-def _plan(model, hook: str, T: int, edit_bos: bool):
-    positions = None if edit_bos else np.arange(1, T, dtype=np.int32)
-    return positions, (0 if edit_bos else 1)
+def _edit_positions(T: int, edit_bos: bool) -> tuple[np.ndarray | None, int]:
+    """(positions to edit, first position averaged): every position, or all but BOS."""
+    return (None, 0) if edit_bos else (np.arange(1, T, dtype=np.int32), 1)
 
 
-def _clean_fn(model, hook, mode, T, edit_bos):
-    positions, t0 = _plan(model, hook, T, edit_bos)
-    return _compiled(model, ("tc-clean", T, edit_bos), lambda: jax.jit(
-        lambda params, toks: _mean_final_hidden(model, hook, mode, positions, t0, params, toks, None, None)))
+def _clean_fn(model, T: int, edit_bos: bool):
+    """jit: (params, tokens) -> mean final hidden state of the clean forward."""
+    positions, t0 = _edit_positions(T, edit_bos)
+    return _compiled(model, ("tc-clean", T, edit_bos), lambda ref: jax.jit(
+        lambda params, toks: _mean_final_hidden(ref(), None, None, positions, t0, params, toks, None, None)))
 
 
-def _delta_fn(model, hook, mode, T, edit_bos, top):
+def _delta_fn(model, hook: str, mode: str, T: int, edit_bos: bool, top: int):
     """jit: (params, tokens, V_GxD, c_G, h_clean_D) -> Δ_GxV, or its top/bottom `top` when top > 0."""
-    positions, t0 = _plan(model, hook, T, edit_bos)
+    positions, t0 = _edit_positions(T, edit_bos)
 
-    def run(params, toks, V_GxD, c_G, h_clean_D):
-        one = lambda v, c: _mean_final_hidden(model, hook, mode, positions, t0, params, toks, v, c)  # noqa: E731
-        H_GxD = jax.vmap(one)(V_GxD, c_G)
-        delta_GxV = _unembed_linear(params, H_GxD - h_clean_D)
-        if not top:
-            return delta_GxV
-        uv, ui = jax.lax.top_k(delta_GxV, top)
-        dv, di = jax.lax.top_k(-delta_GxV, top)
-        return ui, uv, di, -dv
+    def build(ref):
+        def run(params, toks, V_GxD, c_G, h_clean_D):
+            lm = ref()
+            one = lambda v, c: _mean_final_hidden(lm, hook, mode, positions, t0, params, toks, v, c)  # noqa: E731
+            H_GxD = jax.vmap(one)(V_GxD, c_G)
+            delta_GxV = _unembed_linear(params, H_GxD - h_clean_D)
+            if not top:
+                return delta_GxV
+            uv, ui = jax.lax.top_k(delta_GxV, top)
+            dv, di = jax.lax.top_k(-delta_GxV, top)
+            return ui, uv, di, -dv
 
-    return _compiled(model, ("tc-delta", hook, mode, T, edit_bos, top), lambda: jax.jit(run))
+        return jax.jit(run)
+
+    return _compiled(model, ("tc-delta", hook, mode, T, edit_bos, top), build)
 
 
 def _check_tokens(model, tokens_BxT) -> np.ndarray:
@@ -263,7 +268,7 @@ def logit_change(model, hook: str, vectors_GxD, values_G, tokens_BxT, *, mode: s
     V, zero = _safe_directions(np.asarray(vectors_GxD, np.float32))
     c = np.broadcast_to(np.asarray(values_G, np.float32), (V.shape[0],))
     T = toks.shape[1]
-    h_clean = _clean_fn(model, hook, mode, T, edit_bos)(model.params, toks)
+    h_clean = _clean_fn(model, T, edit_bos)(model.params, toks)
     delta = np.array(_delta_fn(model, hook, mode, T, edit_bos, 0)(model.params, toks, V, c, h_clean))
     delta[zero] = 0.0
     return delta
@@ -292,7 +297,7 @@ def token_change(model, dic, tokens_BxT, features=None, config: TokenChangeConfi
     if c_F.shape != (len(f),) or not np.all(np.isfinite(c_F)):
         raise ConfigError(f"clamp_F must hold one finite strength per feature ({len(f)}), got shape {c_F.shape}")
     T = toks.shape[1]
-    h_clean = _clean_fn(model, hook, cfg.mode, T, cfg.edit_bos)(model.params, toks)
+    h_clean = _clean_fn(model, T, cfg.edit_bos)(model.params, toks)
     fn = _delta_fn(model, hook, cfg.mode, T, cfg.edit_bos, cfg.top)
     nb = min(cfg.feature_batch, len(f)) if len(f) else 1
     outs = [[] for _ in range(8)]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -157,14 +159,20 @@ def test_token_change_batched_equals_one_at_a_time_and_hand(llama):
     np.testing.assert_allclose(sub.pos_up, batched.pos_up[[6, 0]], rtol=1e-4, atol=1e-6)
 
 
-def test_token_change_acts_where_a_transcoder_writes(llama):
-    """A transcoder reading resid_mid.0 and writing mlp_hidden.0 is clamped at mlp_hidden.0."""
+def test_token_change_acts_where_a_transcoder_writes():
+    """A transcoder reading resid_mid.0 and writing mlp_hidden.0 is clamped at mlp_hidden.0; the compiled
+    functions cached for a model do not keep it alive."""
+    llama = random_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48, vocab_size=300, seed=9)
     toks = sequences(llama, n=3, T=6)
     V = np.random.default_rng(5).standard_normal((2, llama.config.d_mlp)).astype(np.float32)
     dic = Directions("resid_mid.0", V, hook_out="mlp_hidden.0")
     tc = token_change(llama, dic, toks, config=TokenChangeConfig(clamp=2.0, top=4, mode="add"))
     d = hand_delta(llama, toks, add("mlp_hidden.0", V[1], -2.0, np.arange(1, 6)))
     np.testing.assert_array_equal(tc.neg_up_ids[1], np.argsort(-d)[:4])
+    ref = weakref.ref(llama)
+    del llama
+    gc.collect()
+    assert ref() is None
 
 
 def test_token_change_bad_input(llama):
