@@ -170,7 +170,7 @@ def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
         run.metrics.append([{"iteration": it, "loss": loss, "best_loss": best,
                              "rel_error": math.sqrt(max(loss, 0.0) / sq_norm), "time": round(time.time(), 3)}])
 
-    with run.checkpoints() as ckpt:
+    with run.checkpoints(keep=1) as ckpt:  # the full-batch state holds Y (k×n) twice: one copy on disk is enough
         run.metrics.truncate_after(ckpt.latest_step() or 0, key="iteration")
         if cfg.chunk_size:
             fit = fit_streaming(source, s, chunk_size=cfg.chunk_size, workdir=str(run.dir / STREAM_DIR),
