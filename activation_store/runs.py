@@ -185,7 +185,13 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a line torn by a kill mid-write; the resumed run logs it again
+        return rows
 
     def append(self, rows: Iterable[dict]) -> None:
         if not self.enabled:
