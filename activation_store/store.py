@@ -16,10 +16,8 @@ from featureatlas.activation_store.store_reader import ActivationStore, StoreNot
 from featureatlas.activation_store.store_writer import (DiskFullError, StoreBusyError, StoreWriter, check_free_space,
                                                         create_store, store_lock, write_store)
 
-BatchIterator = Prefetcher  # the former name of the store's background reader
-
 __all__ = [
-    "ActivationStore", "BatchIterator", "CHUNK_TARGET_BYTES", "DTYPES", "DiskFullError", "FLOAT16_MAX", "FORMAT",
+    "ActivationStore", "CHUNK_TARGET_BYTES", "DTYPES", "DiskFullError", "FLOAT16_MAX", "FORMAT",
     "FORMAT_VERSION", "IDENTITY_KEYS", "NotAStoreError", "Prefetcher", "ShufflePlan", "StoreBusyError",
     "StoreCorruptedError", "StoreError", "StoreMismatchError", "StoreNotFoundError", "StoreWriter",
     "check_compatible", "check_free_space", "chunk_contexts", "crc32", "create_store", "local_batch_slice",
