@@ -1,4 +1,6 @@
-"""Training-time math of every SAE architecture, as pure functions over a params dict.
+"""Every SAE architecture as one record: its parameters, training encoder and loss, saved form and
+SAELens name. `ARCHITECTURES` maps each name to its record; adding an architecture is one class here
+and one entry in that registry.
 
 Training space: inputs x' = s_in·x, targets y' = s_out·y (E‖x'‖² = d_in, E‖y'‖² = d_out); for a
 plain SAE y = x. Training parameters (F latents, D = d_in, E = d_out):
@@ -24,17 +26,29 @@ Loss (per token, divided by d_out so coefficients match the usual sum-over-dimen
   matryoshka: mse is the mean over nested prefixes p_1 < … < p_m = F of the mse of the
   reconstruction from latents [0, p_i) (Bussmann et al. 2025; Nabeshima 2024).
 λ_t ramps linearly from 0 over the first sparsity_warmup_frac of training.
+
+Saved (raw-space) forms, what a trained SAE computes at inference (pre = x @ W_enc + b_enc):
+
+  relu      f = relu(pre)
+  topk      f = relu(pre) kept at its k largest entries per token
+  jumprelu  f = pre · 1[pre > threshold]      (BatchTopK runs as JumpReLU with its learned threshold)
+  gated     f = 1[x @ W_enc + b_gate > 0] · relu((x @ W_enc) ⊙ exp(r_mag) + b_mag)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.saes import sparse
-from featureatlas.saes.config import SAEConfig
+
+if TYPE_CHECKING:
+    from featureatlas.saes.config import SAEConfig
 
 # BatchTopK looks for its k·B winners among each token's top `BATCHTOPK_ROW_CAP·k` pre-activations,
 # i.e. one token can use at most 4k latents (exactly the batch top-k·B whenever no token would use more;
@@ -44,72 +58,50 @@ DENSE_ENC_INIT_SCALE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation
+# Saved forms: how a saved SAE encodes, which tensors it has, and its SAELens name
 # ---------------------------------------------------------------------------------------------
-def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.ndarray,
-                x_sample_NxD: np.ndarray | None = None, y_sample_NxE: np.ndarray | None = None) -> tuple[dict, dict]:
-    """Decoder rows random unit vectors; encoder = decoder transpose for SAEs (Gao et al. 2024), for
-    transcoders the decoder rows mapped back through the sample's least-squares map; biases 0;
-    b_dec from the geometric median of a target sample. JumpReLU thresholds start at each latent's
-    (1 − k/F) quantile of its pre-activations on `x_sample` (training space), so the run starts near
-    L0 = k instead of spending its first thousands of steps moving log θ (whose Adam steps are
-    ~lr per step), and the L0 penalty tunes from there; without a sample θ = jumprelu_init_threshold."""
-    F, D, E = cfg.width, cfg.d_in, cfg.d_out
-    k_dec, k_enc = jax.random.split(key)
-    dec = jax.random.normal(k_dec, (F, E), jnp.float32)
-    dec = dec / jnp.linalg.norm(dec, axis=1, keepdims=True)
-    if cfg.is_transcoder:
-        if y_sample_NxE is not None and x_sample_NxD is not None and len(x_sample_NxD) > D:
-            # The tied init generalised: encoder rows are the decoder rows pulled back through the
-            # least-squares linear map x -> y of the sample (an SAE is the case map = identity).
-            xc = np.asarray(x_sample_NxD, np.float64) - np.asarray(b_in_D)
-            yc = np.asarray(y_sample_NxE, np.float64) - np.asarray(b_dec_E)
-            map_DxE = np.linalg.lstsq(xc, yc, rcond=None)[0]
-            enc = jnp.asarray(np.asarray(dec, np.float64) @ map_DxE.T, jnp.float32)
-        else:
-            enc = jax.random.normal(k_enc, (F, D), jnp.float32)
-        enc = enc / jnp.maximum(jnp.linalg.norm(enc, axis=1, keepdims=True), 1e-12)
-    else:
-        enc = jnp.array(dec, copy=True)  # a distinct buffer: the two are trained separately
-    if cfg.selection in ("relu", "gated"):
-        # Small codes at the start, as with Anthropic's 0.1-norm decoder init (April 2024 update):
-        # unit-scale codes on ~F/2 active latents would start the reconstruction far too large.
-        enc = enc * DENSE_ENC_INIT_SCALE
-    params = {"enc_FxD": enc, "dec_FxE": dec, "b_dec": jnp.asarray(b_dec_E, jnp.float32)}
-    def zeros_F():  # fresh buffers: the training step donates its state, so no two leaves may share one
-        return jnp.zeros((F,), jnp.float32)
-
-    if cfg.architecture == "gated":
-        params.update(b_gate=zeros_F(), r_mag=zeros_F(), b_mag=zeros_F())
-    else:
-        params["b_enc"] = zeros_F()
-    if cfg.architecture == "jumprelu":
-        theta = np.full((F,), cfg.jumprelu_init_threshold)
-        if x_sample_NxD is not None and len(x_sample_NxD):
-            centre = b_in_D if cfg.is_transcoder else b_dec_E
-            pre = (np.asarray(x_sample_NxD) - centre) @ np.asarray(enc).T
-            q = np.quantile(pre, 1.0 - min(1.0, cfg.k / F), axis=0)
-            theta = np.maximum(q, cfg.jumprelu_init_threshold)
-        params["log_threshold"] = jnp.asarray(np.log(theta), jnp.float32)
-    buffers = {
-        "b_in": jnp.asarray(b_in_D, jnp.float32),
-        "since_fired": zeros_F(),
-        "threshold": jnp.zeros((), jnp.float32),
-        "threshold_seen": jnp.zeros((), jnp.float32),
-    }
-    return params, buffers
+def _encode_relu(params, x_NxD, k):
+    return jax.nn.relu(x_NxD @ params["W_enc"] + params["b_enc"])
 
 
-def geometric_median(points_NxD: np.ndarray, iters: int = 64, eps: float = 1e-6) -> np.ndarray:
-    """Weiszfeld's algorithm: m ← Σ w_i x_i / Σ w_i, w_i = 1 / max(‖x_i − m‖, eps), started at the mean."""
-    x = jnp.asarray(points_NxD, jnp.float32)
+def _encode_topk(params, x_NxD, k):
+    pre_NxF = x_NxD @ params["W_enc"] + params["b_enc"]
+    vals_NxK, idx_NxK = jax.lax.top_k(jax.nn.relu(pre_NxF), k)
+    return jnp.zeros_like(pre_NxF).at[jnp.arange(pre_NxF.shape[0])[:, None], idx_NxK].set(vals_NxK)
 
-    def step(m, _):
-        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m, axis=1), eps)
-        return (w[:, None] * x).sum(0) / w.sum(), None
 
-    m, _ = jax.lax.scan(step, x.mean(0), None, length=iters)
-    return np.asarray(m)
+def _encode_jumprelu(params, x_NxD, k):
+    pre_NxF = x_NxD @ params["W_enc"] + params["b_enc"]
+    return jnp.where(pre_NxF > params["threshold"], pre_NxF, 0.0)
+
+
+def _encode_gated(params, x_NxD, k):
+    proj_NxF = x_NxD @ params["W_enc"]
+    mag_NxF = jax.nn.relu(proj_NxF * jnp.exp(params["r_mag"]) + params["b_mag"])
+    return jnp.where(proj_NxF + params["b_gate"] > 0, mag_NxF, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedForm:
+    """What a saved SAE computes (module docstring) and how SAELens names it."""
+
+    name: str
+    param_names: tuple[str, ...]
+    """The tensors in weights.safetensors, besides their shapes: W_enc [D, F], W_dec [F, E], b_dec [E], others [F]."""
+    encode: Callable
+    """encode(params, x_NxD, k) -> codes_NxF, raw activation space."""
+    saelens_architecture: str
+    """SAELens cfg.json `architecture` of an SAE with this form."""
+    saelens_transcoder: str | None
+    """SAELens `architecture` of a transcoder with this form; None: SAELens has none."""
+
+
+_DENSE = ("W_enc", "b_enc", "W_dec", "b_dec")
+RELU_FORM = SavedForm("relu", _DENSE, _encode_relu, "standard", "transcoder")
+TOPK_FORM = SavedForm("topk", _DENSE, _encode_topk, "topk", None)
+JUMPRELU_FORM = SavedForm("jumprelu", _DENSE + ("threshold",), _encode_jumprelu, "jumprelu", "jumprelu_transcoder")
+GATED_FORM = SavedForm("gated", ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"), _encode_gated, "gated", None)
+SAVED_FORMS = {f.name: f for f in (RELU_FORM, TOPK_FORM, JUMPRELU_FORM, GATED_FORM)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +110,10 @@ def geometric_median(points_NxD: np.ndarray, iters: int = 64, eps: float = 1e-6)
 def _rect(u):
     """Rectangle kernel K(u) = 1[|u| < 1/2]."""
     return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+def _sum_to(x, shape):
+    return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -132,9 +128,8 @@ def _jumprelu_fwd(z, theta, bandwidth):
 
 def _jumprelu_bwd(bandwidth, res, g):
     z, theta = res
-    d_z = jnp.where(z > theta, g, 0.0)
     d_theta = -(theta / bandwidth) * _rect((z - theta) / bandwidth) * g
-    return d_z, _sum_to(d_theta, theta.shape)
+    return jnp.where(z > theta, g, 0.0), _sum_to(d_theta, theta.shape)
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
@@ -159,12 +154,8 @@ def _heaviside_bwd(bandwidth, res, g):
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def _sum_to(x, shape):
-    return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
-
-
 # ---------------------------------------------------------------------------------------------
-# Forward pieces
+# Shared pieces
 # ---------------------------------------------------------------------------------------------
 def _mm(a, b_T, dtype):
     """a @ b_Tᵀ computed in `dtype` with float32 accumulation."""
@@ -177,8 +168,18 @@ def _mm_n(a, b, dtype):
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def input_centre(cfg: SAEConfig, params: dict, buffers: dict):
-    return buffers["b_in"] if cfg.is_transcoder else params["b_dec"]
+def _zeros_F(F: int):
+    # Fresh buffers: the training step donates its state, so no two leaves may share one.
+    return jnp.zeros((F,), jnp.float32)
+
+
+def _decoder_norms(params):
+    return jnp.linalg.norm(params["dec_FxE"], axis=1)
+
+
+def _mse(recon_BxE, y_BxE):
+    B, E = y_BxE.shape
+    return jnp.sum((recon_BxE - y_BxE) ** 2) / (B * E)
 
 
 def topk_entries(pre_BxF, k: int):
@@ -219,15 +220,6 @@ def batchtopk_entries(pre_BxF, k: int):
     return rows, feats, valid, lo, saturated
 
 
-def _selected_values(cfg, params, x_c_BxD, rows, feats, dtype):
-    pre_N = sparse.encode_selected(rows, feats, x_c_BxD.astype(dtype), params["enc_FxD"].astype(dtype))
-    return jax.nn.relu(pre_N.astype(jnp.float32) + params["b_enc"][feats])
-
-
-def _decoder_norms(params):
-    return jnp.linalg.norm(params["dec_FxE"], axis=1)
-
-
 def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
     """AuxK (Gao et al. 2024): dead latents reconstruct the detached residual e; 0 when none is dead.
 
@@ -237,7 +229,6 @@ def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
     A small dense matmul is far cheaper than a per-token top-256 over all F latents on CPU.
     """
     F = cfg.width
-    B, E = resid_BxE.shape
     M = min(cfg.k_aux, F)
     dead_F = buffers["since_fired"] >= cfg.dead_tokens
 
@@ -256,108 +247,372 @@ def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
     return jax.lax.cond(jnp.any(dead_F), with_dead, lambda _: jnp.float32(0.0), None)
 
 
-def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32):
-    """(loss, stats): stats has mse, l0, fvu (batch), fired_F (tokens each latent fired on), and
-    for BatchTopK the batch threshold; formulas in the module docstring."""
-    B = x_BxD.shape[0]
-    E = cfg.d_out
-    x_c = x_BxD - input_centre(cfg, params, buffers)
-    sel = cfg.selection
-    stats = {}
-    if sel in ("topk", "batchtopk"):
-        pre = jax.lax.stop_gradient(_mm(x_c, params["enc_FxD"], dtype) + params["b_enc"])
-        if sel == "topk":
-            rows, feats = topk_entries(pre, cfg.k)
-            vals = _selected_values(cfg, params, x_c, rows, feats, dtype)
-        else:
-            rows, feats, valid, thr, sat = batchtopk_entries(pre, cfg.k)
-            vals = _selected_values(cfg, params, x_c, rows, feats, dtype) * valid
-            stats["batch_threshold"] = thr
-            stats["saturated_frac"] = sat
-        if cfg.architecture == "matryoshka":
-            prefixes = jnp.asarray(cfg.prefixes(), jnp.int32)
-            group = jnp.searchsorted(prefixes, feats, side="right").astype(jnp.int32)
-            m = len(cfg.prefixes())
-            parts = sparse.decode_sparse(
-                group * B + rows, feats, vals.astype(dtype), params["dec_FxE"].astype(dtype), m * B
-            ).reshape(m, B, E)
-            recons_MxBxE = jnp.cumsum(parts.astype(jnp.float32), axis=0) + params["b_dec"]
-            mse_each = jnp.sum((recons_MxBxE - y_BxE[None]) ** 2, axis=(1, 2)) / (B * E)
-            mse = jnp.mean(mse_each)
-            recon = recons_MxBxE[-1]
-            stats["mse_full"] = mse_each[-1]
-        else:
-            recon = sparse.decode_sparse(rows, feats, vals.astype(dtype), params["dec_FxE"].astype(dtype), B)
-            recon = recon.astype(jnp.float32) + params["b_dec"]
-            mse = jnp.sum((recon - y_BxE) ** 2) / (B * E)
-        fired = (vals > 0).astype(jnp.float32)
-        stats["fired_F"] = jnp.zeros((cfg.width,), jnp.float32).at[feats].add(fired)
-        stats["l0"] = jnp.sum(fired) / B
-        loss = mse
-        if cfg.k_aux > 0 and cfg.auxk_coef > 0:
-            key = jax.random.key(0) if key is None else key
-            aux = _auxk(cfg, params, buffers, x_c, jax.lax.stop_gradient(y_BxE - recon), key, dtype)
-            stats["auxk"] = aux
-            loss = loss + cfg.auxk_coef * aux
-    elif sel in ("relu", "jumprelu"):
+# ---------------------------------------------------------------------------------------------
+# The records
+# ---------------------------------------------------------------------------------------------
+class Architecture:
+    """One SAE architecture. Subclasses set what differs; `ARCHITECTURES` holds one instance of each.
+
+    loss(cfg, params, buffers, x_c, y, coef, key, dtype) -> (loss, mse, recon_BxE, stats): x_c is the
+    centred training-space input, stats holds fired_F (tokens each latent fired on), l0 and the
+    architecture's own scalars. init_params / to_saved add the architecture's own tensors to the
+    shared ones (enc, dec, b_dec); update_buffers its own buffers (dead tracking is shared).
+    """
+
+    name = ""
+    form: SavedForm = RELU_FORM
+    uses_k = False
+    """k chooses its active latents (TopK family): 1 <= k <= width, and the name carries k."""
+    uses_auxk = False
+    """Dead latents are trained on the residual (AuxK)."""
+    sparsity_field: str | None = None
+    """The SAEConfig field holding its sparsity coefficient (L1 or L0), if it has one."""
+    enc_init_scale = 1.0
+
+    def selection(self, cfg: SAEConfig) -> "Architecture":
+        """The record that chooses the active latents (Matryoshka: its base)."""
+        return self
+
+    def saved_form(self, cfg: SAEConfig) -> SavedForm:
+        return self.selection(cfg).form
+
+    def validate(self, cfg: SAEConfig) -> None:
+        if self.uses_k and not 0 < cfg.k <= cfg.width:
+            raise ConfigError(f"k={cfg.k} must be in 1..width={cfg.width} for {cfg.architecture}; "
+                              "lower --k or raise --width")
+
+    def sparsity_coef(self, cfg: SAEConfig) -> float:
+        field = self.selection(cfg).sparsity_field
+        return float(getattr(cfg, field)) if field else 0.0
+
+    def init_params(self, cfg: SAEConfig, enc_FxD, x_sample_NxD, centre_D) -> dict:
+        return {"b_enc": _zeros_F(cfg.width)}
+
+    def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
+        raise NotImplementedError
+
+    def update_buffers(self, cfg: SAEConfig, buffers: dict, stats: dict) -> dict:
+        return buffers
+
+    def to_saved(self, cfg: SAEConfig, p: dict, buffers: dict, centre_proj_F, s_out: float) -> dict:
+        """The architecture's own saved tensors (folded as in saes/io.py), given numpy training params."""
+        return {"b_enc": (p["b_enc"] - centre_proj_F) / s_out}
+
+    def train_flops(self, B: int, D: int, F: int, k: int) -> float:
+        """Flops of one training step (bench_sae): encoder forward 2BDF, decoder forward 2BFD, decoder
+        backward 2·2BFD, encoder weight gradient 2BDF."""
+        return 10.0 * B * D * F
+
+
+class _Dense(Architecture):
+    """Dense codes from dense pre-activations: codes = act(pre), sparsity penalty on them."""
+
+    def codes(self, cfg, params, pre_BxF):
+        """(codes_BxF, sparsity per token summed over the batch)."""
+        raise NotImplementedError
+
+    def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
+        B, E = y.shape
         pre = _mm(x_c, params["enc_FxD"], dtype) + params["b_enc"]
-        if sel == "relu":
-            codes = jax.nn.relu(pre)
-            sparsity = jnp.sum(codes * _decoder_norms(params)) / B
-        else:
-            theta = jnp.exp(params["log_threshold"])
-            codes = jumprelu(pre, theta, cfg.jumprelu_bandwidth)
-            sparsity = jnp.sum(heaviside(pre, theta, cfg.jumprelu_bandwidth)) / B
+        codes, sparsity = self.codes(cfg, params, pre)
         recon = _mm_n(codes, params["dec_FxE"], dtype) + params["b_dec"]
-        mse = jnp.sum((recon - y_BxE) ** 2) / (B * E)
-        loss = mse + coef * sparsity / E
-        stats["sparsity"] = sparsity
-        stats["fired_F"] = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
-        stats["l0"] = jnp.sum(stats["fired_F"]) / B
-    elif sel == "gated":
+        mse = _mse(recon, y)
+        fired_F = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
+        stats = {"sparsity": sparsity / B, "fired_F": fired_F, "l0": jnp.sum(fired_F) / B}
+        return mse + coef * stats["sparsity"] / E, mse, recon, stats
+
+
+class ReLU(_Dense):
+    """ReLU with an L1 penalty weighted by decoder norms (Anthropic, April 2024 update)."""
+
+    name = "relu"
+    form = RELU_FORM
+    sparsity_field = "l1_coef"
+    # Small codes at the start, as with Anthropic's 0.1-norm decoder init (April 2024 update):
+    # unit-scale codes on ~F/2 active latents would start the reconstruction far too large.
+    enc_init_scale = DENSE_ENC_INIT_SCALE
+
+    def codes(self, cfg, params, pre_BxF):
+        codes = jax.nn.relu(pre_BxF)
+        return codes, jnp.sum(codes * _decoder_norms(params))
+
+
+class JumpReLU(_Dense):
+    """JumpReLU with an L0 penalty through straight-through estimators (Rajamanoharan et al. 2024b)."""
+
+    name = "jumprelu"
+    form = JUMPRELU_FORM
+    sparsity_field = "l0_coef"
+
+    def init_params(self, cfg, enc_FxD, x_sample_NxD, centre_D) -> dict:
+        """θ starts at each latent's (1 − k/F) quantile of its pre-activations on the sample (training
+        space), so the run starts near L0 = k instead of spending its first thousands of steps moving
+        log θ (whose Adam steps are ~lr per step); without a sample θ = jumprelu_init_threshold."""
+        theta = np.full((cfg.width,), cfg.jumprelu_init_threshold)
+        if x_sample_NxD is not None and len(x_sample_NxD):
+            pre = (np.asarray(x_sample_NxD) - centre_D) @ np.asarray(enc_FxD).T
+            q = np.quantile(pre, 1.0 - min(1.0, cfg.k / cfg.width), axis=0)
+            theta = np.maximum(q, cfg.jumprelu_init_threshold)
+        return {"b_enc": _zeros_F(cfg.width), "log_threshold": jnp.asarray(np.log(theta), jnp.float32)}
+
+    def codes(self, cfg, params, pre_BxF):
+        theta = jnp.exp(params["log_threshold"])
+        codes = jumprelu(pre_BxF, theta, cfg.jumprelu_bandwidth)
+        return codes, jnp.sum(heaviside(pre_BxF, theta, cfg.jumprelu_bandwidth))
+
+    def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
+        return {**super().to_saved(cfg, p, buffers, centre_proj_F, s_out),
+                "threshold": np.exp(p["log_threshold"]) / s_out}
+
+
+class Gated(Architecture):
+    """Gated SAE (Rajamanoharan et al. 2024a): a gate path chooses latents, a magnitude path sizes them."""
+
+    name = "gated"
+    form = GATED_FORM
+    sparsity_field = "l1_coef"
+    enc_init_scale = DENSE_ENC_INIT_SCALE
+
+    def init_params(self, cfg, enc_FxD, x_sample_NxD, centre_D) -> dict:
+        F = cfg.width
+        return {"b_gate": _zeros_F(F), "r_mag": _zeros_F(F), "b_mag": _zeros_F(F)}
+
+    def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
+        B, E = y.shape
         proj = _mm(x_c, params["enc_FxD"], dtype)
         pi_gate = proj + params["b_gate"]
         pi_mag = proj * jnp.exp(params["r_mag"]) + params["b_mag"]
         codes = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
         recon = _mm_n(codes, params["dec_FxE"], dtype) + params["b_dec"]
-        mse = jnp.sum((recon - y_BxE) ** 2) / (B * E)
+        mse = _mse(recon, y)
         gate_act = jax.nn.relu(pi_gate)
         sparsity = jnp.sum(gate_act * _decoder_norms(params)) / B
         frozen = _mm_n(gate_act, jax.lax.stop_gradient(params["dec_FxE"]), dtype)
-        frozen = frozen + jax.lax.stop_gradient(params["b_dec"])
-        aux = jnp.sum((frozen - y_BxE) ** 2) / (B * E)
-        loss = mse + coef * sparsity / E + aux
-        stats.update(sparsity=sparsity, gate_aux=aux)
-        stats["fired_F"] = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
-        stats["l0"] = jnp.sum(stats["fired_F"]) / B
+        aux = _mse(frozen + jax.lax.stop_gradient(params["b_dec"]), y)
+        fired_F = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
+        stats = {"sparsity": sparsity, "gate_aux": aux, "fired_F": fired_F, "l0": jnp.sum(fired_F) / B}
+        return mse + coef * sparsity / E + aux, mse, recon, stats
+
+    def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
+        return {"b_gate": (p["b_gate"] - centre_proj_F) / s_out, "r_mag": p["r_mag"],
+                "b_mag": (p["b_mag"] - centre_proj_F * np.exp(p["r_mag"])) / s_out}
+
+    def train_flops(self, B, D, F, k) -> float:
+        return 14.0 * B * D * F  # + the auxiliary reconstruction through the frozen decoder, both ways
+
+
+class TopK(Architecture):
+    """TopK (Gao et al. 2024): the k largest pre-activations of each token, with AuxK.
+
+    Sparse training: the dense pre-activations choose N = k·B entries without gradient; the selected
+    values, the decoding and both gradients go through saes/sparse.py, never a dense B×F code matrix.
+    """
+
+    name = "topk"
+    form = TOPK_FORM
+    uses_k = True
+    uses_auxk = True
+
+    def select(self, cfg, pre_BxF):
+        """(rows_N, feats_N, valid_N or None, stats) of the entries that are active."""
+        rows, feats = topk_entries(pre_BxF, cfg.k)
+        return rows, feats, None, {}
+
+    def reconstruct(self, cfg, params, rows, feats, vals, y):
+        """(mse, recon_BxE, stats) from the active entries."""
+        B = y.shape[0]
+        dtype = vals.dtype
+        recon = sparse.decode_sparse(rows, feats, vals, params["dec_FxE"].astype(dtype), B)
+        recon = recon.astype(jnp.float32) + params["b_dec"]
+        return _mse(recon, y), recon, {}
+
+    def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
+        B = y.shape[0]
+        pre = jax.lax.stop_gradient(_mm(x_c, params["enc_FxD"], dtype) + params["b_enc"])
+        rows, feats, valid, stats = self.selection(cfg).select(cfg, pre)
+        pre_N = sparse.encode_selected(rows, feats, x_c.astype(dtype), params["enc_FxD"].astype(dtype))
+        vals = jax.nn.relu(pre_N.astype(jnp.float32) + params["b_enc"][feats])
+        if valid is not None:
+            vals = vals * valid
+        mse, recon, more = self.reconstruct(cfg, params, rows, feats, vals.astype(dtype), y)
+        fired = (vals > 0).astype(jnp.float32)
+        stats = {**stats, **more, "fired_F": jnp.zeros((cfg.width,), jnp.float32).at[feats].add(fired),
+                 "l0": jnp.sum(fired) / B}
+        loss = mse
+        if cfg.k_aux > 0 and cfg.auxk_coef > 0:
+            key = jax.random.key(0) if key is None else key
+            stats["auxk"] = _auxk(cfg, params, buffers, x_c, jax.lax.stop_gradient(y - recon), key, dtype)
+            loss = loss + cfg.auxk_coef * stats["auxk"]
+        return loss, mse, recon, stats
+
+    def train_flops(self, B, D, F, k) -> float:
+        return 2.0 * B * D * F + 10.0 * k * B * D  # dense pre-activations + the sparse products
+
+
+class BatchTopK(TopK):
+    """BatchTopK (Bussmann et al. 2024): the k·B largest pre-activations of the batch; at inference a
+    JumpReLU whose threshold is an EMA of the batch thresholds seen in training."""
+
+    name = "batchtopk"
+    form = JUMPRELU_FORM
+
+    def select(self, cfg, pre_BxF):
+        rows, feats, valid, thr, sat = batchtopk_entries(pre_BxF, cfg.k)
+        return rows, feats, valid, {"batch_threshold": thr, "saturated_frac": sat}
+
+    def update_buffers(self, cfg, buffers, stats) -> dict:
+        """threshold ← decay·threshold + (1 − decay)·batch threshold (the first batch's value at first)."""
+        t, decay = stats["batch_threshold"], cfg.batchtopk_threshold_decay
+        seen = buffers["threshold_seen"] > 0
+        return {**buffers, "threshold": jnp.where(seen, decay * buffers["threshold"] + (1 - decay) * t, t),
+                "threshold_seen": jnp.ones((), jnp.float32)}
+
+    def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
+        return {**super().to_saved(cfg, p, buffers, centre_proj_F, s_out),
+                "threshold": np.full((cfg.width,), float(buffers["threshold"]) / s_out)}
+
+
+class Matryoshka(TopK):
+    """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): the latents [0, p_i) of each nested
+    prefix reconstruct on their own; latents are chosen by the base architecture (topk or batchtopk)."""
+
+    name = "matryoshka"
+    bases = ("batchtopk", "topk")
+
+    def selection(self, cfg):
+        return ARCHITECTURES[cfg.matryoshka_base]
+
+    def validate(self, cfg) -> None:
+        if cfg.matryoshka_base not in self.bases:
+            raise ConfigError(f"--matryoshka-base must be one of {', '.join(self.bases)}, got {cfg.matryoshka_base!r}")
+        super().validate(cfg)
+        p = cfg.prefixes()
+        if any(b <= a for a, b in zip(p, p[1:])) or p[0] <= 0 or p[-1] != cfg.width:
+            raise ConfigError(f"--prefixes {' '.join(map(str, p))} must be strictly increasing, positive and end "
+                              f"at the width {cfg.width}")
+
+    def reconstruct(self, cfg, params, rows, feats, vals, y):
+        B, E = y.shape
+        prefixes = jnp.asarray(cfg.prefixes(), jnp.int32)
+        m = len(cfg.prefixes())
+        group = jnp.searchsorted(prefixes, feats, side="right").astype(jnp.int32)
+        parts = sparse.decode_sparse(group * B + rows, feats, vals, params["dec_FxE"].astype(vals.dtype), m * B)
+        recons_MxBxE = jnp.cumsum(parts.reshape(m, B, E).astype(jnp.float32), axis=0) + params["b_dec"]
+        mse_each = jnp.sum((recons_MxBxE - y[None]) ** 2, axis=(1, 2)) / (B * E)
+        return jnp.mean(mse_each), recons_MxBxE[-1], {"mse_full": mse_each[-1]}
+
+    def update_buffers(self, cfg, buffers, stats) -> dict:
+        return self.selection(cfg).update_buffers(cfg, buffers, stats)
+
+    def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
+        return self.selection(cfg).to_saved(cfg, p, buffers, centre_proj_F, s_out)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),
+                                                               Matryoshka())}
+"""Every architecture by name (the --arch choices, in this order)."""
+
+
+def architecture(cfg: SAEConfig) -> Architecture:
+    """The record of `cfg.architecture`; ConfigError naming the choices if there is none."""
+    try:
+        return ARCHITECTURES[cfg.architecture]
+    except KeyError:
+        raise ConfigError(f"unknown SAE architecture {cfg.architecture!r}; choose one of "
+                          f"{', '.join(ARCHITECTURES)} (--arch)") from None
+
+
+def saved_form(cfg: SAEConfig) -> SavedForm:
+    """How the saved SAE of `cfg` encodes (BatchTopK and Matryoshka-BatchTopK: as JumpReLU)."""
+    return architecture(cfg).saved_form(cfg)
+
+
+def saelens_architecture(cfg: SAEConfig) -> str | None:
+    """SAELens's `architecture` name for the saved SAE of `cfg`; None when SAELens has no equivalent."""
+    form = saved_form(cfg)
+    return form.saelens_transcoder if cfg.is_transcoder else form.saelens_architecture
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------
+def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.ndarray,
+                x_sample_NxD: np.ndarray | None = None, y_sample_NxE: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Decoder rows random unit vectors; encoder = decoder transpose for SAEs (Gao et al. 2024), for
+    transcoders the decoder rows mapped back through the sample's least-squares map; biases 0;
+    b_dec from the geometric median of a target sample; then the architecture's own parameters."""
+    arch = architecture(cfg)
+    F, D, E = cfg.width, cfg.d_in, cfg.d_out
+    k_dec, k_enc = jax.random.split(key)
+    dec = jax.random.normal(k_dec, (F, E), jnp.float32)
+    dec = dec / jnp.linalg.norm(dec, axis=1, keepdims=True)
+    if cfg.is_transcoder:
+        if y_sample_NxE is not None and x_sample_NxD is not None and len(x_sample_NxD) > D:
+            # The tied init generalised: encoder rows are the decoder rows pulled back through the
+            # least-squares linear map x -> y of the sample (an SAE is the case map = identity).
+            xc = np.asarray(x_sample_NxD, np.float64) - np.asarray(b_in_D)
+            yc = np.asarray(y_sample_NxE, np.float64) - np.asarray(b_dec_E)
+            map_DxE = np.linalg.lstsq(xc, yc, rcond=None)[0]
+            enc = jnp.asarray(np.asarray(dec, np.float64) @ map_DxE.T, jnp.float32)
+        else:
+            enc = jax.random.normal(k_enc, (F, D), jnp.float32)
+        enc = enc / jnp.maximum(jnp.linalg.norm(enc, axis=1, keepdims=True), 1e-12)
     else:
-        raise ValueError(f"unknown selection {sel!r}")
-    stats["mse"] = mse
+        enc = jnp.array(dec, copy=True)  # a distinct buffer: the two are trained separately
+    if arch.selection(cfg).enc_init_scale != 1.0:
+        enc = enc * arch.selection(cfg).enc_init_scale
+    params = {"enc_FxD": enc, "dec_FxE": dec, "b_dec": jnp.asarray(b_dec_E, jnp.float32)}
+    centre = b_in_D if cfg.is_transcoder else b_dec_E
+    params.update(arch.init_params(cfg, enc, x_sample_NxD, centre))
+    buffers = {
+        "b_in": jnp.asarray(b_in_D, jnp.float32),
+        "since_fired": _zeros_F(F),
+        "threshold": jnp.zeros((), jnp.float32),
+        "threshold_seen": jnp.zeros((), jnp.float32),
+    }
+    return params, buffers
+
+
+def geometric_median(points_NxD: np.ndarray, iters: int = 64, eps: float = 1e-6) -> np.ndarray:
+    """Weiszfeld's algorithm: m ← Σ w_i x_i / Σ w_i, w_i = 1 / max(‖x_i − m‖, eps), started at the mean."""
+    x = jnp.asarray(points_NxD, jnp.float32)
+
+    def step(m, _):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m, axis=1), eps)
+        return (w[:, None] * x).sum(0) / w.sum(), None
+
+    m, _ = jax.lax.scan(step, x.mean(0), None, length=iters)
+    return np.asarray(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step pieces
+# ---------------------------------------------------------------------------------------------
+def input_centre(cfg: SAEConfig, params: dict, buffers: dict):
+    return buffers["b_in"] if cfg.is_transcoder else params["b_dec"]
+
+
+def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32):
+    """(loss, stats): stats has loss, mse, l0, fvu (batch), fired_F (tokens each latent fired on) and
+    the architecture's own scalars (e.g. BatchTopK's batch threshold); formulas in the module docstring."""
+    x_c = x_BxD - input_centre(cfg, params, buffers)
+    loss, mse, recon, stats = architecture(cfg).loss(cfg, params, buffers, x_c, y_BxE, coef, key, dtype)
     centred = y_BxE - jnp.mean(y_BxE, axis=0)
+    stats["mse"] = mse
     stats["fvu"] = jnp.sum((recon - y_BxE) ** 2) / jnp.maximum(jnp.sum(centred**2), 1e-12)
     stats["loss"] = loss
     return loss, stats
 
 
 def sparsity_coef(cfg: SAEConfig) -> float:
-    if cfg.selection == "jumprelu":
-        return cfg.l0_coef
-    if cfg.selection in ("relu", "gated"):
-        return cfg.l1_coef
-    return 0.0
+    return architecture(cfg).sparsity_coef(cfg)
 
 
 def update_buffers(cfg: SAEConfig, buffers: dict, stats: dict, n_tokens: int) -> dict:
-    """Dead tracking (tokens since each latent fired) and BatchTopK's EMA threshold."""
+    """Dead tracking (tokens since each latent fired) and the architecture's own buffers."""
     out = dict(buffers)
     out["since_fired"] = jnp.where(stats["fired_F"] > 0, 0.0, buffers["since_fired"] + n_tokens)
-    if cfg.selection == "batchtopk":
-        t = stats["batch_threshold"]
-        decay = cfg.batchtopk_threshold_decay
-        seen = buffers["threshold_seen"] > 0
-        out["threshold"] = jnp.where(seen, decay * buffers["threshold"] + (1 - decay) * t, t)
-        out["threshold_seen"] = jnp.ones((), jnp.float32)
-    return out
+    return architecture(cfg).update_buffers(cfg, out, stats)
 
 
 def project_decoder_grad(params: dict, grads: dict) -> dict:
@@ -382,14 +637,5 @@ def to_saved(cfg: SAEConfig, params: dict, buffers: dict, s_in: float, s_out: fl
     centre = np.asarray(buffers["b_in"], np.float64) if cfg.is_transcoder else p["b_dec"]
     centre_proj_F = enc_FxD @ centre  # (c @ W'): what the input centring subtracts from every latent
     out = {"W_enc": (enc_FxD.T * s_in / s_out), "W_dec": dec, "b_dec": p["b_dec"] / s_out}
-    if cfg.architecture == "gated":
-        out["b_gate"] = (p["b_gate"] - centre_proj_F) / s_out
-        out["r_mag"] = p["r_mag"]
-        out["b_mag"] = (p["b_mag"] - centre_proj_F * np.exp(p["r_mag"])) / s_out
-    else:
-        out["b_enc"] = (p["b_enc"] - centre_proj_F) / s_out
-    if cfg.selection == "jumprelu":
-        out["threshold"] = np.exp(p["log_threshold"]) / s_out
-    elif cfg.selection == "batchtopk":
-        out["threshold"] = np.full((cfg.width,), float(buffers["threshold"]) / s_out)
-    return {k: v.astype(np.float32) for k, v in out.items()}
+    out.update(architecture(cfg).to_saved(cfg, p, buffers, centre_proj_F, s_out))
+    return {k: np.asarray(v).astype(np.float32) for k, v in out.items()}

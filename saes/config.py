@@ -1,74 +1,96 @@
-"""Configuration dataclasses for sparse autoencoders and their training.
+"""Configuration dataclasses for sparse autoencoders and their training (each setting written once:
+the command line's flags, help and checks derive from these fields; activation_store/configs.py).
 
 `SAEConfig` describes one SAE (architecture, sizes, hooks, per-SAE hyperparameters and, once trained,
-the input/output scales that were folded into its saved weights). `TrainConfig` describes the shared
-training loop (batch size, token budget, seed, logging, checkpoints, mesh), so several SAEs can be
-trained from one stream of batches.
+the input/output scales that were folded into its saved weights). `SAETrainConfig` describes the
+shared training loop (batch size, token budget, seed, logging, checkpoints, mesh, which tokens), so
+several SAEs can be trained from one stream of batches.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+from featureatlas.activation_store.configs import Config, setting
+from featureatlas.activation_store.errors import ConfigError
+from featureatlas.saes.architectures import ARCHITECTURES, Matryoshka, architecture
 
+SAEConfigError = ConfigError  # the former name of an SAE's configuration error
 
-class SAEConfigError(ValueError):
-    """A configuration that cannot be trained or loaded; the message names the fix."""
+DEFAULT_K_AUX = 256
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(Config):
     """One sparse autoencoder (or transcoder when hook_out != hook_in).
 
-    Sizes: d_in (width of hook_in), d_out (width of hook_out; == d_in for an SAE), width = F latents.
-    k: active latents per token for TopK/Matryoshka-TopK; mean active latents per token for
-    BatchTopK/Matryoshka-BatchTopK (top k·B over a batch of B tokens); for JumpReLU the L0 its
-    thresholds are initialised to (the L0 penalty moves it from there); unused by ReLU and Gated.
     Normalisation: training sees x·input_scale and y·output_scale with scale = sqrt(d / E‖x‖²)
     (so E‖x‖² = d); `normalisation_folded` says the saved weights already absorb them (see saes/io.py).
     """
 
-    architecture: str = "topk"
-    d_in: int = 0
-    width: int = 0
-    k: int = 32
-    hook_in: str = ""
-    hook_out: str = ""  # "" -> hook_in (plain SAE); another hook makes a transcoder
-    d_out: int = 0  # 0 -> d_in
-    model_id: str = ""
-    store_fingerprint: str = ""
-    # Normalisation (filled in by the trainer from store.stats / a sample of the stream).
-    normalisation_folded: bool = False
-    input_scale: float = 1.0
-    output_scale: float = 1.0
-    # Per-SAE optimisation (several SAEs in one pass may differ here).
-    # Peak Adam lr. 2e-3 suits the short runs of a ~100k-token store trained for a few epochs (a few
-    # hundred steps); 0 -> 2e-4 / sqrt(width / 2**14), the common default for long runs (RESEARCH.md).
-    lr: float = 2e-3
-    l1_coef: float = 5.0  # ReLU+L1 and Gated sparsity coefficient (on unit-scaled inputs)
-    l0_coef: float = 1.0  # JumpReLU L0 coefficient (loss per token = ‖e‖² + l0_coef·L0, E‖x‖² = d_in units)
-    sparsity_warmup_frac: float = 0.05  # sparsity coefficient ramps linearly 0 -> coef over this share of steps
-    jumprelu_bandwidth: float = 0.05  # rectangle-kernel width ε of the straight-through estimators
-    jumprelu_init_threshold: float = 0.1
-    k_aux: int = 256  # AuxK: number of dead latents that reconstruct the residual (OpenAI: 256)
-    auxk_coef: float = 1.0 / 32.0
-    dead_tokens: int = 0  # a latent that has not fired for this many tokens is dead; 0 -> min(10M, tokens/10)
-    # EMA decay of the BatchTopK inference threshold: a ~10-step memory follows the batch threshold as it
-    # falls during training (0.99 lagged ~40% behind on a 150-step run).
-    batchtopk_threshold_decay: float = 0.9
-    matryoshka_prefixes: tuple[int, ...] = ()  # nested prefix sizes; () -> width/16, /8, /4, /2, 1
-    matryoshka_base: str = "batchtopk"  # "batchtopk" or "topk"
-    init_seed_offset: int = 0  # per-SAE key = fold_in(seed, index + offset)
+    architecture: str = setting("topk", flag="--arch", choices=tuple(ARCHITECTURES))
+    """relu (L1), topk, batchtopk (saved as JumpReLU), jumprelu (L0), gated, matryoshka (nested prefixes)."""
+    hook_in: str = setting("", flag="--hook")
+    """Hook to read, e.g. resid_post.15."""
+    hook_out: str = setting("")
+    """Hook to reconstruct; a hook other than --hook trains a transcoder ("" = the same hook)."""
+    width: int | None = setting(None, gt=0)
+    """Number of latents F; when not given, --expansion x d_in."""
+    expansion: float = setting(8.0, gt=0)
+    """Width as a multiple of d_in, used when --width is not given."""
+    k: int = setting(32, gt=0)
+    """Active latents per token (TopK, Matryoshka-TopK) or on average (BatchTopK: top k·B of a batch of B
+    tokens); JumpReLU starts its thresholds at this L0. Unused by relu and gated."""
+    lr: float = setting(2e-3, gt=0)
+    """Peak Adam learning rate; 2e-3 suits a few hundred steps on a ~100k-token store; long runs usually
+    take 2e-4 / sqrt(width / 2^14)."""
+    l1_coef: float = setting(5.0, flag="--l1", ge=0)
+    """L1 coefficient of relu and gated (on inputs normalised to E||x||^2 = d_in)."""
+    l0_coef: float = setting(1.0, ge=0)
+    """L0 coefficient of jumprelu (loss per token = ||e||^2 + l0_coef·L0, in E||x||^2 = d_in units)."""
+    sparsity_warmup_frac: float = setting(0.05, flag="--sparsity-warmup", ge=0, le=1)
+    """Fraction of the steps over which the L1/L0 coefficient ramps up linearly from 0."""
+    jumprelu_bandwidth: float = setting(0.05, flag="--bandwidth", gt=0)
+    """Width ε of jumprelu's straight-through rectangle kernel."""
+    jumprelu_init_threshold: float = setting(0.1, gt=0)
+    """Smallest initial jumprelu threshold (thresholds start at the quantile giving L0 = k)."""
+    k_aux: int = setting(DEFAULT_K_AUX, ge=0)
+    """AuxK (TopK family): dead latents that reconstruct the residual (Gao et al.: 256; the default is
+    capped at the width)."""
+    auxk_coef: float = setting(1.0 / 32.0, ge=0)
+    """AuxK loss coefficient (0 disables AuxK)."""
+    dead_tokens: int = setting(0, ge=0)
+    """A latent that has not fired for this many tokens is dead (0: min(10M, tokens/10))."""
+    batchtopk_threshold_decay: float = setting(0.9, ge=0, lt=1)
+    """EMA decay of BatchTopK's inference threshold: a ~10-step memory follows the batch threshold as it
+    falls during training (0.99 lagged ~40% behind on a 150-step run)."""
+    matryoshka_prefixes: tuple[int, ...] = setting((), flag="--prefixes")
+    """Matryoshka nested prefix sizes, increasing and ending at the width (default F/16 F/8 F/4 F/2 F;
+    in --sae colon-separated, e.g. prefixes=288:1152:4608)."""
+    matryoshka_base: str = setting("batchtopk", choices=Matryoshka.bases)
+    """How Matryoshka chooses its active latents."""
+    init_seed_offset: int = setting(0)
+    """Per-SAE initialisation key = fold_in(seed, index + offset)."""
+    d_in: int = setting(0, ge=0, cli=False)
+    """Width of hook_in (0: taken from the store)."""
+    d_out: int = setting(0, ge=0, cli=False)
+    """Width of hook_out (0: taken from the store; = d_in for a plain SAE)."""
+    model_id: str = setting("", cli=False)
+    """The model the activations come from."""
+    store_fingerprint: str = setting("", cli=False)
+    """Corpus fingerprint of the store trained on."""
+    normalisation_folded: bool = setting(False, cli=False)
+    """The saved weights absorb input_scale/output_scale (saes/io.py)."""
+    input_scale: float = setting(1.0, cli=False)
+    """s_in = sqrt(d_in / E||x||^2) of the training data (filled in by the trainer)."""
+    output_scale: float = setting(1.0, cli=False)
+    """s_out = sqrt(d_out / E||y||^2) of the training targets (filled in by the trainer)."""
 
     def __post_init__(self) -> None:
         if not self.hook_out:
             self.hook_out = self.hook_in
         if not self.d_out:
             self.d_out = self.d_in
-        if isinstance(self.matryoshka_prefixes, list):
+        if isinstance(self.matryoshka_prefixes, (list, tuple)):
             self.matryoshka_prefixes = tuple(int(p) for p in self.matryoshka_prefixes)
 
     @property
@@ -77,114 +99,93 @@ class SAEConfig:
 
     @property
     def selection(self) -> str:
-        """How latents are chosen at training time: relu|topk|batchtopk|jumprelu|gated."""
-        if self.architecture == "matryoshka":
-            return self.matryoshka_base
-        return self.architecture
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr > 0:
-            return self.lr
-        return 2e-4 / math.sqrt(self.width / 2**14)
+        """The architecture that chooses the latents at training time (Matryoshka: its base)."""
+        return architecture(self).selection(self).name
 
     def prefixes(self) -> tuple[int, ...]:
         """Matryoshka prefix sizes, strictly increasing and ending at width."""
         if self.matryoshka_prefixes:
             return tuple(self.matryoshka_prefixes)
-        sizes = sorted({max(1, self.width // d) for d in (16, 8, 4, 2)} | {self.width})
-        return tuple(sizes)
+        return tuple(sorted({max(1, self.width // d) for d in (16, 8, 4, 2)} | {self.width}))
 
-    def validate(self) -> "SAEConfig":
-        """Raise SAEConfigError naming the problem and the fix."""
-        if self.architecture not in ARCHITECTURES:
-            raise SAEConfigError(
-                f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
-            )
-        if self.d_in <= 0 or self.width <= 0:
-            raise SAEConfigError(f"d_in and width must be positive (got d_in={self.d_in}, width={self.width})")
+    def check_structure(self) -> "SAEConfig":
+        """What a saved SAE needs to run: a known architecture, positive sizes, a hook, a valid k."""
+        arch = architecture(self)
+        if self.d_in <= 0 or not self.width:
+            raise ConfigError(f"d_in and --width must be positive (got d_in={self.d_in}, width={self.width})")
         if not self.hook_in:
-            raise SAEConfigError("hook_in is empty; pass the store hook to read, e.g. resid_post.15")
-        if self.selection in ("topk", "batchtopk"):
-            if not 0 < self.k <= self.width:
-                raise SAEConfigError(
-                    f"k={self.k} must be in 1..width={self.width} for {self.architecture}; lower k or raise width"
-                )
-        if self.architecture == "matryoshka":
-            if self.matryoshka_base not in ("topk", "batchtopk"):
-                raise SAEConfigError(
-                    f"matryoshka_base must be 'topk' or 'batchtopk', got {self.matryoshka_base!r}"
-                )
-            p = self.prefixes()
-            if any(b <= a for a, b in zip(p, p[1:])) or p[0] <= 0 or p[-1] != self.width:
-                raise SAEConfigError(
-                    f"matryoshka_prefixes {p} must be strictly increasing, positive and end at width={self.width}"
-                )
-        if self.k_aux < 0 or self.auxk_coef < 0:
-            raise SAEConfigError("k_aux and auxk_coef must be >= 0")
+            raise ConfigError("no hook: pass --hook with the store hook to read, e.g. resid_post.15")
+        arch.validate(self)
         return self
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names - {"train"}
-        if unknown:
-            raise SAEConfigError(f"unknown SAEConfig keys {sorted(unknown)}; the file was written by another version?")
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def validate(self) -> "SAEConfig":
+        """Raise ConfigError naming the flag and the fix (declared ranges, then cross-field checks)."""
+        architecture(self)  # an unknown architecture first, with the list of known ones
+        super().validate()
+        self.check_structure()
+        arch = architecture(self).selection(self)
+        explicit = self.k_aux != DEFAULT_K_AUX  # the default is capped at the width instead
+        if arch.uses_auxk and self.auxk_coef > 0 and explicit and self.k_aux > self.width:
+            raise ConfigError(f"--k-aux {self.k_aux} is larger than the width {self.width}: AuxK uses at most "
+                              "width dead latents; choose --k-aux <= --width (or 0 to turn AuxK off)")
+        return self
 
 
 @dataclass
-class TrainConfig:
+class SAETrainConfig(Config):
     """The shared training loop. All SAEs trained together see the same batches."""
 
-    batch_size: int = 2048
-    total_tokens: int = 600_000
-    seed: int = 0
-    warmup_steps: int = 100  # linear lr warmup (capped at a tenth of the steps)
-    decay_frac: float = 0.2  # linear decay to 0 over the final share of steps
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clip per SAE
-    compute_dtype: str = "float32"  # "bfloat16" computes encoder/decoder matmuls in bf16 (params stay fp32)
-    geometric_median_samples: int = 8192  # tokens used to initialise b_dec (0 -> zeros)
-    log_every: int = 50
-    eval_every: int = 0  # 0 -> only at the end
-    checkpoint_every: int = 500  # steps; 0 -> only at the end
-    keep_checkpoints: int = 2
-    mesh_data: int = 1
-    mesh_feature: int = 1
-    split: str = "train"
-    exclude_bos: bool = True
+    batch_size: int = setting(2048, gt=0)
+    """Tokens per step."""
+    total_tokens: int = setting(600_000, flag="--tokens", gt=0)
+    """Training tokens (epochs repeat the store)."""
+    seed: int = setting(0)
+    """Seed of initialisation and batch order."""
+    warmup_steps: int = setting(100, ge=0)
+    """Linear learning-rate warmup steps (capped at a tenth of the run)."""
+    decay_frac: float = setting(0.2, ge=0, le=0.9)
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    adam_b1: float = setting(0.9, ge=0, lt=1)
+    """Adam β1."""
+    adam_b2: float = setting(0.999, ge=0, lt=1)
+    """Adam β2."""
+    adam_eps: float = setting(1e-8, gt=0)
+    """Adam ε."""
+    grad_clip: float = setting(1.0, ge=0)
+    """Global gradient-norm clip per SAE (0 = off)."""
+    compute_dtype: str = setting("float32", flag="--dtype", choices=("float32", "bfloat16"))
+    """Matmul compute dtype (bfloat16 pays off on accelerators; parameters stay float32)."""
+    geometric_median_samples: int = setting(8192, ge=0)
+    """Tokens used to initialise b_dec at their geometric median (0: zeros)."""
+    log_every: int = setting(50, gt=0)
+    """Steps between metrics.jsonl rows (metrics stay on the device in between)."""
+    eval_every: int = setting(0, ge=0)
+    """Steps between validation evaluations (0: only at the end)."""
+    checkpoint_every: int = setting(500, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = setting(2, ge=1)
+    """Checkpoints kept in out/checkpoints."""
+    mesh_data: int = setting(1, ge=1, cli=False)
+    """Devices the batch is split over (--mesh data=N)."""
+    mesh_feature: int = setting(1, ge=1, cli=False)
+    """Devices the latents are split over (--mesh feature=N)."""
+    split: str = setting("train", choices=("train", "all"))
+    """Store split to train on."""
+    exclude_bos: bool = setting(True)
+    """Leave BOS tokens out of training."""
+    exclude_massive: bool = setting(False)
+    """Leave massive-activation tokens out of training (norm above 4x the median; activation_store/massive.py)."""
 
     @property
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Lines `key: old -> new` for every differing leaf of two nested dicts."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return lines
+    def validate(self) -> "SAETrainConfig":
+        super().validate()
+        if self.batch_size % self.mesh_data:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the mesh data axis "
+                              f"{self.mesh_data}; choose a multiple of it")
+        return self
 
 
-__all__ = ["ARCHITECTURES", "TOPK_FAMILY", "SAEConfig", "SAEConfigError", "TrainConfig", "config_diff"]
+__all__ = ["ARCHITECTURES", "DEFAULT_K_AUX", "SAEConfig", "SAEConfigError", "SAETrainConfig"]

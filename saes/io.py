@@ -2,7 +2,8 @@
 
 config.json   the SAEConfig fields (architecture, d_in, d_out, width, k, hook_in, hook_out, model_id,
               store_fingerprint, normalisation_folded, input_scale, output_scale, hyperparameters)
-              plus "train" (the TrainConfig of the run, or {}) and "format": "featureatlas-sae/1".
+              plus "train" (the SAETrainConfig of the run, or {}), "data" (what it was trained on:
+              store, contexts used of those planned, excluded tokens) and "format": "featureatlas-sae/1".
 weights.safetensors   float32 tensors named as in saes/sae.py (W_enc, b_enc, W_dec, b_dec, threshold,
               b_gate, r_mag, b_mag), all in raw activation space.
 
@@ -27,46 +28,50 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from featureatlas.activation_store.errors import ConfigError
+from featureatlas.activation_store.runs import publish_files, published
 from featureatlas.saes.config import SAEConfig
 from featureatlas.saes.sae import SAE, sae_from_params
 
 FORMAT = "featureatlas-sae/1"
+RECORDS = ("train", "data", "format")  # config.json keys beside the SAEConfig fields
 
 
-def save_sae(sae: SAE, path: str | Path, train_config: dict | None = None) -> Path:
-    """Write `sae` (raw-space parameters) to directory `path`; returns the path."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def save_sae(sae: SAE, path: str | Path, train_config: dict | None = None, data: dict | None = None) -> Path:
+    """Publish `sae` (raw-space parameters) into directory `path`: config.json and weights.safetensors
+    become visible together (activation_store.runs.publish_files), never new weights beside an old config.
+
+    train_config: the training settings of the run; data: what it was trained on (store, contexts used).
+    """
     config = sae.config.to_dict()
     config["train"] = dict(train_config or {})
+    if data:
+        config["data"] = dict(data)
     config["format"] = FORMAT
     tensors = {n: np.ascontiguousarray(np.asarray(v, np.float32)) for n, v in sae.params.items()}
-    # Write to temporary names then rename, so a crash never leaves a half-written SAE.
-    tmp_w, tmp_c = path / "weights.safetensors.tmp", path / "config.json.tmp"
-    save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp_w.replace(path / "weights.safetensors")
-    tmp_c.replace(path / "config.json")
-    return path
+    publish_files(path, {
+        "weights.safetensors": lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}),
+        "config.json": json.dumps(config, indent=2, sort_keys=True),
+    })
+    return Path(path)
 
 
 def load_config(path: str | Path) -> tuple[SAEConfig, dict]:
     """(SAEConfig, train config dict) of a saved SAE directory."""
-    path = Path(path)
+    path = published(path)
     cfile = path / "config.json"
     if not cfile.exists():
         raise FileNotFoundError(f"{cfile} not found; is {path} an SAE directory written by save_sae / train-sae?")
     raw = json.loads(cfile.read_text())
-    fmt = raw.pop("format", FORMAT)
+    fmt = raw.get("format", FORMAT)
     if fmt != FORMAT:
-        raise ValueError(f"{cfile} has format {fmt!r}, this version reads {FORMAT!r}")
-    train = raw.pop("train", {})
-    return SAEConfig.from_dict(raw), train
+        raise ConfigError(f"{cfile} has format {fmt!r}, this version reads {FORMAT!r}")
+    return SAEConfig.from_dict(raw, where=str(cfile), ignore=RECORDS), raw.get("train", {})
 
 
 def load_sae(path: str | Path) -> SAE:
     """Load a directory written by `save_sae`."""
-    path = Path(path)
+    path = published(path)
     config, _ = load_config(path)
     wfile = path / "weights.safetensors"
     if not wfile.exists():

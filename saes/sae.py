@@ -8,13 +8,8 @@ Saved parameters (names in weights.safetensors; F = width, D = d_in, E = d_out (
   matryoshka(batchtopk)                 the same value broadcast to all latents)
   gated                b_gate [F], r_mag [F], b_mag [F]      (no b_enc)
 
-Encoders (pre = x @ W_enc + b_enc; no b_dec is subtracted from the input):
-
-  relu         f = relu(pre)
-  topk         f = relu(pre) kept at its k largest entries per token (matryoshka over topk likewise)
-  jumprelu     f = pre · 1[pre > threshold]   (batchtopk and matryoshka over batchtopk at inference)
-  gated        f = 1[x @ W_enc + b_gate > 0] · relu((x @ W_enc) ⊙ exp(r_mag) + b_mag)
-               (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs")
+Encoders (pre = x @ W_enc + b_enc; no b_dec is subtracted from the input): one `SavedForm` per way
+of encoding (relu, topk, jumprelu, gated) in saes/architectures.py, with their formulas.
 
 Decoder: x̂ = f @ W_dec + b_dec.
 """
@@ -27,44 +22,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from featureatlas.saes.architectures import SAVED_FORMS, saved_form
 from featureatlas.saes.config import SAEConfig
+
 
 def param_names(config: SAEConfig) -> tuple[str, ...]:
     """The saved parameter names of one architecture (see the module docstring)."""
-    if config.architecture == "gated":
-        return ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
-    names = ("W_enc", "b_enc", "W_dec", "b_dec")
-    if inference_mode(config) == "jumprelu":
-        names += ("threshold",)
-    return names
+    return saved_form(config).param_names
 
 
 def inference_mode(config: SAEConfig) -> str:
-    """relu | topk | jumprelu | gated: how a saved SAE encodes."""
-    sel = config.selection
-    if sel in ("batchtopk", "jumprelu"):
-        return "jumprelu"
-    return sel
+    """relu | topk | jumprelu | gated: how a saved SAE encodes (its saes.architectures.SavedForm)."""
+    return saved_form(config).name
 
 
 def encode_raw(params: dict, x_NxD: jax.Array, *, mode: str, k: int) -> jax.Array:
     """Codes of a saved SAE (formulas in the module docstring)."""
-    x_NxD = x_NxD.astype(params["W_enc"].dtype)
-    if mode == "gated":
-        proj_NxF = x_NxD @ params["W_enc"]
-        gate_NxF = proj_NxF + params["b_gate"] > 0
-        mag_NxF = jax.nn.relu(proj_NxF * jnp.exp(params["r_mag"]) + params["b_mag"])
-        return jnp.where(gate_NxF, mag_NxF, 0.0)
-    pre_NxF = x_NxD @ params["W_enc"] + params["b_enc"]
-    if mode == "relu":
-        return jax.nn.relu(pre_NxF)
-    if mode == "jumprelu":
-        return jnp.where(pre_NxF > params["threshold"], pre_NxF, 0.0)
-    if mode == "topk":
-        vals_NxK, idx_NxK = jax.lax.top_k(jax.nn.relu(pre_NxF), k)
-        rows_Nx1 = jnp.arange(pre_NxF.shape[0])[:, None]
-        return jnp.zeros_like(pre_NxF).at[rows_Nx1, idx_NxK].set(vals_NxK)
-    raise ValueError(f"unknown inference mode {mode!r}")
+    return SAVED_FORMS[mode].encode(params, x_NxD.astype(params["W_enc"].dtype), k)
 
 
 def decode_raw(params: dict, codes_NxF: jax.Array) -> jax.Array:
@@ -93,7 +67,7 @@ class SAE:
     """
 
     def __init__(self, config: SAEConfig, params: dict[str, Any]):
-        config.validate()
+        config.check_structure()
         missing = [n for n in param_names(config) if n not in params]
         if missing:
             raise ValueError(

@@ -21,15 +21,11 @@ import subprocess
 import sys
 import time
 
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
-
 
 def step_flops(arch: str, B: int, D: int, F: int, k: int) -> float:
-    if arch in ("topk", "batchtopk", "matryoshka"):
-        return 2.0 * B * D * F + 10.0 * k * B * D
-    if arch == "gated":  # + the auxiliary reconstruction through the frozen decoder, forward and backward
-        return 14.0 * B * D * F
-    return 10.0 * B * D * F
+    from featureatlas.saes.architectures import ARCHITECTURES
+
+    return ARCHITECTURES[arch].train_flops(B, D, F, k)
 
 
 def run_one(arch: str, d_in: int, width: int, batch: int, k: int, steps: int) -> dict:
@@ -37,40 +33,39 @@ def run_one(arch: str, d_in: int, width: int, batch: int, k: int, steps: int) ->
     import jax.numpy as jnp
     import numpy as np
 
-    from featureatlas.saes.config import SAEConfig, TrainConfig
+    from featureatlas.saes.config import SAEConfig, SAETrainConfig
     from featureatlas.saes.trainer import build_step, initial_state, make_mesh, state_shardings
     from featureatlas.scripts.benchlib import peak_rss_mb
 
     hook = "bench"
-    tcfg = TrainConfig(batch_size=batch, total_tokens=batch * 10_000, geometric_median_samples=0)
+    tcfg = SAETrainConfig(batch_size=batch, total_tokens=batch * 10_000, geometric_median_samples=0)
     cfg = SAEConfig(architecture=arch, d_in=d_in, width=width, k=k, hook_in=hook, dead_tokens=10_000_000).validate()
 
     class _Source:  # just what initial_state needs
         pass
 
-    step_fn, optimizers = build_step([cfg], tcfg, make_mesh(1, 1))
+    mesh = make_mesh(1, 1)
+    step_fn, optimizers, zero_sums = build_step([cfg], tcfg, mesh)
     state = initial_state([cfg], tcfg, _Source(), optimizers)
-    state = jax.device_put(state, state_shardings(state, make_mesh(1, 1)))
+    state = state.replace(sums=zero_sums(state.saes, {hook: jax.ShapeDtypeStruct((batch, d_in), jnp.float32)}))
+    state = jax.device_put(state, state_shardings(state, mesh))
     jstep = jax.jit(step_fn, donate_argnums=(0,))
     keys = jax.random.split(jax.random.key(0), 3)
     # Activation-like data: a shared mean direction plus Gaussian spread.
     mean = jax.random.normal(keys[0], (d_in,)) * 0.5
     batches = [{hook: jax.random.normal(kk, (batch, d_in)) + mean} for kk in jax.random.split(keys[1], 3)]
     t0 = time.perf_counter()
-    state, out = jstep(state, batches[0])
-    jax.block_until_ready(out)
+    state = jax.block_until_ready(jstep(state, batches[0]))
     compile_s = time.perf_counter() - t0
-    state, out = jstep(state, batches[1])  # one more warm step
-    jax.block_until_ready(out)
+    state = jax.block_until_ready(jstep(state, batches[1]))  # one more warm step
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        state, out = jstep(state, batches[i % 3])
-        jax.block_until_ready(out)
+        state = jax.block_until_ready(jstep(state, batches[i % 3]))
         times.append(time.perf_counter() - t0)
     # Median: the machine is shared, so single steps are sometimes slowed by other jobs.
     dt = float(np.median(times))
-    metrics = jax.device_get(out[1][0])
+    metrics = jax.device_get(state.sums[0])
     return {
         "arch": arch,
         "tokens_per_s": round(batch / dt, 1),
@@ -79,13 +74,13 @@ def run_one(arch: str, d_in: int, width: int, batch: int, k: int, steps: int) ->
         "best_step_ms": round(min(times) * 1e3, 1),
         "compile_s": round(compile_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "l0": round(float(metrics["l0"]), 1),
+        "l0": round(float(metrics["l0"]) / (steps + 2), 1),
     }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default=",".join(ARCHS), help="comma list of architectures")
+    p.add_argument("--archs", default="", help="comma list of architectures (default: all)")
     p.add_argument("--d-in", type=int, default=576)
     p.add_argument("--width", type=int, default=4608)
     p.add_argument("--batch", type=int, default=4096)
@@ -103,7 +98,9 @@ def main(argv=None) -> int:
     gf = matmul_gflops()
     results = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for arch in args.archs.split(","):
+    from featureatlas.saes.architectures import ARCHITECTURES
+
+    for arch in args.archs.split(",") if args.archs else ARCHITECTURES:
         cmd = [sys.executable, "-m", "featureatlas.scripts.bench_sae", "--child", arch, "--d-in", str(args.d_in), "--width",
                str(args.width), "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps)]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

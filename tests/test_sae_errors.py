@@ -9,9 +9,9 @@ import pytest
 
 from featureatlas.activation_store import ActivationStore
 from featureatlas.activation_store.store import write_store
-from featureatlas.saes import SAEConfig, SAEConfigError, TrainConfig
-from featureatlas.saes.sources import ArraySource, StoreSource
-from featureatlas.saes.trainer import NonFiniteBatchError, _checkpoint_manager, train_saes
+from featureatlas.saes import SAEConfig, SAEConfigError, SAETrainConfig
+from featureatlas.saes.sources import ArrayBatches, StoreBatches
+from featureatlas.saes.trainer import NonFiniteBatchError, train_saes
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "resid_post.3"
@@ -24,14 +24,14 @@ def test_nan_in_store_stops_with_step_rows_and_hint_and_keeps_checkpoints(tmp_pa
     acts[bad_rows[0], 3] = np.nan
     acts[bad_rows[1], 0] = np.inf
     store = write_store(tmp_path / "s.h5", acts={HOOK: acts}, tokens=np.ones((n_ctx, T), np.int32), val_fraction=0.0)
-    source = StoreSource(store, [HOOK])
+    source = StoreBatches(store, [HOOK])
     # The store's statistics already show the problem, before any training step:
     with pytest.raises(NonFiniteBatchError, match=r"mean squared norm of resid_post.3 is NaN/Inf.*contexts \[25\]"):
-        train_saes([SAEConfig(architecture="topk", width=32, k=2, hook_in=HOOK)], TrainConfig(),
+        train_saes([SAEConfig(architecture="topk", width=32, k=2, hook_in=HOOK)], SAETrainConfig(),
                    source, tmp_path / "early", progress=False)
     # With clean statistics (e.g. from before the bad rows were appended) the step that meets them stops.
     source.mean_sq_norm = lambda hook: float(d)
-    tcfg = TrainConfig(batch_size=64, total_tokens=64 * 40, checkpoint_every=2, geometric_median_samples=0)
+    tcfg = SAETrainConfig(batch_size=64, total_tokens=64 * 40, checkpoint_every=2, geometric_median_samples=0)
     cfg = SAEConfig(architecture="topk", width=32, k=2, hook_in=HOOK)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteBatchError) as err:
@@ -40,12 +40,12 @@ def test_nan_in_store_stops_with_step_rows_and_hint_and_keeps_checkpoints(tmp_pa
     assert "step" in msg and HOOK in msg and "Hint" in msg
     assert str(bad_rows[0]) in msg and str(bad_rows[1]) in msg and "contexts [25]" in msg
     failed_step = int(msg.split("batch of step ")[1].split()[0])
-    manager = _checkpoint_manager(out / "checkpoints", 2)
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute())
     latest = manager.latest_step()
     assert latest is not None and latest <= failed_step
     # The checkpoint restores and holds finite numbers only.
-    import orbax.checkpoint as ocp
-
     restored = manager.restore(latest, args=ocp.args.StandardRestore())
     manager.close()
     leaves = [np.asarray(v) for v in jax.tree.leaves(restored)]
@@ -54,8 +54,8 @@ def test_nan_in_store_stops_with_step_rows_and_hint_and_keeps_checkpoints(tmp_pa
 
 
 def test_store_width_k_and_architecture_errors(tmp_path):
-    src = ArraySource({HOOK: np.ones((64, 16), np.float32)})
-    tcfg = TrainConfig(batch_size=16, total_tokens=32, geometric_median_samples=0)
+    src = ArrayBatches({HOOK: np.ones((64, 16), np.float32)})
+    tcfg = SAETrainConfig(batch_size=16, total_tokens=32, geometric_median_samples=0)
     with pytest.raises(SAEConfigError, match=r"d_in=32 but hook resid_post.3 has width 16"):
         train_saes([SAEConfig(d_in=32, width=64, hook_in=HOOK)], tcfg, src, tmp_path / "a", progress=False)
     with pytest.raises(SAEConfigError, match=r"k=80 must be in 1..width=64"):

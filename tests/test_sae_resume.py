@@ -13,9 +13,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from featureatlas.activation_store.store import write_store
-from featureatlas.saes import SAEConfig, TrainConfig
-from featureatlas.saes.sources import ArraySource
-from featureatlas.saes.trainer import ResumeMismatchError, train_saes
+from featureatlas.saes import SAEConfig, SAETrainConfig
+from featureatlas.saes.sources import ArrayBatches
+from featureatlas.activation_store.errors import RunError
+from featureatlas.saes.trainer import train_saes
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "resid_post.0"
@@ -81,16 +82,16 @@ def test_sigkill_then_resume_equals_uninterrupted(store_path, tmp_path):
 
 def test_resume_with_changed_config_is_refused_with_a_diff(tmp_path):
     x = np.random.default_rng(1).normal(size=(2048, 16)).astype(np.float32)
-    tcfg = TrainConfig(batch_size=128, total_tokens=128 * 6, checkpoint_every=3, geometric_median_samples=256)
+    tcfg = SAETrainConfig(batch_size=128, total_tokens=128 * 6, checkpoint_every=3, geometric_median_samples=256)
     cfg = SAEConfig(architecture="topk", width=64, k=4, hook_in="h")
-    train_saes([cfg], tcfg, ArraySource({"h": x}), tmp_path, progress=False, stop_after=3)
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_saes([cfg], tcfg, ArraySource({"h": x}), tmp_path, progress=False)
+    train_saes([cfg], tcfg, ArrayBatches({"h": x}), tmp_path, progress=False, stop_after=3)
+    with pytest.raises(RunError, match="--resume"):
+        train_saes([cfg], tcfg, ArrayBatches({"h": x}), tmp_path, progress=False)
     changed = SAEConfig(architecture="topk", width=64, k=8, hook_in="h", lr=1e-3)
-    with pytest.raises(ResumeMismatchError) as err:
-        train_saes([changed], tcfg, ArraySource({"h": x}), tmp_path, progress=False, resume=True)
+    with pytest.raises(RunError) as err:
+        train_saes([changed], tcfg, ArrayBatches({"h": x}), tmp_path, progress=False, resume=True)
     assert "saes.0.k: 4 -> 8" in str(err.value) and "saes.0.lr: 0.002 -> 0.001" in str(err.value)
     # Logging-only settings may change; the run then finishes from its checkpoint.
-    relaxed = TrainConfig(**{**tcfg.to_dict(), "log_every": 1})
-    result = train_saes([cfg], relaxed, ArraySource({"h": x}), tmp_path, progress=False, resume=True)
+    relaxed = SAETrainConfig(**{**tcfg.to_dict(), "log_every": 1})
+    result = train_saes([cfg], relaxed, ArrayBatches({"h": x}), tmp_path, progress=False, resume=True)
     assert result.steps == 6

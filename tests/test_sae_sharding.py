@@ -14,8 +14,8 @@ SCRIPT = r"""
 import json, sys, tempfile
 import numpy as np
 import jax
-from featureatlas.saes import SAEConfig, TrainConfig
-from featureatlas.saes.sources import ArraySource
+from featureatlas.saes import SAEConfig, SAETrainConfig
+from featureatlas.saes.sources import ArrayBatches
 from featureatlas.saes.trainer import train_saes
 
 assert len(jax.devices()) == 8
@@ -26,12 +26,12 @@ x = (codes @ dirs + 0.3).astype(np.float32)
 archs = ["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"]
 out = {}
 for data, feature in [(1, 1), (2, 4)]:
-    tcfg = TrainConfig(batch_size=256, total_tokens=256 * 25, warmup_steps=3, log_every=5, checkpoint_every=0,
+    tcfg = SAETrainConfig(batch_size=256, total_tokens=256 * 25, warmup_steps=3, log_every=5, checkpoint_every=0,
                        geometric_median_samples=512, mesh_data=data, mesh_feature=feature)
     cfgs = [SAEConfig(architecture=a, width=128, k=4, hook_in="h", lr=2e-3, dead_tokens=1024, k_aux=16,
                       matryoshka_prefixes=(32, 128)) for a in archs]
-    r = train_saes(cfgs, tcfg, ArraySource({"h": x}), tempfile.mkdtemp(), progress=False)
-    enc = r.state["saes"][0]["params"]["enc_FxD"]
+    r = train_saes(cfgs, tcfg, ArrayBatches({"h": x}), tempfile.mkdtemp(), progress=False)
+    enc = r.state.saes[0].params["enc_FxD"]
     out[f"{data}x{feature}"] = {
         "spec": str(enc.sharding.spec), "n_shards": len(enc.addressable_shards),
         "params": [{k: np.asarray(v).tolist() for k, v in s.params.items()} for s in r.saes],

@@ -120,7 +120,7 @@ def test_saved_fold_reproduces_training_forward(arch):
     if cfg.selection == "batchtopk":  # the batch threshold equals a data value; move it off any tie
         assert float(buffers["threshold"]) > 0
         buffers["threshold"] = jnp.float32(0.4321)
-    sae = saved_sae(cfg, {"params": params, "buffers": buffers})
+    sae = saved_sae(cfg, params, buffers)
     # Training-space reconstruction through the dense pre-activations (the inference rule of each arch).
     recon_train = jax.jit(lambda *a: _dense_training_recon(cfg, *a))(params, buffers, x * cfg.input_scale)
     np.testing.assert_allclose(sae.reconstruct(x), recon_train / cfg.output_scale, rtol=1e-4, atol=1e-5)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from featureatlas.saes import SAEConfig, TrainConfig, load_sae
-from featureatlas.saes.sources import ArraySource
+from featureatlas.saes import SAEConfig, SAETrainConfig, load_sae
+from featureatlas.saes.sources import ArrayBatches
 from featureatlas.saes.trainer import train_saes
 
 
@@ -31,12 +31,12 @@ def recovered(W_dec_FxD, dirs_NxD, threshold=0.9):
 def test_planted_dictionary_recovered_by_topk_batchtopk_relu_in_one_pass(tmp_path):
     """1,024 unit directions in 128-d, 5 active per sample: each SAE finds >= 90% at cosine >= 0.9."""
     x, dirs = planted(60_000, 128, 1024, 5)
-    tcfg = TrainConfig(batch_size=512, total_tokens=400_000, warmup_steps=50, log_every=100, checkpoint_every=0,
+    tcfg = SAETrainConfig(batch_size=512, total_tokens=400_000, warmup_steps=50, log_every=100, checkpoint_every=0,
                        geometric_median_samples=2048)
     common = dict(width=2048, k=5, hook_in="acts", lr=3e-3, dead_tokens=100_000)
     cfgs = [SAEConfig(architecture="topk", **common), SAEConfig(architecture="batchtopk", **common),
             SAEConfig(architecture="relu", l1_coef=2.0, **common)]
-    result = train_saes(cfgs, tcfg, ArraySource({"acts": x}), tmp_path, progress=False)
+    result = train_saes(cfgs, tcfg, ArrayBatches({"acts": x}), tmp_path, progress=False)
     for name, sae, d in zip(result.names, result.saes, result.dirs):
         W = np.asarray(sae.directions_FxD)
         assert recovered(W, dirs) >= 0.9, name
@@ -57,11 +57,11 @@ def test_auxk_revives_dead_latents(tmp_path):
     pointing elsewhere lose every top-k race and die; AuxK (default coefficient 1/32) trains them on the
     residual until they fire again, so far fewer stay dead than without it."""
     x, _ = planted(20_000, 64, 256, 3, seed=1, subspace=16)
-    tcfg = TrainConfig(batch_size=512, total_tokens=512 * 400, warmup_steps=10, log_every=25, checkpoint_every=0,
+    tcfg = SAETrainConfig(batch_size=512, total_tokens=512 * 400, warmup_steps=10, log_every=25, checkpoint_every=0,
                        geometric_median_samples=1024)
     common = dict(architecture="topk", width=128, k=3, hook_in="acts", lr=2e-3, dead_tokens=512 * 20, k_aux=64)
     cfgs = [SAEConfig(auxk_coef=0.0, **common), SAEConfig(**common)]
-    result = train_saes(cfgs, tcfg, ArraySource({"acts": x}), tmp_path, progress=False)
+    result = train_saes(cfgs, tcfg, ArrayBatches({"acts": x}), tmp_path, progress=False)
     rows = {n: [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]
             for n, d in zip(result.names, result.dirs)}
     no_aux, with_aux = (rows[n] for n in result.names)
@@ -76,11 +76,11 @@ def test_transcoder_learns_planted_linear_map(tmp_path):
     x, dirs = planted(30_000, 48, 128, 3, seed=2)
     M = np.random.default_rng(3).normal(size=(48, 32)).astype(np.float32) / np.sqrt(48)
     y = x @ M
-    tcfg = TrainConfig(batch_size=512, total_tokens=512 * 400, warmup_steps=20, log_every=50, checkpoint_every=0,
+    tcfg = SAETrainConfig(batch_size=512, total_tokens=512 * 400, warmup_steps=20, log_every=50, checkpoint_every=0,
                        geometric_median_samples=1024)
     cfg = SAEConfig(architecture="topk", width=256, k=3, hook_in="mlp_in", hook_out="mlp_out", lr=3e-3,
                     dead_tokens=20_000)
-    result = train_saes([cfg], tcfg, ArraySource({"mlp_in": x, "mlp_out": y}), tmp_path, progress=False)
+    result = train_saes([cfg], tcfg, ArrayBatches({"mlp_in": x, "mlp_out": y}), tmp_path, progress=False)
     sae = load_sae(tmp_path)
     assert sae.hook == "mlp_in" and sae.hook_out == "mlp_out" and sae.config.d_out == 32
     x_test, _ = planted(2_000, 48, 128, 3, seed=2)  # same directions, fresh samples
@@ -101,10 +101,10 @@ def test_transcoder_learns_planted_linear_map(tmp_path):
 def test_other_architectures_learn_a_sparse_code(tmp_path, arch, extra):
     """64 planted directions in 32-d, 2 active: a sparse, faithful code that finds most directions."""
     x, dirs = planted(20_000, 32, 64, 2, seed=4)
-    tcfg = TrainConfig(batch_size=512, total_tokens=512 * 300, warmup_steps=10, log_every=50, checkpoint_every=0,
+    tcfg = SAETrainConfig(batch_size=512, total_tokens=512 * 300, warmup_steps=10, log_every=50, checkpoint_every=0,
                        geometric_median_samples=1024)
     cfg = SAEConfig(architecture=arch, width=128, k=2, hook_in="a", lr=3e-3, dead_tokens=20_000, **extra)
-    result = train_saes([cfg], tcfg, ArraySource({"a": x}), tmp_path, progress=False)
+    result = train_saes([cfg], tcfg, ArrayBatches({"a": x}), tmp_path, progress=False)
     row = result.last_metrics[result.names[0]]
     assert row["fvu"] < 0.2 and row["l0"] < 8, row
     assert recovered(np.asarray(result.saes[0].directions_FxD), dirs) >= 0.75
