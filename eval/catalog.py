@@ -168,6 +168,26 @@ def js_literal(obj: Any) -> str:
     return re.sub(r"[<>&\u2028\u2029]", lambda m: _JS_ESCAPES[m.group(0)], text)
 
 
+def _escape_char(m: re.Match) -> str:
+    c = m.group(0)
+    if c in _JS_ESCAPES:
+        return _JS_ESCAPES[c]
+    o = ord(c)
+    if o > 0xFFFF:  # outside the BMP: a UTF-16 surrogate pair, as json's ensure_ascii writes it
+        o -= 0x10000
+        return f"\\u{0xD800 + (o >> 10):04x}\\u{0xDC00 + (o & 0x3FF):04x}"
+    return f"\\u{o:04x}"
+
+
+_UNSAFE_RE = re.compile(r"[<>&]|[^\x00-\x7f]")
+
+
+def js_safe_json(json_text: str) -> str:
+    """JSON text (e.g. a `json_line`) made as safe as `js_literal`: non-ASCII and "<", ">", "&" escaped.
+    Valid because outside strings JSON holds only ASCII punctuation, digits and literals."""
+    return _UNSAFE_RE.sub(_escape_char, json_text)
+
+
 def js_callback(name: str, *args: Any) -> str:
     """A data file's text: `name(arg, ...);` with every argument through `js_literal`."""
     return f"{name}({','.join(js_literal(a) for a in args)});\n"
@@ -299,12 +319,12 @@ def neuronpedia_feature(rec: Mapping, ids: NeuronpediaIds) -> dict:
 
 
 def _activation_row(rec, ex, ids, k, bin_range) -> dict:
-    values = list(ex["acts"])
+    values = ex["acts"]
     mx = max(values) if values else 0.0
     return {
-        "id": ids.row_id(rec, "act", k), "tokens": list(ex["tokens"]), "values": values,
+        "id": ids.row_id(rec, "act", k), "tokens": ex["tokens"], "values": values,
         "modelId": ids.model_id, "layer": ids.layers[rec["dictionary"]], "index": str(rec["index"]),
-        "maxValue": mx, "maxValueTokenIndex": values.index(mx) if values else 0,
+        "maxValue": mx, "maxValueTokenIndex": list(values).index(mx) if values else 0,
         "minValue": min(values) if values else 0.0,
         "creatorId": ids.creator_id, "createdAt": ids.created,
         "binMin": bin_range[0] if bin_range else None, "binMax": bin_range[1] if bin_range else None,
@@ -397,7 +417,7 @@ class _GzipJsonl:
         self.close()
         self.batch += 1
         raw = open(self.dir / f"batch-{self.batch}.jsonl.gz", "wb")
-        self._f = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0)
+        self._f = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)  # 5 is 1.5x slower, 10% smaller
         self._raw = raw
 
     def write(self, rows: Iterable[dict]) -> None:
@@ -411,6 +431,11 @@ class _GzipJsonl:
             os.fsync(self._raw.fileno())
             self._raw.close()
             self._f = None
+
+
+def _shard_text(n: int, safe_lines: list[str]) -> str:
+    """data/<build>/shard-NNNN.js: featureAtlasShard(n, [records]) from records already in `js_safe_json` form."""
+    return f"featureAtlasShard({n},[" + ",".join(safe_lines) + "]);\n"
 
 
 def _new_build() -> str:
@@ -471,7 +496,8 @@ def write_catalog(out_dir: str | os.PathLike, records: Iterable[Mapping], meta: 
             for rec in records:
                 validate_record(rec)
                 _check_record_in_meta(rec, dicts, seen)
-                features.write(json_line(rec) + "\n")
+                line = json_line(rec)
+                features.write(line + "\n")
                 if n % np_batch_size == 0:
                     for w in np_dirs.values():
                         w.rotate()
@@ -480,16 +506,16 @@ def write_catalog(out_dir: str | os.PathLike, records: Iterable[Mapping], meta: 
                 np_dirs["explanations"].write(neuronpedia_explanations(rec, ids))
                 rows.append(summary_row(rec, n_shards))
                 score_methods.update(rows[-1]["sc"])
-                shard.append(rec)
+                shard.append(js_safe_json(line))  # the record's text, not the record: one encode
                 n += 1
                 n_dead += bool(rec["dead"])
                 if len(shard) == shard_size:
-                    atomic_write(stage / DATA / f"shard-{n_shards:04d}.js", js_callback("featureAtlasShard", n_shards, shard))
+                    atomic_write(stage / DATA / f"shard-{n_shards:04d}.js", _shard_text(n_shards, shard))
                     shard, n_shards = [], n_shards + 1
             features.flush()
             os.fsync(features.fileno())
         if shard:
-            atomic_write(stage / DATA / f"shard-{n_shards:04d}.js", js_callback("featureAtlasShard", n_shards, shard))
+            atomic_write(stage / DATA / f"shard-{n_shards:04d}.js", _shard_text(n_shards, shard))
             n_shards += 1
         del shard
         for w in np_dirs.values():
@@ -548,8 +574,8 @@ def recover_catalog(out_dir: str | os.PathLike) -> None:
     are removed. After it: the staged neuronpedia/ folder replaces the old one, then leftovers are removed.
     """
     out = Path(out_dir)
-    if not out.is_dir():
-        return
+    if not out.is_dir() or not os.access(out, os.W_OK):
+        return  # a read-only copy (e.g. a published catalog) is read as it is
     recover_publish(out)
     build = None
     if (out / CATALOG).exists():
@@ -603,6 +629,6 @@ def read_features(path: str | os.PathLike, *, validate: bool = True) -> Iterator
             yield validate_record(rec) if validate else rec
 
 
-__all__ = ["CatalogResult", "NeuronpediaIds", "js_callback", "js_literal", "load_catalog", "neuronpedia_activations",
+__all__ = ["CatalogResult", "NeuronpediaIds", "js_callback", "js_literal", "js_safe_json", "load_catalog", "neuronpedia_activations",
            "neuronpedia_explanations", "neuronpedia_feature", "parse_js_callback", "read_features",
            "recover_catalog", "render_index_html", "summary_row", "transformerlens_hook", "write_catalog"]
