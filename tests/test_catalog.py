@@ -215,9 +215,12 @@ def test_shards_parse_back_to_the_records(built):
 
 
 def test_js_literal_escapes():
-    text = cat.js_literal({"t": SCRIPT_TOKEN + "&\u2028\u2029é"})
+    obj = {"t": SCRIPT_TOKEN + "&\u2028\u2029é😀", "x": [1.5, -2, None, True]}
+    text = cat.js_literal(obj)
     assert "<" not in text and ">" not in text and "&" not in text and text.isascii()
-    assert json.loads(text) == {"t": SCRIPT_TOKEN + "&\u2028\u2029é"}
+    assert json.loads(text) == obj
+    assert cat.js_safe_json(cat.json_line(obj)) == text  # the shards' one-encode path writes the same text
+    assert "\u2028" not in cat.json_line(obj) and json.loads(cat.json_line(obj)) == obj
 
 
 def _gz_rows(path: Path) -> list[dict]:
