@@ -283,8 +283,13 @@ def test_read_tokens_and_weight_statistics(llama):
     U = dark_subspace(effective_unembedding(llama), 0.01)
     np.testing.assert_allclose(ws.null_space_frac[1], np.linalg.norm(W_down[2] @ U) / np.linalg.norm(W_down[2]),
                                rtol=1e-4)
-    assert ws.nearest_cos.shape == (2, 3) and ws.nearest_cos[0, 0] == 0.0  # identity basis: all orthogonal...
-    assert ws.nearest_ids[0, 0] != 0
+    signed = np.concatenate([W_down, -W_down])  # nearest by the decoder rows as written into the residual
+    n_ids, n_cos = nearest_features(signed, k=3, rows=[0, 50])
+    np.testing.assert_array_equal(ws.nearest_ids, n_ids)
+    np.testing.assert_allclose(ws.nearest_cos, n_cos, rtol=1e-5)
+    assert n_cos[0, 0] > 0 and 48 not in n_ids[0]  # its own negative half is the farthest, not the nearest
+    ws_dec = weight_statistics(llama, dic, [0], k_nearest=3, nearest_space="decoder")
+    np.testing.assert_allclose(ws_dec.nearest_cos, 0.0)  # hook space: the identity basis, all orthogonal
     up = np.asarray(llama.params["layers"][2]["w_gate_up"])[:, llama.config.d_mlp:]
     want_ids, want_p = read_tokens(-up[:, 2][None], np.asarray(llama.W_U), top=4)  # feature 50 = neuron 2, −
     np.testing.assert_array_equal(ws.read_ids[1], want_ids[0])
