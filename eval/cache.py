@@ -51,6 +51,7 @@ import numpy as np
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.prefetch import Prefetcher
+from featureatlas.eval.adapters import feature_ids, validate_dictionary
 
 CACHE_FORMAT = "featureatlas-cache/1"
 BINS_PER_DECADE = 4
@@ -411,12 +412,7 @@ def check_inputs(store, dictionary) -> None:
     if hook not in store.hooks:
         raise ConfigError(f"the dictionary reads hook {hook!r} but store {store.path} has only "
                           f"{', '.join(store.hooks)}; harvest {hook} or pick a dictionary trained on a stored hook")
-    d_store, d_dic = store.dim(hook), int(np.shape(dictionary.directions_FxD)[1])
-    in_dim = getattr(dictionary, "d_in", None) or (dictionary.config.d_in if hasattr(dictionary, "config")
-                                                   and hasattr(dictionary.config, "d_in") else d_dic)
-    if int(in_dim) != d_store:
-        raise ConfigError(f"dimension mismatch: store {store.path} has {hook} of width {d_store}, the dictionary "
-                          f"expects {in_dim}; use the store the dictionary was trained on (same model and hook)")
+    validate_dictionary(dictionary, d_in=store.dim(hook))
     if store.n_contexts == 0:
         raise ConfigError(f"store {store.path} has no committed contexts yet; run or resume the harvest first")
 
@@ -478,12 +474,7 @@ class FeatureCache:
         return self.arrays["active_tokens"] == 0
 
     def check_features(self, features) -> np.ndarray:
-        f = np.asarray(features, np.int64).ravel()
-        bad = f[(f < 0) | (f >= self.n_features)]
-        if bad.size:
-            raise ConfigError(f"feature id {int(bad[0])} is out of range: the dictionary has {self.n_features} "
-                              f"features (ids 0..{self.n_features - 1})")
-        return f
+        return feature_ids(features, self.n_features)
 
     def examples(self, feature: int, split: int = EXPLAIN) -> dict:
         """{"top": [(ctx, pos, act)], "quantiles": [[(ctx, pos, act)] per bin], "negative": [ctx]} of one split."""

@@ -9,6 +9,7 @@ import pytest
 
 from featureatlas.activation_store.errors import ConfigError, RunError
 from featureatlas.activation_store.store import write_store
+from featureatlas.eval.adapters import DictionaryError
 from featureatlas.eval.cache import (EXPLAIN, FINE_EDGES, HELD_OUT, CacheConfig, FeatureCache, build_cache,
                                      held_out_mask)
 
@@ -131,13 +132,13 @@ def test_bad_inputs_are_refused_before_any_work(setup, tmp_path):
         build_cache(store, dataclasses.replace(dic, hook="resid_post.3"), CFG, tmp_path / "x", dictionary_id="d")
     wide = ReluDict(np.zeros((D + 1, F), np.float32), dic.b_F)
     wide.d_in = D + 1
-    with pytest.raises(ConfigError, match="dimension mismatch.*width 8.*expects 9"):
+    with pytest.raises(DictionaryError, match="cannot encode 8-wide inputs.*dimensions differ"):
         build_cache(store, wide, CFG, tmp_path / "x", dictionary_id="d")
     with pytest.raises(ConfigError, match="--top-n must be > 0"):
         build_cache(store, dic, dataclasses.replace(CFG, top_n=0), tmp_path / "x", dictionary_id="d")
     assert not (tmp_path / "x").exists()
     cache = FeatureCache(build_cache(store, dic, CFG, tmp_path / "c", dictionary_id="relu", progress=False))
-    with pytest.raises(ConfigError, match="feature id 6 is out of range.*ids 0..5"):
+    with pytest.raises(DictionaryError, match=r"feature ids \[6\] out of range.*ids 0..5"):
         cache.check_features([1, 6])
 
 
