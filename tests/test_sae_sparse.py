@@ -6,6 +6,7 @@ import pytest
 
 from featureatlas.saes import architectures as A
 from featureatlas.saes import sparse
+from featureatlas.saes.architectures import ARCHITECTURES
 from featureatlas.saes.config import SAEConfig
 
 
@@ -95,7 +96,7 @@ def test_jumprelu_straight_through_gradients():
     np.testing.assert_allclose(g_z, (np.asarray(z) > 0.5).astype(np.float32))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_saved_fold_reproduces_training_forward(arch):
     """Raw-space saved SAE: codes = training codes / s_out and reconstruction = training recon / s_out."""
     from featureatlas.saes.trainer import saved_sae

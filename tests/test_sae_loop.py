@@ -1,0 +1,76 @@
+"""The training loop: host reads only at log/checkpoint time, the optax schedule is the documented
+formula, massive-activation tokens can be left out of training, the registry drives every architecture."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from featureatlas.activation_store import ActivationStore
+from featureatlas.activation_store.store import write_store
+from featureatlas.saes import ARCHITECTURES, SAEConfig, SAETrainConfig
+from featureatlas.saes.architectures import SAVED_FORMS, saelens_architecture
+from featureatlas.saes.sources import ArrayBatches, StoreBatches
+from featureatlas.saes.trainer import lr_schedule, train_saes
+
+
+def test_metrics_stay_on_device_between_logs(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(4096, 16)).astype(np.float32)
+    calls = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: calls.append(1) or real(tree))
+    tcfg = SAETrainConfig(batch_size=64, total_tokens=64 * 60, log_every=20, checkpoint_every=0,
+                          geometric_median_samples=0)
+    result = train_saes([SAEConfig(width=32, k=4, hook_in="h")], tcfg, ArrayBatches({"h": x}), tmp_path,
+                        progress=False)
+    assert result.steps == 60
+    assert len(calls) <= 10, f"{len(calls)} host reads for 60 steps"  # 3 logs x (check + metrics) + saving
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40, 60] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("T,warm,frac", [(300, 10, 0.2), (1, 1, 0.2), (57, 5, 0.0), (40, 4, 0.9)])
+def test_lr_schedule_is_warmup_times_decay(T, warm, frac):
+    sched = lr_schedule(2e-3, T, warm, frac)
+    t = np.arange(T + 2, dtype=np.float64)
+    want = 2e-3 * np.minimum(1, (t + 1) / warm) * np.clip((T - t) / max(1.0, frac * T), 0, 1)
+    got = np.array([float(sched(int(s))) for s in t])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_exclude_massive_tokens_from_training(tmp_path):
+    n_ctx, T, d = 60, 10, 16
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(n_ctx * T, d)).astype(np.float32)
+    massive = [c * T + 1 for c in range(0, n_ctx, 10)]  # position 1 of every tenth context
+    acts[massive] *= 60.0
+    path = tmp_path / "s.h5"
+    write_store(path, acts={"h": acts}, tokens=np.ones((n_ctx, T), np.int32), val_fraction=0.0)
+    store = ActivationStore.open(path)
+    tcfg = SAETrainConfig(batch_size=50, total_tokens=50 * 12, log_every=4, checkpoint_every=0,
+                          geometric_median_samples=64, exclude_massive=True)
+    cfg = SAEConfig(width=32, k=4, hook_in="h")
+    source = StoreBatches(store, ["h"])
+    train_saes([cfg], tcfg, source, tmp_path / "out", progress=False)
+    rec = json.loads((tmp_path / "out" / "config.json").read_text())["data"]["massive_excluded"]
+    assert rec["excluded_tokens"] == len(massive) and "median" in rec["rule"]
+    kept = np.setdiff1d(store.token_rows("train", True), massive)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    want_scale = np.sqrt(d / np.mean(np.sum(acts[kept].astype(np.float64) ** 2, axis=1)))
+    assert saved["input_scale"] == pytest.approx(want_scale, rel=1e-6)
+    it = source.batches(50, 0, 0)
+    seen = np.concatenate([np.asarray(next(it)["h"]) for _ in range(15)])  # more than one epoch
+    it.close()
+    assert np.linalg.norm(seen, axis=1).max() < 10 * np.sqrt(d)
+    # Arrays: the same rule.
+    arrays = ArrayBatches({"h": acts})
+    assert arrays.exclude_massive()["excluded_tokens"] == len(massive)
+    assert np.linalg.norm(np.asarray(next(arrays.batches(500, 0, 0))["h"]), axis=1).max() < 10 * np.sqrt(d)
+
+
+def test_registry_records_are_complete():
+    for name, arch in ARCHITECTURES.items():
+        assert arch.name == name
+        cfg = SAEConfig(architecture=name, d_in=8, width=32, k=4, hook_in="h").validate()
+        form = arch.saved_form(cfg)
+        assert SAVED_FORMS[form.name] is form and saelens_architecture(cfg) == form.saelens_architecture
