@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.activation_store.massive import DEFAULT_FACTOR, RULE, massive_mask, norm_threshold
+from featureatlas.activation_store.massive import (DEFAULT_FACTOR, RULE, massive_mask, norm_threshold,
+                                                   store_norm_threshold)
 
 _READ_ROWS = 1 << 16  # rows read at once when scanning a store
 
@@ -200,8 +201,6 @@ class StoreBatches:
         which also gives the mean squared norm of the kept rows (the normalisation scale)."""
         if self._massive is not None:
             return self._massive
-        from featureatlas.activation_store.massive import store_norm_threshold
-
         rows = self._selection()
         massive = np.zeros(rows.size, bool)
         norms = {}

@@ -32,7 +32,6 @@ Run directories written before run.json existed (out/run_config.json) resume as 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path

@@ -74,3 +74,24 @@ def test_registry_records_are_complete():
         cfg = SAEConfig(architecture=name, d_in=8, width=32, k=4, hook_in="h").validate()
         form = arch.saved_form(cfg)
         assert SAVED_FORMS[form.name] is form and saelens_architecture(cfg) == form.saelens_architecture
+
+
+def test_run_directory_from_before_run_json_resumes(tmp_path):
+    """An out/ written by the earlier trainer (run_config.json, no run.json) resumes, and a change is listed."""
+    from featureatlas.activation_store.errors import RunError
+
+    x = np.random.default_rng(1).normal(size=(2048, 16)).astype(np.float32)
+    tcfg = SAETrainConfig(batch_size=128, total_tokens=128 * 6, checkpoint_every=3, geometric_median_samples=64)
+    cfg = SAEConfig(architecture="topk", width=64, k=4, hook_in="h")
+    first = train_saes([cfg], tcfg, ArrayBatches({"h": x}), tmp_path, progress=False, stop_after=3)
+    resolved = json.loads((tmp_path / "run.json").read_text())["settings"]["saes"]
+    old_train = {k: v for k, v in tcfg.to_dict().items() if k != "exclude_massive"}
+    (tmp_path / "run_config.json").write_text(json.dumps(
+        {"saes": [{**s, "input_scale": 1.3, "output_scale": 1.3, "normalisation_folded": False} for s in resolved],
+         "train": old_train, "source": "arrays"}))
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(RunError, match=r"saes\.0\.k: 4 -> 8 \(set by --k\)"):
+        train_saes([SAEConfig(architecture="topk", width=64, k=8, hook_in="h")], tcfg, ArrayBatches({"h": x}),
+                   tmp_path, progress=False, resume=True)
+    result = train_saes([cfg], tcfg, ArrayBatches({"h": x}), tmp_path, progress=False, resume=True)
+    assert first.steps == 3 and result.steps == 6 and (tmp_path / "run.json").exists()
