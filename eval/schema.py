@@ -20,7 +20,7 @@ for programs; `validate_record` checks it):
                      random: [Example] windows where the feature does not fire}. EXPLAIN split only.
     vocab_proj      optional {top: [[token, logit]], bottom: [[token, logit]]}: final norm then W_U of the
                     feature's residual write direction, most positive / most negative first
-    token_change    optional {clamp: c, pos: {up: [[token, dlogit]], down: [...]}, neg: {up: [...], down: [...]}}:
+    token_change    optional {clamp: c, mode: clamp|add, pos: {up: [[token, dlogit]], down: [...]}, neg: {up: [...], down: [...]}}:
                     mean logit change when the feature is clamped to +c (pos) or -c (neg) at every position
     weights         optional {norm, null_space_frac, unigram_alignment: floats;
                      nearest: [[other index, decoder cosine]]; read_tokens: [[token, weight]] (neurons)}
@@ -246,7 +246,7 @@ def _validate_vocab_proj(v: Any, where: str) -> None:
 
 
 def _validate_token_change(t: Any, where: str) -> None:
-    _dict(where, "token_change", t, known=("clamp", "pos", "neg"), required=("clamp", "pos", "neg"))
+    _dict(where, "token_change", t, known=("clamp", "mode", "pos", "neg"), required=("clamp", "pos", "neg"))
     _num(where, "token_change.clamp", t["clamp"])
     for sign in ("pos", "neg"):
         _dict(where, f"token_change.{sign}", t[sign], known=("up", "down"), required=("up", "down"))

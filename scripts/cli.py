@@ -12,7 +12,8 @@ import sys
 
 from featureatlas.activation_store.errors import FeatureAtlasError
 
-COMMAND_MODULES = ("cmd_harvest", "cmd_store", "cmd_train_sae", "cmd_train_snmf", "cmd_demo")
+COMMAND_MODULES = ("cmd_harvest", "cmd_store", "cmd_train_sae", "cmd_train_snmf", "cmd_cache", "cmd_describe",
+                   "cmd_catalog", "cmd_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
