@@ -2,37 +2,38 @@
 
 Per feature f, in memory O(F·N) whatever the corpus size (N the per-feature example counts):
 
-- top-N contexts (exact): the N contexts with the largest per-context max activation max_t a[c,t,f],
-  with the position of that max;
-- quantile examples: a uniform sample of activating contexts in each activation bin. Activations are
-  binned on a fixed log-spaced grid (`FINE_EDGES`, 8 bins per decade); in each (feature, bin) the K
-  contexts with the smallest hashed keys u(c, f) are kept (priority sampling: a uniform sample without
-  replacement that does not depend on the order or chunking of the pass). At the end the fine bins are
-  grouped into `n_quantiles` equal-count bins of the per-context maxima, and each quantile bin's sample
-  is drawn from its fine bins in proportion to their counts;
+- top-N contexts (exact): the N contexts with the largest per-context max activation max_t a[c,t,f];
+- quantile examples: a uniform sample of R activating contexts is kept by priority sampling (the R
+  smallest hashed keys u(c, f) among contexts where f fires: a uniform sample without replacement that
+  does not depend on the order or chunking of the pass). At the end the sample is cut into
+  `n_quantiles` equal-count bins by activation (delphi's quantiles of the activating examples), and
+  `per_bin` contexts are drawn from each bin (again by smallest key);
 - random non-activating contexts: the K_neg contexts with the smallest keys among those where f never fires;
-- density (fraction of tokens with a > 0), max, mean (over all tokens), mean where active;
-- a log-spaced histogram of token activations on `FINE_EDGES` (from every `hist_stride`-th context;
-  1 = exact);
-- co-occurrence counts #{tokens: a_f > 0 and a_g > 0} of the `cooccur_top` densest features of the
-  first chunk with every feature g.
+- density (fraction of tokens with a > 0), max, mean (over all tokens), mean where active: exact;
+- a histogram of token activations on log-spaced bins (`HIST_EDGES`, 4 per decade, 1e-6..1e6) and
+  co-occurrence counts #{tokens: a_f > 0 and a_g > 0} of the `cooccur_top` densest features of the first
+  chunk with every feature g: both over the tokens of contexts c with c mod hist_stride = 0 (exact when
+  hist_stride = 1; the default samples 1 context in 8, because these two are the pass's costliest parts).
+
+Positions are not kept: the max position of a kept context is recovered when its window is cut
+(eval/maxact.py re-encodes the context), which saves an argmax over every token of the pass.
 
 Examples are split by context id into an explain set and a disjoint held-out set before anything is
 kept: context c is held out iff splitmix64(c ⊕ seed) / 2^64 < held_out_fraction. Explainers read only
 the explain set, scorers only the held-out set; they can never share a context (delphi samples both from
-one pool). Tokens are stored once: examples are (context id, position) into the store's /tokens.
+one pool). Tokens are stored once: examples are context ids into the store's /tokens.
 
 The state is a pytree updated by one jitted step per chunk of contexts, checkpointed through the run
 layer; a killed pass resumes from its last checkpoint to the same result, and a store that grew since
 the pass (a resumed harvest) is cached further by resuming.
 
 cache.h5 layout (S = 2 splits: 0 explain, 1 held-out):
-  /top_act [S,F,N] f32, /top_ctx [S,F,N] i32, /top_pos [S,F,N] i32       descending, ctx -1 = empty
-  /bin_act [S,F,Q,K] f32, /bin_ctx, /bin_pos [S,F,Q,K] i32               quantile bins, low to high
-  /quantile_edges [F,Q+1] f32                                            per-feature bin edges
-  /neg_ctx [S,F,K_neg] i32                                               non-activating contexts
+  /top_act [S,F,N] f32, /top_ctx [S,F,N] i32                 descending by activation, ctx -1 = empty
+  /bin_act [S,F,Q,K] f32, /bin_ctx [S,F,Q,K] i32             quantile bins, lowest first; in a bin descending
+  /quantile_edges [S,F,Q+1] f32                              activation range of each bin (from the sample)
+  /neg_ctx [S,F,K_neg] i32                                   non-activating contexts
   /density [F] f64, /max [F] f32, /mean [F] f64, /mean_active [F] f64, /active_tokens [F] i64
-  /hist [F,B] i64, /hist_edges [B+1] f64
+  /hist [F,B] i64, /hist_edges [B+1] f64, /hist_tokens i64   histogram and the tokens it counted
   /cooc_features [M] i32, /cooc [M,F] i64
   attrs: format, store path and fingerprint, hook, n_features, n_tokens, n_contexts, settings (JSON)
 """
@@ -40,9 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +53,10 @@ from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.eval.adapters import feature_ids, validate_dictionary
 
-CACHE_FORMAT = "featureatlas-cache/1"
+CACHE_FORMAT = "featureatlas-cache/2"
 BINS_PER_DECADE = 4
-FINE_EDGES = 10.0 ** (np.arange(-6 * BINS_PER_DECADE, 6 * BINS_PER_DECADE + 1) / BINS_PER_DECADE)
-N_FINE = len(FINE_EDGES) - 1
+HIST_EDGES = 10.0 ** (np.arange(-6 * BINS_PER_DECADE, 6 * BINS_PER_DECADE + 1) / BINS_PER_DECADE)
+N_HIST = len(HIST_EDGES) - 1
 EXPLAIN, HELD_OUT = 0, 1
 
 
@@ -70,16 +70,16 @@ class CacheConfig(Config):
     """Activation-quantile bins (equal counts of activating contexts)."""
     per_bin: int = setting(8, gt=0)
     """Contexts sampled per quantile bin and split."""
-    fine_per_bin: int = setting(8, gt=0, cli=False)
-    """Contexts kept per fine log-spaced bin (the pool the quantile samples are drawn from)."""
+    sample_size: int = setting(0, ge=0)
+    """Activating contexts sampled per feature and split, cut into the quantile bins (0 = 2·n_quantiles·per_bin)."""
     n_negative: int = setting(20, ge=0)
     """Random non-activating contexts kept per feature and split."""
     held_out_fraction: float = setting(0.5, gt=0, lt=1)
     """Share of contexts held out for scoring (never shown to explainers)."""
     contexts_per_chunk: int = setting(64, gt=0)
     """Contexts encoded per step."""
-    hist_stride: int = setting(4, gt=0)
-    """Histogram from every n-th context (1 = exact; larger is faster)."""
+    hist_stride: int = setting(8, gt=0)
+    """Histogram and co-occurrences from contexts c with c mod n = 0 (1 = exact, every context)."""
     cooccur_top: int = setting(32, ge=0)
     """Features (densest in the first chunk) whose co-occurrence with every feature is counted."""
     exclude_bos: bool = setting(True)
@@ -90,6 +90,10 @@ class CacheConfig(Config):
     """Chunks between checkpoints."""
     seed: int = setting(0)
     """Seed of the explain/held-out split and of the samples."""
+
+    @property
+    def reservoir(self) -> int:
+        return self.sample_size or 2 * self.n_quantiles * self.per_bin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +123,10 @@ def _hash_keys(ctx_C: jax.Array, n_features: int, seed: int) -> jax.Array:
     return (h >> 8).astype(jnp.float32) / float(1 << 24)
 
 
-def fine_bin(a: jax.Array) -> jax.Array:
-    """Index of the log-spaced bin of FINE_EDGES holding a (> 0), clipped to the grid."""
+def hist_bin(a: jax.Array) -> jax.Array:
+    """Index of the log-spaced bin of HIST_EDGES holding a (> 0), clipped to the grid."""
     b = jnp.floor((jnp.log10(jnp.maximum(a, 1e-30)) + 6.0) * BINS_PER_DECADE)
-    return jnp.clip(b, 0, N_FINE - 1).astype(jnp.int32)
+    return jnp.clip(b, 0, N_HIST - 1).astype(jnp.int32)
 
 
 def _keep_best(key_FxN, payload_old: tuple, key_new_FxC, payload_new: tuple, largest: bool):
@@ -134,76 +138,67 @@ def _keep_best(key_FxN, payload_old: tuple, key_new_FxC, payload_new: tuple, lar
 
 
 def init_state(n_features: int, cfg: CacheConfig) -> dict:
-    F, S, N, K, Kn = n_features, 2, cfg.top_n, cfg.fine_per_bin, max(cfg.n_negative, 1)
+    F, S, N, R, Kn = n_features, 2, cfg.top_n, cfg.reservoir, max(cfg.n_negative, 1)
     full = lambda shape, v, dt: jnp.full(shape, v, dt)  # noqa: E731
     return {
         "top_act": full((S, F, N), -1.0, jnp.float32), "top_ctx": full((S, F, N), -1, jnp.int32),
-        "top_pos": full((S, F, N), -1, jnp.int32),
-        "res_key": full((S, N_FINE, F, K), jnp.inf, jnp.float32), "res_ctx": full((S, N_FINE, F, K), -1, jnp.int32),
-        "res_pos": full((S, N_FINE, F, K), -1, jnp.int32), "res_act": full((S, N_FINE, F, K), 0.0, jnp.float32),
-        "ctx_bin_count": full((S, N_FINE, F), 0, jnp.int32),
+        "res_key": full((S, F, R), jnp.inf, jnp.float32), "res_ctx": full((S, F, R), -1, jnp.int32),
+        "res_act": full((S, F, R), 0.0, jnp.float32),
         "neg_key": full((S, F, Kn), jnp.inf, jnp.float32), "neg_ctx": full((S, F, Kn), -1, jnp.int32),
         "max": full((F,), 0.0, jnp.float32),
     }
 
 
-def chunk_step(state: dict, codes_CxTxF, valid_CxT, ctx_C, split_C, hist_C, cooc_idx_M, *, seed: int):
+def chunk_step(state: dict, codes_CxTxF, valid_CxT, ctx_C, split_C, sampled_C, cooc_idx_M, *, seed: int,
+               n_sampled: int):
     """One chunk of C contexts: update the example state; return per-chunk sums for the host accumulators.
 
     codes_CxTxF: activations (anything at invalid positions); valid_CxT: real, counted tokens;
-    ctx_C: context ids (-1 = padding context); split_C: 0 explain / 1 held-out; hist_C: contexts whose
-    tokens enter the histogram; cooc_idx_M: features whose co-occurrences are counted.
+    ctx_C: context ids (-1 = padding context); split_C: 0 explain / 1 held-out; sampled_C: contexts whose
+    tokens enter the histogram and co-occurrences (at most n_sampled of them); cooc_idx_M: features whose
+    co-occurrences are counted.
     """
     C, T, F = codes_CxTxF.shape
     a = jnp.where(valid_CxT[:, :, None], jnp.maximum(codes_CxTxF, 0.0), 0.0)
-    ctx_max_CxF = a.max(axis=1)
-    ctx_pos_CxF = a.argmax(axis=1).astype(jnp.int32)
+    # one fused pass over every token: per-context max, active count and sum
+    ctx_max_CxF, active_CxF, sum_CxF = a.max(axis=1), (a > 0).sum(axis=1, dtype=jnp.int32), a.sum(axis=1)
     real_C = ctx_C >= 0
     ctx_FxC = jnp.broadcast_to(ctx_C[None, :], (F, C))
-    keys_CxF = _hash_keys(ctx_C, F, seed)
-    bins_CxF = fine_bin(ctx_max_CxF)
-    active_ctx = (ctx_max_CxF > 0) & real_C[:, None]
+    keys_FxC = _hash_keys(ctx_C, F, seed).T
+    active_ctx_FxC = ((ctx_max_CxF > 0) & real_C[:, None]).T
+    max_FxC = ctx_max_CxF.T
     new = dict(state)
-    tops, ress, negs = [], [], []
+    parts = {k: [] for k in ("top_act", "top_ctx", "res_key", "res_ctx", "res_act", "neg_key", "neg_ctx")}
     for s in (EXPLAIN, HELD_OUT):
-        in_s = real_C & (split_C == s)
-        v = jnp.where(in_s[:, None] & active_ctx, ctx_max_CxF, -1.0).T
-        tops.append(_keep_best(state["top_act"][s], (state["top_ctx"][s], state["top_pos"][s]), v,
-                               (ctx_FxC, ctx_pos_CxF.T), largest=True))
-        k_neg = jnp.where(in_s[:, None] & ~active_ctx, keys_CxF, jnp.inf).T
-        negs.append(_keep_best(state["neg_key"][s], (state["neg_ctx"][s],), k_neg, (ctx_FxC,), largest=False))
-
-        def one_bin(b, s=s, in_s=in_s):
-            k = jnp.where(in_s[:, None] & active_ctx & (bins_CxF == b), keys_CxF, jnp.inf).T
-            return _keep_best(state["res_key"][s, b], (state["res_ctx"][s, b], state["res_pos"][s, b],
-                                                       state["res_act"][s, b]),
-                              k, (ctx_FxC, ctx_pos_CxF.T, ctx_max_CxF.T), largest=False)
-
-        ress.append(jax.lax.map(one_bin, jnp.arange(N_FINE)))
-    new["top_act"] = jnp.stack([t[0] for t in tops])
-    new["top_ctx"] = jnp.stack([t[1][0] for t in tops])
-    new["top_pos"] = jnp.stack([t[1][1] for t in tops])
-    new["neg_key"] = jnp.stack([n[0] for n in negs])
-    new["neg_ctx"] = jnp.stack([n[1][0] for n in negs])
-    new["res_key"] = jnp.stack([r[0] for r in ress])
-    new["res_ctx"], new["res_pos"], new["res_act"] = (jnp.stack([r[1][i] for r in ress]) for i in range(3))
-    onehot_bins = (bins_CxF[None, :, :] == jnp.arange(N_FINE)[:, None, None]) & active_ctx[None]
-    per_split = jnp.stack([(onehot_bins & (split_C == s)[None, :, None]).sum(axis=1) for s in (EXPLAIN, HELD_OUT)])
-    new["ctx_bin_count"] = state["ctx_bin_count"] + per_split.astype(jnp.int32)
+        in_s = (real_C & (split_C == s))[None, :]
+        act_s, quiet_s = in_s & active_ctx_FxC, in_s & ~active_ctx_FxC
+        v, (c,) = _keep_best(state["top_act"][s], (state["top_ctx"][s],), jnp.where(act_s, max_FxC, -1.0),
+                             (ctx_FxC,), largest=True)
+        parts["top_act"].append(v), parts["top_ctx"].append(c)
+        k, (c, v) = _keep_best(state["res_key"][s], (state["res_ctx"][s], state["res_act"][s]),
+                               jnp.where(act_s, keys_FxC, jnp.inf), (ctx_FxC, max_FxC), largest=False)
+        parts["res_key"].append(k), parts["res_ctx"].append(c), parts["res_act"].append(v)
+        k, (c,) = _keep_best(state["neg_key"][s], (state["neg_ctx"][s],), jnp.where(quiet_s, keys_FxC, jnp.inf),
+                             (ctx_FxC,), largest=False)
+        parts["neg_key"].append(k), parts["neg_ctx"].append(c)
+    new.update({k: jnp.stack(v) for k, v in parts.items()})
     new["max"] = jnp.maximum(state["max"], ctx_max_CxF.max(axis=0))
 
-    flat = a.reshape(C * T, F)
-    active = flat > 0
-    in_hist = (hist_C[:, None] & valid_CxT).reshape(C * T)
-    hist_idx = jnp.arange(F)[None, :] * N_FINE + fine_bin(flat)
-    hist = jnp.zeros(F * N_FINE, jnp.int32).at[hist_idx.ravel()].add(
-        (active & in_hist[:, None]).ravel().astype(jnp.int32)).reshape(F, N_FINE)
+    # histogram and co-occurrences over the sampled contexts only (a fixed number of slots, padded)
+    (slots,) = jnp.nonzero(sampled_C & real_C, size=n_sampled, fill_value=C)
+    filled = slots < C
+    sub = jnp.where(filled[:, None, None], a[jnp.minimum(slots, C - 1)], 0.0).reshape(n_sampled * T, F)
+    on = sub > 0
+    idx = jnp.arange(F)[None, :] * N_HIST + hist_bin(sub)
+    hist = jnp.zeros(F * N_HIST, jnp.int32).at[idx.ravel()].add(on.ravel().astype(jnp.int32)).reshape(F, N_HIST)
+    sub_valid = jnp.where(filled[:, None], valid_CxT[jnp.minimum(slots, C - 1)], False)
     sums = {
-        "active": active.sum(axis=0, dtype=jnp.int32),
-        "sum": flat.sum(axis=0),
+        "active": active_CxF.sum(axis=0, dtype=jnp.int32),
+        "sum": sum_CxF.sum(axis=0),
         "tokens": valid_CxT.sum(dtype=jnp.int32),
         "hist": hist,
-        "cooc": (active[:, cooc_idx_M].astype(jnp.float32).T @ active.astype(jnp.float32)).astype(jnp.int32),
+        "hist_tokens": sub_valid.sum(dtype=jnp.int32),
+        "cooc": (on[:, cooc_idx_M].astype(jnp.float32).T @ on.astype(jnp.float32)).astype(jnp.int32),
     }
     return new, sums
 
@@ -211,7 +206,7 @@ def chunk_step(state: dict, codes_CxTxF, valid_CxT, ctx_C, split_C, hist_C, cooc
 # ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
-_jit_step = jax.jit(chunk_step, static_argnames=("seed",), donate_argnums=(0,))
+_jit_step = jax.jit(chunk_step, static_argnames=("seed", "n_sampled"), donate_argnums=(0,))
 
 
 @dataclasses.dataclass
@@ -243,13 +238,15 @@ def store_chunks(store, hook: str, c_start: int, c_stop: int, contexts_per_chunk
 
 def _host_init(n_features: int, n_cooc: int) -> dict:
     return {"active": np.zeros(n_features, np.int64), "sum": np.zeros(n_features, np.float64),
-            "tokens": np.zeros((), np.int64), "hist": np.zeros((n_features, N_FINE), np.int64),
+            "tokens": np.zeros((), np.int64), "hist": np.zeros((n_features, N_HIST), np.int64),
+            "hist_tokens": np.zeros((), np.int64),
             "cooc": np.zeros((n_cooc, n_features), np.int64), "cooc_idx": np.full(n_cooc, -1, np.int64),
             "next_ctx": np.zeros((), np.int64)}
 
 
-def _first_cooc_features(codes_NxF, m: int) -> np.ndarray:
-    counts = np.asarray((codes_NxF > 0).sum(axis=0))
+def _first_cooc_features(codes_NxF, valid_N, m: int) -> np.ndarray:
+    """The m features firing on the most valid tokens of the first chunk (ties: lower index)."""
+    counts = np.asarray(((jnp.asarray(codes_NxF) > 0) & jnp.asarray(valid_N)[:, None]).sum(axis=0))
     return np.argsort(-counts, kind="stable")[:m].astype(np.int64)
 
 
@@ -278,17 +275,19 @@ def cache_pass(store, dictionary, cfg: CacheConfig, run, *, progress: bool = Tru
             codes = dictionary.encode(chunk.acts)
             real = chunk.ctx_C >= 0
             if host["cooc_idx"].size and host["cooc_idx"][0] < 0:
-                host["cooc_idx"] = _first_cooc_features(codes * chunk.valid_CxT.reshape(-1, 1), n_cooc)
+                host["cooc_idx"] = _first_cooc_features(codes, chunk.valid_CxT.reshape(-1), n_cooc)
             split = held_out_mask(np.maximum(chunk.ctx_C, 0), cfg.held_out_fraction, cfg.seed).astype(np.int32)
-            hist_c = real & (chunk.ctx_C % cfg.hist_stride == 0)
+            sampled = real & (chunk.ctx_C % cfg.hist_stride == 0)
             state, sums = _jit_step(state, jnp.reshape(codes, (C, T, F)), jnp.asarray(chunk.valid_CxT),
-                                    jnp.asarray(chunk.ctx_C), jnp.asarray(split), jnp.asarray(hist_c),
-                                    jnp.asarray(host["cooc_idx"], jnp.int32), seed=cfg.seed)
+                                    jnp.asarray(chunk.ctx_C), jnp.asarray(split), jnp.asarray(sampled),
+                                    jnp.asarray(host["cooc_idx"], jnp.int32), seed=cfg.seed,
+                                    n_sampled=-(-C // cfg.hist_stride))
             sums = jax.device_get(sums)
             host["active"] += sums["active"]
             host["sum"] += sums["sum"].astype(np.float64)
             host["tokens"] += int(sums["tokens"])
             host["hist"] += sums["hist"]
+            host["hist_tokens"] += int(sums["hist_tokens"])
             host["cooc"] += sums["cooc"]
             host["next_ctx"] = np.asarray(int(chunk.ctx_C[real].max()) + 1, np.int64)
             chunks_done += 1
@@ -309,31 +308,29 @@ def cache_pass(store, dictionary, cfg: CacheConfig, run, *, progress: bool = Tru
 # ---------------------------------------------------------------------------------------------
 # Finalising: quantile bins and the published cache.h5
 # ---------------------------------------------------------------------------------------------
-def quantile_groups(counts_B: np.ndarray, n_quantiles: int) -> np.ndarray:
-    """Quantile bin of each fine bin: floor(Q · (count before + count/2) / total), -1 for empty fine bins."""
-    total = counts_B.sum()
-    if total == 0:
-        return -np.ones_like(counts_B)
-    mid = np.cumsum(counts_B) - counts_B / 2.0
-    q = np.minimum((n_quantiles * mid / total).astype(np.int64), n_quantiles - 1)
-    return np.where(counts_B > 0, q, -1)
-
-
-def allocate(counts: np.ndarray, available: np.ndarray, n: int) -> np.ndarray:
-    """Split n draws over strata in proportion to counts (largest remainder), capped by what is available."""
-    take = np.zeros(len(counts), np.int64)
-    want = min(n, int(available.sum()))
-    while take.sum() < want:
-        open_ = take < available
-        share = np.where(open_, counts, 0).astype(np.float64)
-        if share.sum() == 0:
-            break
-        ideal = share / share.sum() * (want - take.sum())
-        add = np.minimum(np.floor(ideal).astype(np.int64), available - take)
-        if add.sum() == 0:
-            add[np.argmax(np.where(open_, ideal, -1.0))] = 1
-        take += add
-    return take
+def quantile_sample(ctx_R, act_R, key_R, n_quantiles: int, per_bin: int):
+    """Cut a uniform sample of activating contexts into equal-count bins by activation (lowest first) and
+    draw `per_bin` from each by smallest key; returns (ctx [Q,K], act [Q,K], edges [Q+1]), -1/0 padded,
+    each bin's picks in descending activation."""
+    ok = ctx_R >= 0
+    ctx, act, key = ctx_R[ok], act_R[ok], key_R[ok]
+    order = np.argsort(act, kind="stable")
+    ctx, act, key = ctx[order], act[order], key[order]
+    out_c = -np.ones((n_quantiles, per_bin), np.int32)
+    out_a = np.zeros((n_quantiles, per_bin), np.float32)
+    edges = np.zeros(n_quantiles + 1, np.float32)
+    if not ctx.size:
+        return out_c, out_a, edges
+    bounds = np.floor(np.linspace(0, ctx.size, n_quantiles + 1)).astype(np.int64)
+    for q in range(n_quantiles):
+        lo, hi = bounds[q], bounds[q + 1]
+        if hi <= lo:
+            continue
+        edges[q], edges[q + 1] = act[lo], act[hi - 1]
+        pick = lo + np.argsort(key[lo:hi], kind="stable")[:per_bin]
+        pick = pick[np.argsort(-act[pick], kind="stable")]
+        out_c[q, :pick.size], out_a[q, :pick.size] = ctx[pick], act[pick]
+    return out_c, out_a, edges
 
 
 def finalize(final: dict, cfg: CacheConfig) -> dict:
@@ -341,43 +338,26 @@ def finalize(final: dict, cfg: CacheConfig) -> dict:
     st = {k: np.asarray(v) for k, v in final["state"].items()}
     host = final["host"]
     S, F, Q, K = 2, st["max"].shape[0], cfg.n_quantiles, cfg.per_bin
-    bin_act = np.zeros((S, F, Q, K), np.float32)
     bin_ctx = -np.ones((S, F, Q, K), np.int32)
-    bin_pos = -np.ones((S, F, Q, K), np.int32)
-    q_edges = np.zeros((F, Q + 1), np.float32)
-    all_counts = st["ctx_bin_count"].sum(axis=0)  # [N_FINE, F]
-    for f in range(F):
-        groups = quantile_groups(all_counts[:, f], Q)
-        for q in range(Q):
-            fine = np.flatnonzero(groups == q)
-            if fine.size:
-                q_edges[f, q], q_edges[f, q + 1] = FINE_EDGES[fine[0]], FINE_EDGES[fine[-1] + 1]
-            for s in range(S):
-                avail = (st["res_ctx"][s, fine, f] >= 0).sum(axis=1)
-                take = allocate(st["ctx_bin_count"][s, fine, f], avail, K)
-                picks = [(b, j) for b, t in zip(fine, take) for j in range(t)]  # smallest keys first
-                if not picks:
-                    continue
-                order = np.argsort([-st["res_act"][s, b, f, j] for b, j in picks], kind="stable")
-                for slot, i in enumerate(order):
-                    b, j = picks[i]
-                    bin_act[s, f, q, slot] = st["res_act"][s, b, f, j]
-                    bin_ctx[s, f, q, slot] = st["res_ctx"][s, b, f, j]
-                    bin_pos[s, f, q, slot] = st["res_pos"][s, b, f, j]
+    bin_act = np.zeros((S, F, Q, K), np.float32)
+    q_edges = np.zeros((S, F, Q + 1), np.float32)
+    for s in range(S):
+        for f in range(F):
+            bin_ctx[s, f], bin_act[s, f], q_edges[s, f] = quantile_sample(
+                st["res_ctx"][s, f], st["res_act"][s, f], st["res_key"][s, f], Q, K)
     tokens = max(int(host["tokens"]), 1)
     active = host["active"]
     top_ok = st["top_act"] > 0
-    neg_ctx = st["neg_ctx"][:, :, :cfg.n_negative] if cfg.n_negative else st["neg_ctx"][:, :, :0]
+    neg_ctx = st["neg_ctx"][:, :, :cfg.n_negative]
     return {
         "top_act": np.where(top_ok, st["top_act"], 0).astype(np.float32),
         "top_ctx": np.where(top_ok, st["top_ctx"], -1).astype(np.int32),
-        "top_pos": np.where(top_ok, st["top_pos"], -1).astype(np.int32),
-        "bin_act": bin_act, "bin_ctx": bin_ctx, "bin_pos": bin_pos, "quantile_edges": q_edges,
+        "bin_act": bin_act, "bin_ctx": bin_ctx, "quantile_edges": q_edges,
         "neg_ctx": neg_ctx.astype(np.int32),
         "density": active / tokens, "max": st["max"].astype(np.float32), "mean": host["sum"] / tokens,
         "mean_active": np.where(active > 0, host["sum"] / np.maximum(active, 1), 0.0),
         "active_tokens": active.astype(np.int64),
-        "hist": host["hist"], "hist_edges": FINE_EDGES,
+        "hist": host["hist"], "hist_edges": HIST_EDGES, "hist_tokens": np.asarray(int(host["hist_tokens"]), np.int64),
         "cooc_features": host["cooc_idx"].astype(np.int32), "cooc": host["cooc"],
         "n_tokens": np.asarray(int(host["tokens"]), np.int64),
     }
@@ -477,14 +457,10 @@ class FeatureCache:
         return feature_ids(features, self.n_features)
 
     def examples(self, feature: int, split: int = EXPLAIN) -> dict:
-        """{"top": [(ctx, pos, act)], "quantiles": [[(ctx, pos, act)] per bin], "negative": [ctx]} of one split."""
+        """{"top": [(ctx, act)], "quantiles": [[(ctx, act)] per bin, lowest first], "negative": [ctx]} of a split."""
         a = self.arrays
-        top = [(int(c), int(p), float(v)) for c, p, v in zip(a["top_ctx"][split, feature],
-                                                             a["top_pos"][split, feature],
-                                                             a["top_act"][split, feature]) if c >= 0]
-        quant = [[(int(c), int(p), float(v)) for c, p, v in zip(a["bin_ctx"][split, feature, q],
-                                                                a["bin_pos"][split, feature, q],
-                                                                a["bin_act"][split, feature, q]) if c >= 0]
-                 for q in range(a["bin_ctx"].shape[2])]
+        top = [(int(c), float(v)) for c, v in zip(a["top_ctx"][split, feature], a["top_act"][split, feature]) if c >= 0]
+        quant = [[(int(c), float(v)) for c, v in zip(a["bin_ctx"][split, feature, q], a["bin_act"][split, feature, q])
+                  if c >= 0] for q in range(a["bin_ctx"].shape[2])]
         neg = [int(c) for c in a["neg_ctx"][split, feature] if c >= 0]
         return {"top": top, "quantiles": quant, "negative": neg}

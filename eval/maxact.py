@@ -1,7 +1,7 @@
 """MaxAct: the input-centric evidence of a feature, as token windows with per-token activations.
 
-Each cached example is a (context, position of the context's max activation). Its window is `width`
-tokens of that context, centred on the max token (start = pos − width//2, shifted to stay inside the
+Each cached example is a context and its max activation. Its window is `width` tokens of that
+context, centred on the context's max token (found here, by re-encoding the context) (start = pos − width//2, shifted to stay inside the
 context's real tokens), so the max token has context before it. Activations of every token in the
 window are recomputed by encoding the context once (all examples that need a context share one
 encode). Negatives (contexts where the feature never fires) show their first `width` real tokens.
@@ -33,17 +33,17 @@ def normalise(acts, max_act: float) -> list[int]:
 
 
 def _needed(cache: FeatureCache, features: Iterable[int], split: int) -> dict[int, list]:
-    """{context: [(feature, kind, quantile, order, pos)]} for every example window of the features."""
+    """{context: [(feature, kind, quantile, order)]} for every example window of the features."""
     need: dict[int, list] = defaultdict(list)
     for f in features:
         ex = cache.examples(f, split)
-        for i, (c, p, _) in enumerate(ex["top"]):
-            need[c].append((f, "top", -1, i, p))
+        for i, (c, _) in enumerate(ex["top"]):
+            need[c].append((f, "top", -1, i))
         for q, items in enumerate(ex["quantiles"]):
-            for i, (c, p, _) in enumerate(items):
-                need[c].append((f, "quantiles", q, i, p))
+            for i, (c, _) in enumerate(items):
+                need[c].append((f, "quantiles", q, i))
         for i, c in enumerate(ex["negative"]):
-            need[c].append((f, "random", -1, i, -1))
+            need[c].append((f, "random", -1, i))
     return need
 
 
@@ -67,10 +67,12 @@ def example_windows(store, dictionary, cache: FeatureCache, features, decode_tok
         for j, c in enumerate(batch):
             n_valid = int(store.n_valid[c])
             toks = store.tokens[c]
-            for f, kind, q, i, pos in need[c]:
-                start, stop = window_bounds(pos if pos >= 0 else first, first, n_valid, width)
-                if pos < 0:
+            for f, kind, q, i in need[c]:
+                if kind == "random":
                     start, stop = first, min(first + width, n_valid)
+                else:  # the context's max position (the cache keeps the value, not the position)
+                    pos = first + int(np.argmax(codes[j, first:n_valid, f]))
+                    start, stop = window_bounds(pos, first, n_valid, width)
                 ids = [int(t) for t in toks[start:stop]]
                 for t in ids:
                     if t not in token_text:
