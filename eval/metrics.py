@@ -281,6 +281,20 @@ def _take_rows(chunks: Iterable, n_rows: int) -> Iterator:
         left -= chunk.shape[0]
 
 
+_THRESHOLDS: dict[tuple, float] = {}
+
+
+def _store_threshold(store, hook: str, factor: float) -> float:
+    """massive.store_norm_threshold, remembered per (store file, committed contexts, hook, factor): a
+    training run evaluates every few hundred steps and the sample read would cost each time."""
+    from featureatlas.activation_store import massive
+
+    key = (str(store.path), int(store.n_committed), hook, float(factor))
+    if key not in _THRESHOLDS:
+        _THRESHOLDS[key] = massive.store_norm_threshold(store, hook, factor=factor)
+    return _THRESHOLDS[key]
+
+
 def evaluate_dictionary(
     dictionary,
     store,
@@ -326,7 +340,7 @@ def evaluate_dictionary(
         targets = _take_rows(store.iter_chunks(hook_out, batch_size, split=split, exclude_bos=True), n_tokens)
     factor = massive.DEFAULT_FACTOR if massive_factor is None else massive_factor
     if massive_threshold is None:
-        massive_threshold = massive.store_norm_threshold(store, hook_out, factor=factor)
+        massive_threshold = _store_threshold(store, hook_out, factor)
         rule = massive.RULE.format(factor=factor)
     else:
         rule = f"||x|| > {massive_threshold:g} (a given threshold)"

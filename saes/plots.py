@@ -1,15 +1,27 @@
 """Plots of SAE training runs (matplotlib, off-screen Agg canvas; no display needed).
 
-  plot_run(run_dir)              training_curves.png (loss, MSE, L0, FVU, dead fraction vs tokens)
-                                 and density_hist.png (log10 latent density at the last eval)
+  plot_run(run_dir)              training_curves.png (loss, MSE, L0, FVU, relative error, dead fraction
+                                 vs tokens) and density_hist.png (log10 latent density at the last eval)
   plot_frontier(runs, out_png)   sparsity-fidelity frontier: L0 vs FVU, one point per SAE
 
 Reads `metrics.jsonl` as written by saes/trainer.py: one JSON object per line with
 kind "train" (step, tokens, loss, mse, l0, fvu, dead_frac, ...) or kind "eval" (the
-reconstruction metrics of eval/metrics.py, including `log10_density_hist` = {edges, counts, n_dead}).
+reconstruction metrics of eval/metrics.py, including `log10_density_hist` = {edges, counts, n_dead}),
+and the SAE's `config.json` (its output_scale and its training settings, key "train").
+
+Train and eval values share an axis only when they measure the same thing in the same units:
+  * MSE: training rows are in training units (targets scaled by output_scale so E||y||^2 = d);
+    eval rows are in raw units, so eval MSE is drawn times output_scale^2 (config.json), or not at all.
+  * FVU: eval reports it over all tokens and with massive-norm tokens excluded
+    (activation_store/massive.py); a few such tokens can hold most of the variance and decide the
+    all-token FVU alone. The train FVU is drawn on the panel of its own token rule: all tokens, or
+    massive tokens excluded when training left them out (config.json train.exclude_massive) or the train
+    row logs `fvu_excl_massive`. The panel notes that train FVU is a ratio per batch averaged over
+    the log window while eval FVU is one ratio over all eval tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,8 +31,71 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-CURVES = (("loss", "loss"), ("mse", "MSE"), ("l0", "L0 (active latents / token)"), ("fvu", "FVU"),
-          ("dead_frac", "dead fraction"))
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One panel of training_curves.png: a train series and an eval series of the same quantity."""
+
+    title: str
+    """panel title (says the units and the token rule)"""
+    train_key: str | None
+    """key of the train rows drawn as a line (None: no train series)"""
+    eval_key: str | None
+    """key of the eval rows drawn as dots (None: no eval series)"""
+    log: bool = False
+    """log y axis when every value is positive"""
+    note: str = ""
+    """small text in the panel saying why train and eval may differ"""
+    eval_scale: float = 1.0
+    """factor applied to eval values (raw -> training units)"""
+
+
+_BATCH_NOTE = ("train: FVU of each batch, mean over the log window;\n"
+               "eval: one ratio over all eval tokens")
+_DEAD_NOTE = ("train: no fire in the last dead_tokens training tokens;\n"
+              "eval: no fire on any eval token")
+
+
+def _config(sae_dir: Path | None) -> dict:
+    f = None if sae_dir is None else Path(sae_dir) / "config.json"
+    try:
+        return json.loads(f.read_text()) if f is not None and f.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def panels(train: Sequence[dict], evals: Sequence[dict], config: dict | None = None) -> list[Panel]:
+    """The panels to draw for these rows; `config` is the SAE's config.json (output_scale, train)."""
+    config = config or {}
+    has = lambda rows, k: any(k in r for r in rows)  # noqa: E731
+    out_scale = float(config.get("output_scale") or 0.0)
+    excl_in_training = bool((config.get("train") or config.get("train_config") or {}).get("exclude_massive"))
+    # Train FVU goes to the panel of its token rule.
+    train_fvu_all = "fvu" if has(train, "fvu") and not excl_in_training else None
+    train_fvu_excl = ("fvu_excl_massive" if has(train, "fvu_excl_massive")
+                      else "fvu" if excl_in_training and has(train, "fvu") else None)
+    eval_excl = has(evals, "fvu_excl_massive")
+    n_massive = next((r["n_massive"] for r in reversed(evals) if "n_massive" in r), None)
+    out = [Panel("loss (training units)", "loss", None, log=True)]
+    if out_scale > 0:
+        out.append(Panel("MSE per element, training units (E||y||² = d)", "mse", "mse", log=True,
+                         eval_scale=out_scale ** 2))
+    else:  # no scale known: eval MSE (raw units) would not be comparable
+        out.append(Panel("MSE per element, training units", "mse", None, log=True))
+    out.append(Panel("L0 (active latents / token)", "l0", "l0"))
+    all_title = "FVU, all tokens" if eval_excl else "FVU"
+    if eval_excl and n_massive:
+        all_title += f" (eval holds {n_massive} massive)"
+    out.append(Panel(all_title, train_fvu_all, "fvu",
+                     note=_BATCH_NOTE if train_fvu_all and has(evals, "fvu") else ""))
+    if eval_excl or train_fvu_excl:
+        out.append(Panel("FVU, massive-norm tokens excluded", train_fvu_excl,
+                         "fvu_excl_massive" if eval_excl else None,
+                         note=_BATCH_NOTE if train_fvu_excl and eval_excl else ""))
+    out.append(Panel("mean per-token ||x - x̂||² / ||x||²", "rel_err_per_token", "rel_err_per_token", log=True))
+    out.append(Panel("dead fraction", "dead_frac", "dead_frac",
+                     note=_DEAD_NOTE if has(train, "dead_frac") and has(evals, "dead_frac") else ""))
+    return [p for p in out if (p.train_key and has(train, p.train_key)) or (p.eval_key and has(evals, p.eval_key))]
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -45,6 +120,17 @@ def _save(fig: Figure, out_png: Path) -> Path:
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
 
+def _si(v: float) -> str:
+    """1500 -> 1.5k, 2000000 -> 2M."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+_TOKENS = FuncFormatter(lambda v, _: _si(v))
+
+
 def _plain_log(axis) -> None:
     axis.set_major_formatter(_PLAIN)
     axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
@@ -54,32 +140,44 @@ def _x_tokens(rows: Sequence[dict]) -> np.ndarray:
     return np.array([r.get("tokens", r.get("step", i)) for i, r in enumerate(rows)], float)
 
 
-def plot_curves(train: Sequence[dict], evals: Sequence[dict], out_png: Path, title: str = "") -> Path:
-    """One panel per logged quantity vs training tokens; eval values as dots on the same axes."""
-    keys = [(k, label) for k, label in CURVES if any(k in r for r in train) or any(k in r for r in evals)]
-    if not keys:
-        raise ValueError(f"no plottable metrics ({', '.join(k for k, _ in CURVES)}) in the rows for {out_png}")
-    n_cols = min(3, len(keys))
-    n_rows = -(-len(keys) // n_cols)
-    fig = Figure(figsize=(4.4 * n_cols, 3.3 * n_rows), layout="constrained")
+def _series(rows: Sequence[dict], key: str | None, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in rows if key and isinstance(r.get(key), (int, float))]
+    return _x_tokens(rows), np.array([r[key] for r in rows], float) * scale
+
+
+def plot_curves(train: Sequence[dict], evals: Sequence[dict], out_png: Path, title: str = "",
+                config: dict | None = None) -> Path:
+    """One panel per quantity vs training tokens (`panels`); eval values as dots on the same axes
+    only where they share the train values' units and token rule."""
+    chosen = panels(train, evals, config)
+    if not chosen:
+        raise ValueError(f"no plottable metrics (loss, mse, l0, fvu, dead_frac, ...) in the rows for {out_png}")
+    n_cols = min(3, len(chosen))
+    n_rows = -(-len(chosen) // n_cols)
+    fig = Figure(figsize=(4.6 * n_cols, 3.4 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    for ax in axes[len(keys):]:
+    for ax in axes[len(chosen):]:
         ax.set_visible(False)
-    for ax, (key, label) in zip(axes, keys):
-        tr = [r for r in train if key in r]
-        if tr:
-            ax.plot(_x_tokens(tr), [r[key] for r in tr], lw=1.4, label="train")
-        ev = [r for r in evals if key in r]
-        if ev:
-            ax.plot(_x_tokens(ev), [r[key] for r in ev], "o", ms=5, label="eval")
-        if key in ("loss", "mse") and tr and min(r[key] for r in tr) > 0:
+    x_max = max([1.0, *_x_tokens(train), *_x_tokens(evals)])
+    for ax, panel in zip(axes, chosen):
+        tx, ty = _series(train, panel.train_key)
+        ex, ey = _series(evals, panel.eval_key, panel.eval_scale)
+        if tx.size:
+            ax.plot(tx, ty, lw=1.4, color="C0", label="train")
+        if ex.size:
+            ax.plot(ex, ey, "o", ms=5, color="C1",
+                    label="eval" if panel.eval_scale == 1.0 else "eval (× output_scale²)")
+        ax.set_xlim(0, x_max * 1.04)
+        values = np.concatenate([ty, ey])
+        if panel.log and values.size and np.all(values > 0):
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
+        ax.xaxis.set_major_formatter(_TOKENS)
         ax.set_xlabel("training tokens")
-        ax.set_title(label)
+        ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=9 if panel.note else 10)
         ax.grid(alpha=0.3)
-        if tr and ev:
-            ax.legend(fontsize=8)
+        if tx.size and ex.size:
+            ax.legend(fontsize=8, loc="lower left")
     if title:
         fig.suptitle(title)
     return _save(fig, out_png)
@@ -123,7 +221,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     for d in dirs:
         train, evals = read_metrics(d)
         name = d.name
-        written.append(plot_curves(train, evals, d / "training_curves.png", title=name))
+        written.append(plot_curves(train, evals, d / "training_curves.png", title=name, config=_config(d)))
         hist = next((r["log10_density_hist"] for r in reversed(evals) if "log10_density_hist" in r), None)
         if hist:
             written.append(plot_density(hist, d / "density_hist.png", title=f"{name}: latent density"))
@@ -143,12 +241,16 @@ def _summary_row(d: Path) -> dict:
     return row
 
 
-def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: str = "l0", y: str = "fvu") -> Path:
+def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: str = "l0", y: str | None = None) -> Path:
     """L0 (log scale) vs FVU, one point per SAE, one line per architecture (sorted by L0).
 
     `runs`: SAE directories (their last eval row is used) or summary dicts with `x`, `y` and
-    optionally "architecture" and "sae" (label)."""
+    optionally "architecture" and "sae" (label). y=None: the FVU with massive-norm tokens excluded
+    when every run reports it (a few such tokens otherwise decide the ranking), else "fvu"."""
     rows = [r if isinstance(r, dict) else _summary_row(Path(r)) for r in runs]
+    if y is None:
+        y = "fvu_excl_massive" if rows and all(isinstance(r.get("fvu_excl_massive"), (int, float)) for r in rows) \
+            else "fvu"
     rows = [r for r in rows if x in r and y in r]
     if not rows:
         raise ValueError(f"no run has both {x!r} and {y!r}; run an evaluation first")
@@ -167,7 +269,9 @@ def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: 
         ax.set_xscale("log")
         _plain_log(ax.xaxis)
     ax.set_xlabel("L0 (mean active latents per token)" if x == "l0" else x)
-    ax.set_ylabel("FVU = 1 - explained variance (lower is better)" if y == "fvu" else y)
+    ylabels = {"fvu": "FVU = 1 - explained variance, all tokens",
+               "fvu_excl_massive": "FVU, massive-norm tokens excluded"}
+    ax.set_ylabel(ylabels.get(y, y) + (" (lower is better)" if y in ylabels else ""))
     ax.set_title("sparsity vs reconstruction")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

@@ -2,7 +2,9 @@
 
 Stages (each resumes if its output already exists, so re-running continues):
   1. harvest `resid_post.15` and `mlp_hidden.15` of SmolLM2-135M over BBC News into an HDF5 store;
-  2. train a TopK SAE (k 32, width 4608) on `resid_post.15` and report its metrics;
+  2. train a TopK SAE (k 32, width 4608) on `resid_post.15` and report its metrics: the headline FVU
+     leaves out the few massive-norm tokens (`fvu_excl_massive`; the all-token FVU is printed beside it,
+     see the README's "Which FVU the demo prints");
   3. fit SNMF (k 100) on `mlp_hidden.15` and report its reconstruction error and VocabProj tokens.
 """
 from __future__ import annotations
@@ -44,6 +46,26 @@ def _stage(name: str, argv: list[str]) -> None:
     print(f"=== {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
 
 
+def _report_fvu(sae_dir: Path) -> None:
+    """Print the SAE's FVU without massive-norm tokens as the headline, the all-token FVU beside it, and why."""
+    import json
+
+    rows = []
+    if (sae_dir / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (sae_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ev = next((r for r in reversed(rows) if r.get("kind") == "eval" and "fvu_excl_massive" in r), None)
+    if ev is None:
+        return
+    print(f"\nSAE reconstruction on {ev.get('n_tokens')} validation tokens:\n"
+          f"  FVU, massive-norm tokens excluded  {ev['fvu_excl_massive']:.4f}   <- the demo's headline FVU\n"
+          f"  FVU, all tokens                    {ev['fvu']:.4f}\n"
+          f"  mean per-token relative error      {ev.get('rel_err_per_token', float('nan')):.4f}"
+          f"   (mean of ||x - x_hat||^2 / ||x||^2)\n"
+          f"Why: {ev.get('n_massive')} of these tokens are 'massive activations' ({ev.get('massive_rule')}); "
+          "they hold most of the variance, so the all-token FVU mostly measures how well those few are fitted "
+          "and can rank SAEs against their CE scores. The headline leaves them out.", flush=True)
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +83,7 @@ def run(args) -> int:
         _stage("train SAE", ["train-sae", "--store", str(store), "--hook", resid, "--arch", "topk",
                              "--k", "32", "--width", "4608", "--tokens", str(args.sae_tokens),
                              "--out", str(sae_dir), *(["--resume"] if sae_dir.exists() else []), *quiet])
+        _report_fvu(sae_dir)
     if "snmf" in stages:
         snmf_dir = out / f"snmf_{mlp}"
         _stage("fit SNMF", ["train-snmf", "--store", str(store), "--hook", mlp, "--k", "100",

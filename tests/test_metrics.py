@@ -249,3 +249,31 @@ def test_hand_computed_massive_and_relative_error():
     assert m["n_massive"] == 1
     # per-token relative errors 0, 1, 1/100
     assert m["rel_err_per_token"] == pytest.approx((0 + 1 + 0.01) / 3)
+
+
+def test_training_curves_share_axes_only_for_same_units_and_token_rule(tmp_path):
+    from featureatlas.saes import plots
+
+    train = [{"kind": "train", "step": s, "tokens": s * 100, "loss": 0.1, "mse": 0.05, "l0": 32, "fvu": 0.13,
+              "dead_frac": 0.0} for s in (1, 2, 3)]
+    ev = [{"kind": "eval", "step": 3, "tokens": 300, "mse": 8.3, "l0": 32, "fvu": 0.036, "fvu_excl_massive": 0.28,
+           "n_massive": 3, "rel_err_per_token": 0.12, "dead_frac": 0.0}]
+    by_title = lambda ps: {p.title.split(" (")[0].split(",")[0]: p for p in ps}  # noqa: E731
+    # raw eval MSE is drawn in training units (x output_scale^2) only when the scale is known
+    p = by_title(plots.panels(train, ev, {"output_scale": 0.1}))
+    assert p["MSE per element"].eval_key == "mse" and p["MSE per element"].eval_scale == pytest.approx(0.01)
+    assert by_title(plots.panels(train, ev, {}))["MSE per element"].eval_key is None
+    # train FVU on all tokens sits with eval FVU on all tokens; the excluded panel is eval-only
+    fvu_panels = [q for q in plots.panels(train, ev, {}) if q.eval_key in ("fvu", "fvu_excl_massive")]
+    assert [(q.train_key, q.eval_key) for q in fvu_panels] == [("fvu", "fvu"), (None, "fvu_excl_massive")]
+    assert fvu_panels[0].note  # says why train and eval differ
+    # training that left massive tokens out: its FVU joins the excluded panel
+    cfg = {"train": {"exclude_massive": True}}
+    fvu_panels = [q for q in plots.panels(train, ev, cfg) if q.eval_key in ("fvu", "fvu_excl_massive")]
+    assert [(q.train_key, q.eval_key) for q in fvu_panels] == [(None, "fvu"), ("fvu", "fvu_excl_massive")]
+    # old eval rows (no massive keys) still plot, and the frontier falls back to the all-token FVU
+    out = plots.plot_curves(train, [{"step": 3, "tokens": 300, "fvu": 0.1, "l0": 30}], tmp_path / "c.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    runs = [{"l0": 16, "fvu": 0.04, "fvu_excl_massive": 0.33, "sae": "k16"},
+            {"l0": 32, "fvu": 0.05, "fvu_excl_massive": 0.29, "sae": "k32"}]
+    assert plots.plot_frontier(runs, tmp_path / "f.png").exists()
