@@ -22,6 +22,8 @@ class DescribeJob(Config):
 
     cache: str = setting()
     """Feature cache run directory (from `featureatlas cache`)."""
+    out: str = setting()
+    """Run directory for records.jsonl."""
     dictionary: str = setting("")
     """The dictionary the cache was made for (default: the one recorded in the cache)."""
     name: str = setting("")
@@ -30,8 +32,6 @@ class DescribeJob(Config):
     """Activation store (default: the one recorded in the cache)."""
     model: str = setting("")
     """Language model (default: the store's model)."""
-    out: str = setting()
-    """Run directory for records.jsonl."""
     resume: bool = setting(False)
     """Continue an interrupted run; only missing descriptions are asked for."""
     overwrite: bool = setting(False)
