@@ -13,6 +13,8 @@ Run directory (the shared run layer): run.json (settings), evidence.jsonl (the r
 explainer: a killed job does not recompute them), responses/ (the explainer's response cache: a rerun
 asks nothing twice), records.jsonl (the records with descriptions), failures.jsonl (failed explainer
 calls, never stored as descriptions), dictionary.json (the catalog entry), results.json.
+Running again with --resume and another explainer or methods adds their descriptions to the same
+records (the evidence settings must stay the same).
 """
 from __future__ import annotations
 
@@ -206,9 +208,13 @@ def describe(store, model, dic, cache: FeatureCache, cfg: DescribeConfig, tc_cfg
                           f"dictionary has {dic.n_features} at {dic.hook}; run `featureatlas cache` for this dictionary")
     chosen = choose_features(cfg, cache)
     name = info["name"]
-    settings = {"describe": cfg.to_dict(), "token_change": tc_cfg.to_dict(), "dictionary": info,
+    explain_keys = ("methods", "explainer", "k", "max_tokens", "base_url", "api_model", "api_key_env", "concurrency")
+    d = cfg.to_dict()
+    settings = {"evidence": {k: v for k, v in d.items() if k not in explain_keys}, "token_change": tc_cfg.to_dict(),
+                "explain": {k: d[k] for k in explain_keys}, "dictionary": info,
                 "cache": str(Path(cache.path).resolve()), "model_id": model.model_id}
-    run = Run.prepare(out, "describe", settings, resume=resume, overwrite=overwrite, flags=flags)
+    # the explainer settings may change between runs into one directory: each adds its descriptions
+    run = Run.prepare(out, "describe", settings, resume=resume, overwrite=overwrite, flags=flags, ignore=("explain",))
     t0 = time.perf_counter()
     with run.active():
         atomic_write_json(run.dir / DICTIONARY, {**info, "model_id": model.model_id,

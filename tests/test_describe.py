@@ -61,6 +61,27 @@ def test_describe_writes_valid_records_for_every_feature(pipeline):
     # a rerun with --resume reuses the evidence and adds nothing
     again = describe(store, lm, dic, cache, cfg, tc, tmp / "desc", info=info, resume=True, progress=False)
     assert again["n_new"] == 0
+    # another explainer (an OpenAI-compatible endpoint on loopback) into the same run adds its descriptions
+    from test_explainers import KEY, KEY_ENV, FakeLLM
+
+    server = FakeLLM()
+    try:
+        import os
+
+        os.environ[KEY_ENV] = KEY
+        http_cfg = DescribeConfig(features=cfg.features, window=cfg.window, methods=("maxact",), explainer="openai",
+                                  base_url=server.url, api_model="fake", api_key_env=KEY_ENV)
+        more = describe(store, lm, dic, cache, http_cfg, tc, tmp / "desc", info=info, resume=True, progress=False)
+    finally:
+        os.environ.pop(KEY_ENV, None)
+        server.close()
+    assert more["n_new"] == len(more["described"]) == server.chat_requests and more["n_failed"] == 0
+    recs = {json.loads(line)["index"]: json.loads(line)
+            for line in (tmp / "desc" / "records.jsonl").read_text().splitlines()}
+    live = more["described"][0]
+    got = {(d["explainer"], d["method"]) for d in recs[live]["descriptions"]}
+    assert {("openai", "maxact"), ("template", "maxact"), ("template", "ensemble-concat")} <= got
+    assert all(KEY not in p.read_text(errors="ignore") for p in (tmp / "desc").rglob("*") if p.is_file())
 
     from featureatlas.scripts.cmd_catalog import CatalogJob, build
 
