@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from featureatlas.activation_store.plotting import SI as _TOKENS
+from featureatlas.activation_store.plotting import figure as _figure
+from featureatlas.activation_store.plotting import plain_log as _plain_log
+from featureatlas.activation_store.plotting import save_png as _save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,33 +110,6 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _save(fig: Figure, out_png: Path) -> Path:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out_png, dpi=110)
-    return out_png
-
-
-# Plain numbers (0.4, 2, 30) on log axes instead of 4×10⁻¹.
-_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
-
-
-def _si(v: float) -> str:
-    """1500 -> 1.5k, 2000000 -> 2M."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:g}{suffix}"
-    return f"{v:g}"
-
-
-_TOKENS = FuncFormatter(lambda v, _: _si(v))
-
-
-def _plain_log(axis) -> None:
-    axis.set_major_formatter(_PLAIN)
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
-
-
 def _x_tokens(rows: Sequence[dict]) -> np.ndarray:
     return np.array([r.get("tokens", r.get("step", i)) for i, r in enumerate(rows)], float)
 
@@ -154,7 +128,7 @@ def plot_curves(train: Sequence[dict], evals: Sequence[dict], out_png: Path, tit
         raise ValueError(f"no plottable metrics (loss, mse, l0, fvu, dead_frac, ...) in the rows for {out_png}")
     n_cols = min(3, len(chosen))
     n_rows = -(-len(chosen) // n_cols)
-    fig = Figure(figsize=(4.6 * n_cols, 3.4 * n_rows), layout="constrained")
+    fig = _figure(4.6 * n_cols, 3.4 * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax in axes[len(chosen):]:
         ax.set_visible(False)
@@ -187,7 +161,7 @@ def plot_density(hist: dict, out_png: Path, title: str = "") -> Path:
     """Bar chart of the log10-density histogram; dead latents noted separately (they have no log)."""
     edges = np.asarray(hist["edges"], float)
     counts = np.asarray(hist["counts"], float)
-    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    fig = _figure(6, 3.6)
     ax = fig.subplots()
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
     n_dead = int(hist.get("n_dead", 0))
@@ -254,7 +228,7 @@ def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: 
     rows = [r for r in rows if x in r and y in r]
     if not rows:
         raise ValueError(f"no run has both {x!r} and {y!r}; run an evaluation first")
-    fig = Figure(figsize=(6, 4.4), layout="constrained")
+    fig = _figure(6, 4.4)
     ax = fig.subplots()
     groups: dict[str, list[dict]] = {}
     for r in rows:

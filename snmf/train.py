@@ -199,18 +199,16 @@ def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
 
 def plot_loss(rows: list[dict], png_path) -> None:
     """The relative reconstruction error per iteration (metrics.jsonl rows) as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from featureatlas.activation_store.plotting import figure, save_png
 
     rows = [r for r in rows if r.get("rel_error") is not None]
-    fig = Figure(figsize=(4.4, 3.3), layout="constrained")
+    fig = figure(4.4, 3.3)
     ax = fig.subplots()
     ax.plot([r["iteration"] for r in rows], [r["rel_error"] for r in rows], lw=1.4)
     ax.set_xlabel("iteration")
     ax.set_title("SNMF reconstruction error ‖A − ZY‖_F / ‖A‖_F", fontsize=10)
     ax.grid(alpha=0.3)
-    FigureCanvasAgg(fig)
-    fig.savefig(png_path, dpi=110, format="png")
+    save_png(fig, png_path)
 
 
 def _build_hierarchy(cfg: SNMFJobConfig, source, fit) -> tuple[dict, dict]:
