@@ -51,9 +51,8 @@ several dictionaries share one folder:
     id (activations, explanations)  "c" + 24 hex digits of sha1(modelId|layer|index|kind|k): deterministic
     createdAt      catalog.json "created"
   features rows
-    hookName       our hook in TransformerLens form: resid_pre.L -> blocks.L.hook_resid_pre, resid_mid.L ->
-                   blocks.L.hook_resid_mid, resid_post.L -> blocks.L.hook_resid_post, attn_out.L ->
-                   blocks.L.hook_attn_out, mlp_out.L -> blocks.L.hook_mlp_out, mlp_hidden.L -> blocks.L.mlp.hook_post
+    hookName       our hook in TransformerLens form (activation_store.models.config.to_transformerlens:
+                   resid_post.L -> blocks.L.hook_resid_post, mlp_hidden.L -> blocks.L.mlp.hook_post, ...)
     maxActApprox   stats.max
     frac_nonzero   stats.density
     pos_str / pos_values   vocab_proj.top tokens / logits (most positive first); [] without vocab_proj
@@ -97,6 +96,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from featureatlas.activation_store.models.config import to_transformerlens
 from featureatlas.activation_store.runs import (atomic_write, atomic_write_json, check_output_path, fsync_dir,
                                                 publish_files, read_json, recover_publish)
 from featureatlas.eval.schema import (CATALOG_SCHEMA_VERSION, SCHEMA_VERSION, SchemaError, validate_meta,
@@ -230,10 +230,6 @@ def summary_row(rec: Mapping, shard: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Neuronpedia rows
 # ---------------------------------------------------------------------------------------------
-_TL_HOOKS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-             "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_hidden": "mlp.hook_post"}
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip("-") or "x"
 
@@ -241,14 +237,6 @@ def _slug(text: str) -> str:
 def _layer_of(hook: str) -> int | None:
     m = re.search(r"\.(\d+)$", hook)
     return int(m.group(1)) if m else None
-
-
-def transformerlens_hook(hook: str) -> str | None:
-    """Our hook name in TransformerLens form (what Neuronpedia's hookName holds), None when there is none."""
-    m = re.fullmatch(r"([a-z_]+)\.(\d+)", hook)
-    if not m or m.group(1) not in _TL_HOOKS:
-        return None
-    return f"blocks.{m.group(2)}.{_TL_HOOKS[m.group(1)]}"
 
 
 @dataclass(frozen=True)
@@ -278,7 +266,7 @@ class NeuronpediaIds:
             sets[name] = (np_meta.get("source_sets") or {}).get(name) or _slug(name)
             layer = _layer_of(d["hook"])
             layers[name] = sets[name] if layer is None else f"{layer}-{sets[name]}"
-            hooks[name] = transformerlens_hook(d["hook"])
+            hooks[name] = to_transformerlens(d["hook"])
         return cls(model_id, str(np_meta.get("creator_id") or ""), created, sets, layers, hooks)
 
     def row_id(self, rec: Mapping, kind: str, k: int) -> str:
@@ -631,4 +619,4 @@ def read_features(path: str | os.PathLike, *, validate: bool = True) -> Iterator
 
 __all__ = ["CatalogResult", "NeuronpediaIds", "js_callback", "js_literal", "js_safe_json", "load_catalog", "neuronpedia_activations",
            "neuronpedia_explanations", "neuronpedia_feature", "parse_js_callback", "read_features",
-           "recover_catalog", "render_index_html", "summary_row", "transformerlens_hook", "write_catalog"]
+           "recover_catalog", "render_index_html", "summary_row", "write_catalog"]

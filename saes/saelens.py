@@ -57,6 +57,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from featureatlas.activation_store.errors import FeatureAtlasError
+from featureatlas.activation_store.models.config import from_transformerlens, to_transformerlens
 from featureatlas.activation_store.runs import publish_files, published
 from featureatlas.saes.config import SAEConfig
 from featureatlas.saes.io import load_sae
@@ -67,17 +68,6 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 # The cfg.json layout we write is SAELens 6's (config fields at the top, run facts in `metadata`).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-# Our hook names <-> TransformerLens hook names (what SAELens's hook_name refers to).
-_TL_HOOKS = {
-    "resid_pre": "blocks.{L}.hook_resid_pre",
-    "resid_mid": "blocks.{L}.hook_resid_mid",
-    "resid_post": "blocks.{L}.hook_resid_post",
-    "attn_out": "blocks.{L}.hook_attn_out",
-    "mlp_out": "blocks.{L}.hook_mlp_out",
-    "mlp_hidden": "blocks.{L}.mlp.hook_post",
-}
-_FROM_TL = {v.split(".", 2)[2]: k for k, v in _TL_HOOKS.items()}  # "hook_resid_pre" -> "resid_pre"
-
 
 class SAELensFormatError(FeatureAtlasError, ValueError):
     """A SAELens directory we cannot represent exactly; the message says why and what to do."""
@@ -85,20 +75,13 @@ class SAELensFormatError(FeatureAtlasError, ValueError):
 
 def to_transformerlens_hook(hook: str) -> tuple[str, int | None]:
     """("blocks.L.hook_…", L) for our `kind.L` hook names; unknown names pass through unchanged."""
-    kind, _, layer = hook.partition(".")
-    if kind in _TL_HOOKS and layer.isdigit():
-        return _TL_HOOKS[kind].format(L=layer), int(layer)
-    return hook, None
+    name = to_transformerlens(hook)
+    return (name, int(hook.partition(".")[2])) if name else (hook, None)
 
 
 def from_transformerlens_hook(name: str) -> str:
-    """Our `kind.L` hook name for a TransformerLens name like blocks.15.hook_resid_post."""
-    parts = name.split(".")
-    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-        kind = _FROM_TL.get(".".join(parts[2:]))
-        if kind:
-            return f"{kind}.{parts[1]}"
-    return name
+    """Our `kind.L` hook name for a TransformerLens name like blocks.15.hook_resid_post; others unchanged."""
+    return from_transformerlens(name) or name
 
 
 def _saelens_architecture(config: SAEConfig) -> str:

@@ -8,7 +8,9 @@ import pytest
 from featureatlas.activation_store.models import (
     LanguageModel, Sampling, add, clamp, params_hash, random_model, replace,
 )
-from featureatlas.activation_store.models.config import HOOK_KINDS
+from featureatlas.activation_store.models.config import (
+    HOOK_KINDS, TRANSFORMERLENS_HOOKS, from_transformerlens, to_transformerlens,
+)
 
 ARCHS = ("llama", "gpt2")
 ATOL = 2e-5
@@ -214,6 +216,20 @@ def test_add_changes_exactly_downstream(lm, hook):
 # block order of hook sites (HOOK_KINDS in config.py is a naming list, not the compute order)
 HOOK_KINDS_IN_BLOCK = ["resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post"]
 assert sorted(HOOK_KINDS_IN_BLOCK) == sorted(HOOK_KINDS)
+
+
+def test_transformerlens_hook_names():
+    assert tuple(TRANSFORMERLENS_HOOKS) == HOOK_KINDS
+    assert to_transformerlens("resid_post.15") == "blocks.15.hook_resid_post"
+    assert to_transformerlens("mlp_hidden.3") == "blocks.3.mlp.hook_post"
+    for kind in HOOK_KINDS:
+        for layer in (0, 7, 29):
+            tl = to_transformerlens(f"{kind}.{layer}")
+            assert tl.startswith(f"blocks.{layer}.") and from_transformerlens(tl) == f"{kind}.{layer}"
+    for bad in ("hook_embed", "resid_post", "resid_post.x", "resid_post.1.2", "embed.3", "resid_post.²"):
+        assert to_transformerlens(bad) is None
+    for bad in ("hook_embed", "blocks.3.hook_resid", "blocks.x.hook_resid_post", "ln_final.hook_normalized"):
+        assert from_transformerlens(bad) is None
 
 
 def test_clamp_sets_component(lm):

@@ -11,6 +11,38 @@ HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "re
 (transformer.py `block`). The one list of hook kinds: everything that names, validates or orders
 hooks imports it."""
 
+TRANSFORMERLENS_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "mlp_hidden": "mlp.hook_post",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+"""Each hook kind's TransformerLens name inside block L (`blocks.L.<name>`), what SAELens's `hook_name` and
+Neuronpedia's `hookName` hold. The one such table: saes/saelens.py and eval/catalog.py import it."""
+_FROM_TRANSFORMERLENS = {tl: kind for kind, tl in TRANSFORMERLENS_HOOKS.items()}
+
+
+def to_transformerlens(hook: str) -> str | None:
+    """`blocks.L.<TransformerLens name>` for our `kind.L` hook (resid_post.15 -> blocks.15.hook_resid_post);
+    None for a name that is not a hook kind followed by a layer number."""
+    kind, _, layer = hook.partition(".")
+    if kind in TRANSFORMERLENS_HOOKS and layer.isascii() and layer.isdigit():
+        return f"blocks.{layer}.{TRANSFORMERLENS_HOOKS[kind]}"
+    return None
+
+
+def from_transformerlens(name: str) -> str | None:
+    """Our `kind.L` hook for a TransformerLens name (blocks.15.mlp.hook_post -> mlp_hidden.15); None if it
+    names no hook kind of HOOK_KINDS."""
+    blocks, _, rest = name.partition(".")
+    layer, _, site = rest.partition(".")
+    kind = _FROM_TRANSFORMERLENS.get(site)
+    if blocks == "blocks" and layer.isascii() and layer.isdigit() and kind:
+        return f"{kind}.{layer}"
+    return None
+
 
 @dataclass(frozen=True)
 class ModelConfig:
