@@ -34,6 +34,8 @@ folds SAELens's variants into that form:
   jumprelu:  threshold ← max(threshold, 0)  (makes our h·1[h > θ] equal relu(h)·1[h > θ])
   batchtopk / matryoshka_batchtopk training checkpoints:  threshold ← topk_threshold (one scalar, in
                  units of the rescaled h·n, so it is unchanged by the fold), run as JumpReLU.
+The SAELens names on both sides come from the SavedForm records of saes/architectures.py
+(saelens_architecture, saelens_transcoder); an import becomes the architecture named by its form.
 BatchTopK and Matryoshka-BatchTopK run as JumpReLU at inference, so they export as "jumprelu"
 (what SAELens itself does); our full config rides along in metadata["featureatlas"] and a digest
 of the weights in metadata["featureatlas_weights_sha256"], so export → import restores the original
@@ -59,14 +61,17 @@ from safetensors.numpy import load_file, save_file
 from featureatlas.activation_store.errors import FeatureAtlasError
 from featureatlas.activation_store.models.config import from_transformerlens, to_transformerlens
 from featureatlas.activation_store.runs import publish_files, published
+from featureatlas.saes import architectures as A
 from featureatlas.saes.config import SAEConfig
 from featureatlas.saes.io import load_sae
-from featureatlas.saes.sae import SAE, inference_mode, param_names, sae_from_params
+from featureatlas.saes.sae import SAE, param_names, sae_from_params
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 # The cfg.json layout we write is SAELens 6's (config fields at the top, run facts in `metadata`).
 SAELENS_FORMAT_VERSION = "6.0.0"
+_DEFAULT_ARCHITECTURE = "standard"
+"""SAELens's architecture when cfg.json names none (before v6, every SAE; TopK said so in activation_fn_str)."""
 
 
 class SAELensFormatError(FeatureAtlasError, ValueError):
@@ -85,21 +90,21 @@ def from_transformerlens_hook(name: str) -> str:
 
 
 def _saelens_architecture(config: SAEConfig) -> str:
-    mode = inference_mode(config)
-    if config.is_transcoder:
-        if mode == "relu":
-            return "transcoder"
-        if mode == "jumprelu":
-            return "jumprelu_transcoder"
+    """SAELens's `architecture` for the saved SAE of `config` (its SavedForm record)."""
+    name = A.saelens_architecture(config)
+    if name is None:  # SavedForm.saelens_transcoder None: SAELens has no transcoder of that form
+        exportable = ", ".join(f.name for f in A.SAVED_FORMS.values() if f.saelens_transcoder)
         raise SAELensFormatError(
-            f"SAELens has no {mode} transcoder; only ReLU and JumpReLU (incl. BatchTopK) transcoders export"
+            f"SAELens has no {A.saved_form(config).name} transcoder ({config.architecture}); only transcoders that "
+            f"run as {exportable} at inference (BatchTopK runs as jumprelu) export"
         )
-    return {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}[mode]
+    return name
 
 
 def _saelens_cfg(config: SAEConfig) -> dict:
     """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
     arch = _saelens_architecture(config)
+    topk = A.saved_form(config) is A.TOPK_FORM
     hook_name, hook_layer = to_transformerlens_hook(config.hook_in)
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
@@ -128,11 +133,11 @@ def _saelens_cfg(config: SAEConfig) -> dict:
         "hook_name": hook_name,
         "hook_layer": hook_layer if hook_layer is not None else 0,
         "hook_head_index": None,
-        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_str": "topk" if topk else "relu",
         "finetuning_scaling_factor": False,
         "prepend_bos": True,
     }
-    if arch == "topk":
+    if topk:
         cfg["k"] = int(config.k)
         cfg["rescale_acts_by_decoder_norm"] = False
         cfg["activation_fn_kwargs"] = {"k": int(config.k)}
@@ -157,7 +162,7 @@ def _weights_digest(tensors: dict[str, np.ndarray]) -> str:
 
 def _check_jumprelu_sign(sae: SAE) -> None:
     """Refuse a JumpReLU whose codes SAELens would compute differently (a negative threshold)."""
-    if inference_mode(sae.config) != "jumprelu":
+    if A.saved_form(sae.config) is not A.JUMPRELU_FORM:
         return
     theta_F = np.asarray(sae.params["threshold"])
     neg = int(np.sum(theta_F < 0))
@@ -204,7 +209,7 @@ def _read_dir(path: Path) -> tuple[dict, dict]:
 # Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
 # (metadata), with the value SAELens assumes when a field is absent.
 _TOP_FIELDS = {
-    "architecture": "standard",
+    "architecture": _DEFAULT_ARCHITECTURE,
     "d_in": None,
     "d_sae": None,
     "d_out": None,
@@ -261,33 +266,31 @@ def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
     return sae_from_params(config, weights)
 
 
-def _our_architecture(cfg: dict) -> tuple[str, bool]:
-    """(our architecture, is_transcoder) for a SAELens cfg (v6, or pre-6 with activation_fn_str)."""
-    arch = cfg.get("architecture", "standard")
-    if arch == "standard" and cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk":
-        arch = "topk"
-    table = {
-        "standard": ("relu", False),
-        "topk": ("topk", False),
-        "jumprelu": ("jumprelu", False),
-        # BatchTopK runs as JumpReLU at inference; these two names only occur in SAELens training
-        # checkpoints (TrainingSAE.save_model), whose inference form SAELens saves as "jumprelu".
-        "batchtopk": ("jumprelu", False),
-        "matryoshka_batchtopk": ("jumprelu", False),
-        "gated": ("gated", False),
-        "transcoder": ("relu", True),
-        "jumprelu_transcoder": ("jumprelu", True),
-    }
-    if arch not in table:
-        raise SAELensFormatError(
-            f"SAELens architecture {arch!r} is not supported; supported: {', '.join(sorted(table))}"
-        )
-    return table[arch]
-
-
+# SAELens training checkpoints (TrainingSAE.save_model) name the training architecture; they run as
+# JumpReLU at inference (SAELens saves that form as "jumprelu"), as our BatchTopK record is saved.
+_TRAINING_CHECKPOINTS = {"batchtopk": A.BatchTopK.form, "matryoshka_batchtopk": A.BatchTopK.form}
+_SAELENS_FORMS: dict[str, tuple[A.SavedForm, bool]] = {
+    **{name: (form, False) for name, form in _TRAINING_CHECKPOINTS.items()},
+    **{f.saelens_architecture: (f, False) for f in A.SAVED_FORMS.values()},
+    **{f.saelens_transcoder: (f, True) for f in A.SAVED_FORMS.values() if f.saelens_transcoder},
+}
+"""{SAELens architecture: (the saved form it runs as, is_transcoder)}, from the SavedForm records."""
 # SAELens architectures whose encoder may scale h by the decoder row norms (TopK and its training
 # subclasses; the flag defaults to true in TopKTrainingSAEConfig and so in BatchTopK / Matryoshka).
-_RESCALED_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+_RESCALED_ARCHITECTURES = (A.TOPK_FORM.saelens_architecture, *_TRAINING_CHECKPOINTS)
+
+
+def _saelens_form(cfg: dict) -> tuple[str, A.SavedForm, bool]:
+    """(SAELens architecture, the saved form it runs as, is_transcoder) of a cfg.json (v6, or pre-6 with
+    activation_fn_str)."""
+    name = cfg.get("architecture", _DEFAULT_ARCHITECTURE)
+    if name == _DEFAULT_ARCHITECTURE and cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk":
+        name = A.TOPK_FORM.saelens_architecture
+    if name not in _SAELENS_FORMS:
+        raise SAELensFormatError(
+            f"SAELens architecture {name!r} is not supported; supported: {', '.join(sorted(_SAELENS_FORMS))}"
+        )
+    return (name, *_SAELENS_FORMS[name])
 
 
 def _fold_decoder_norm(params: dict) -> dict:
@@ -330,7 +333,7 @@ def import_saelens(path: str | Path) -> SAE:
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise SAELensFormatError("reshape_activations='hook_z' (per-head attention SAEs) is not supported")
 
-    arch, transcoder = _our_architecture(cfg)
+    name, form, transcoder = _saelens_form(cfg)
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out", d_in)) if transcoder else d_in
     W_enc, W_dec, b_dec = w["W_enc"], w["W_dec"], w["b_dec"]
@@ -339,7 +342,7 @@ def import_saelens(path: str | Path) -> SAE:
     shift_F = b_dec @ W_enc if (cfg.get("apply_b_dec_to_input", True) and not transcoder) else None
 
     params: dict[str, np.ndarray] = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec}
-    if arch == "gated":
+    if "b_gate" in form.param_names:
         b_gate, b_mag, r_mag = w["b_gate"], w["b_mag"], w["r_mag"]
         if shift_F is not None:
             b_gate = b_gate - shift_F
@@ -348,7 +351,7 @@ def import_saelens(path: str | Path) -> SAE:
     else:
         b_enc = w["b_enc"] if shift_F is None else w["b_enc"] - shift_F
         params["b_enc"] = b_enc
-    if arch == "jumprelu":
+    if "threshold" in form.param_names:
         if "threshold" in w:
             threshold = w["threshold"]
         elif "log_threshold" in w:
@@ -356,11 +359,11 @@ def import_saelens(path: str | Path) -> SAE:
         elif "topk_threshold" in w:
             threshold = np.full(d_sae, float(np.asarray(w["topk_threshold"]).reshape(-1)[0]), np.float32)
         else:
-            raise SAELensFormatError(f"{path}: a jumprelu SAE needs a 'threshold' tensor; found {sorted(w)}")
+            raise SAELensFormatError(f"{path}: a {name} SAE needs a 'threshold' tensor; found {sorted(w)}")
         params["threshold"] = np.maximum(threshold, 0).astype(np.float32)
     k = max(1, round(float(cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 32)))))
     if cfg.get("rescale_acts_by_decoder_norm", False):
-        if cfg.get("architecture") not in _RESCALED_ARCHITECTURES and arch != "topk":
+        if name not in _RESCALED_ARCHITECTURES:
             raise SAELensFormatError(
                 f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
                 f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote"
@@ -375,7 +378,7 @@ def import_saelens(path: str | Path) -> SAE:
     if transcoder and hook_out == hook_in:
         raise SAELensFormatError(f"{path / CFG_FILE} is a transcoder but names no distinct metadata.hook_name_out")
     config = SAEConfig(
-        architecture=arch,
+        architecture=form.name,  # each saved form is also the architecture that trains into it
         d_in=d_in,
         width=d_sae,
         k=k,

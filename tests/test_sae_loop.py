@@ -74,6 +74,8 @@ def test_registry_records_are_complete():
         cfg = SAEConfig(architecture=name, d_in=8, width=32, k=4, hook_in="h").validate()
         form = arch.saved_form(cfg)
         assert SAVED_FORMS[form.name] is form and saelens_architecture(cfg) == form.saelens_architecture
+    for form in SAVED_FORMS.values():  # a SAELens import names the architecture that trains into its form
+        assert ARCHITECTURES[form.name].form is form
 
 
 def test_run_directory_from_before_run_json_resumes(tmp_path):
