@@ -592,16 +592,34 @@ def input_centre(cfg: SAEConfig, params: dict, buffers: dict):
     return buffers["b_in"] if cfg.is_transcoder else params["b_dec"]
 
 
-def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32):
-    """(loss, stats): stats has loss, mse, l0, fvu (batch), fired_F (tokens each latent fired on) and
-    the architecture's own scalars (e.g. BatchTopK's batch threshold); formulas in the module docstring."""
+def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32,
+                 massive_threshold=None):
+    """(loss, stats): stats has loss, mse, l0, fired_F (tokens each latent fired on), the architecture's own
+    scalars (e.g. BatchTopK's batch threshold) and the parts of FVU = sse / var that the trainer sums over its
+    log window (pooled like eval FVU):
+      fvu_sse = Σ_b ‖y'_b − ŷ'_b‖²,  fvu_var = Σ_b ‖y'_b − mean_b(y')‖²
+    and, given `massive_threshold` (a target norm in training units), the same over the rows with
+    ‖y'_b‖ <= massive_threshold about their own mean: fvu_sse_kept, fvu_var_kept (activation_store/massive.py)."""
     x_c = x_BxD - input_centre(cfg, params, buffers)
     loss, mse, recon, stats = architecture(cfg).loss(cfg, params, buffers, x_c, y_BxE, coef, key, dtype)
-    centred = y_BxE - jnp.mean(y_BxE, axis=0)
+    err_B = jnp.sum((recon - y_BxE) ** 2, axis=1)
     stats["mse"] = mse
-    stats["fvu"] = jnp.sum((recon - y_BxE) ** 2) / jnp.maximum(jnp.sum(centred**2), 1e-12)
+    stats["fvu_sse"], stats["fvu_var"] = jnp.sum(err_B), _centred_sq(y_BxE)
+    if massive_threshold is not None:
+        kept_B = jnp.linalg.norm(y_BxE, axis=1) <= massive_threshold
+        stats["fvu_sse_kept"] = jnp.sum(jnp.where(kept_B, err_B, 0.0))
+        stats["fvu_var_kept"] = _centred_sq(y_BxE, kept_B)
     stats["loss"] = loss
     return loss, stats
+
+
+def _centred_sq(y_BxE, kept_B=None):
+    """Σ_b ‖y_b − m‖² over all rows about their mean, or over the kept rows about theirs (0 if none is kept)."""
+    if kept_B is None:
+        return jnp.sum((y_BxE - jnp.mean(y_BxE, axis=0)) ** 2)
+    w_B = kept_B.astype(y_BxE.dtype)
+    mean_E = jnp.sum(y_BxE * w_B[:, None], axis=0) / jnp.maximum(jnp.sum(w_B), 1.0)
+    return jnp.sum(jnp.sum((y_BxE - mean_E) ** 2, axis=1) * w_B)
 
 
 def sparsity_coef(cfg: SAEConfig) -> float:

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from featureatlas.activation_store.configs import flags_of
 from featureatlas.activation_store.errors import ConfigError, FeatureAtlasError
+from featureatlas.activation_store.massive import store_norm_threshold
 from featureatlas.activation_store.runs import Checkpoints, MetricsLog, Run, read_json
 from featureatlas.saes import architectures as A
 from featureatlas.saes.config import SAEConfig, SAETrainConfig
@@ -63,6 +64,10 @@ RESUMABLE_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoin
 NOT_SETTINGS = ("input_scale", "output_scale", "normalisation_folded", "expansion")
 FLAGS = {**flags_of(SAEConfig, SAETrainConfig), "mesh_data": "--mesh", "mesh_feature": "--mesh",
          "source": "--store (its contents)"}
+
+POOLED = {"fvu": ("fvu_sse", "fvu_var"), "fvu_excl_massive": ("fvu_sse_kept", "fvu_var_kept")}
+"""Metrics logged as one ratio of the window's sums (A.forward_loss), as eval FVU is one ratio over all eval
+tokens: a few massive-norm tokens weigh in train and eval alike. Every other metric is the window's mean."""
 
 EvalFn = Callable[[int, dict[str, SAE]], dict[str, dict]]
 
@@ -188,9 +193,12 @@ class TrainState:
         return self.replace(step=ckpt["step"], saes=saes)
 
 
-def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | None = None):
+def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | None = None,
+               massive_thresholds: Sequence[float | None] | None = None):
     """(step, optimizers, zero_sums): step(state, batch) -> state, for a TrainState whose sums come
-    from zero_sums(saes, batch_shapes)."""
+    from zero_sums(saes, batch_shapes). massive_thresholds: per SAE, the target norm (training units) above
+    which a token is massive, to sum the FVU parts without such tokens too (None: not summed)."""
+    massive_thresholds = massive_thresholds or [None] * len(cfgs)
     optimizers = [make_optimizer(c, tcfg) for c in cfgs]
     dtype = jnp.dtype(tcfg.compute_dtype)
     hooks = sorted({h for c in cfgs for h in (c.hook_in, c.hook_out)})
@@ -199,7 +207,7 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
         """(new SAE states, metrics per SAE, loss finite per SAE, batch finite)."""
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(batch[h])) for h in hooks]))
         new_saes, metrics, ok = [], [], []
-        for i, (cfg, (opt, schedule), s) in enumerate(zip(cfgs, optimizers, saes)):
+        for i, (cfg, (opt, schedule), s, thr) in enumerate(zip(cfgs, optimizers, saes, massive_thresholds)):
             x = batch[cfg.hook_in] * cfg.input_scale
             y = batch[cfg.hook_out] * cfg.output_scale
             coef = sparsity_warmup(cfg, tcfg, step)
@@ -208,7 +216,7 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), step), i)
 
             def loss_fn(params):
-                return A.forward_loss(cfg, params, s.buffers, x, y, coef, key, dtype)
+                return A.forward_loss(cfg, params, s.buffers, x, y, coef, key, dtype, massive_threshold=thr)
 
             (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
             grads = A.project_decoder_grad(s.params, grads)
@@ -310,6 +318,17 @@ def measure_scales(cfgs: Sequence[SAEConfig], source) -> list[SAEConfig]:
             c, input_scale=float(math.sqrt(c.d_in / max(source.mean_sq_norm(c.hook_in), 1e-30))),
             output_scale=float(math.sqrt(c.d_out / max(source.mean_sq_norm(c.hook_out), 1e-30)))))
     return out
+
+
+def massive_thresholds(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> list[float | None]:
+    """Per SAE, the massive-token norm of its target in training units: activation_store.massive's threshold
+    of hook_out (the one eval uses) times output_scale, so train rows also log fvu_excl_massive. None when
+    training leaves massive tokens out already, or the source has no store (in-memory arrays)."""
+    store = getattr(source, "store", None)
+    if tcfg.exclude_massive or store is None:
+        return [None] * len(cfgs)
+    raw = {h: store_norm_threshold(store, h) for h in dict.fromkeys(c.hook_out for c in cfgs)}
+    return [raw[c.hook_out] * c.output_scale for c in cfgs]
 
 
 def initial_state(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, source, optimizers) -> TrainState:
@@ -455,7 +474,7 @@ def train_saes(
         if tcfg.exclude_massive:
             source.exclude_massive()
         cfgs = measure_scales(cfgs, source)
-        step_fn, optimizers, zero_sums = build_step(cfgs, tcfg, mesh)
+        step_fn, optimizers, zero_sums = build_step(cfgs, tcfg, mesh, massive_thresholds(cfgs, source, tcfg))
         state = initial_state(cfgs, tcfg, source, optimizers)
         shapes = {h: jax.ShapeDtypeStruct((tcfg.batch_size, source.dim(h)), jnp.float32)
                   for h in {h for c in cfgs for h in (c.hook_in, c.hook_out)}}
@@ -556,15 +575,23 @@ def _check(job: _Job, state: TrainState) -> None:
         "or re-harvest/drop the contexts named above, then --resume.")
 
 
+def window_metrics(sums: dict, n: int) -> dict:
+    """The logged metrics of one SAE from its sums over n steps: POOLED ratios, every other one the mean."""
+    parts = {p for pair in POOLED.values() for p in pair}
+    out = {k: float(v) / n for k, v in sums.items() if k not in parts}
+    out.update({k: float(sums[a]) / max(float(sums[b]), 1e-12) for k, (a, b) in POOLED.items() if a in sums})
+    return dict(sorted(out.items()))
+
+
 def _log(job: _Job, state: TrainState, step: int, bar) -> TrainState:
-    """Average the metric sums since the last log into one metrics.jsonl row per SAE, then reset them."""
+    """One metrics.jsonl row per SAE from the metric sums since the last log (window_metrics), then reset them."""
     sums, n = jax.device_get((state.sums, state.n_summed))
     n = max(int(n), 1)
     now = time.perf_counter()
     rate = n * job.tcfg.batch_size / max(now - job.t_window, 1e-9)
     for name, log, s in zip(job.names, job.logs, sums):
         row = {"kind": "train", "step": step, "tokens": step * job.tcfg.batch_size, "sae": name}
-        row.update({k: float(v) / n for k, v in s.items()})
+        row.update(window_metrics(s, n))
         row["tokens_per_s"] = rate
         job.last[name] = row
         log.append([row])

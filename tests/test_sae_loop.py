@@ -1,5 +1,6 @@
 """The training loop: host reads only at log/checkpoint time, the optax schedule is the documented
 formula, massive-activation tokens can be left out of training, the registry drives every architecture."""
+import dataclasses
 import json
 
 import jax
@@ -11,7 +12,8 @@ from featureatlas.activation_store.store import write_store
 from featureatlas.saes import ARCHITECTURES, SAEConfig, SAETrainConfig
 from featureatlas.saes.architectures import SAVED_FORMS, saelens_architecture
 from featureatlas.saes.sources import ArrayBatches, StoreBatches
-from featureatlas.saes.trainer import lr_schedule, train_saes
+from featureatlas.saes import architectures as A
+from featureatlas.saes.trainer import lr_schedule, saved_sae, train_saes, window_metrics
 
 
 def test_metrics_stay_on_device_between_logs(tmp_path, monkeypatch):
@@ -66,6 +68,51 @@ def test_exclude_massive_tokens_from_training(tmp_path):
     arrays = ArrayBatches({"h": acts})
     assert arrays.exclude_massive()["excluded_tokens"] == len(massive)
     assert np.linalg.norm(np.asarray(next(arrays.batches(500, 0, 0))["h"]), axis=1).max() < 10 * np.sqrt(d)
+
+
+def test_train_fvu_is_pooled_over_the_window_and_without_massive_tokens():
+    """forward_loss sums the FVU parts (all rows, and rows below the massive threshold about their own mean);
+    the log row divides the window's sums, as eval FVU is one ratio over all eval tokens."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    x[[3, 40]] *= 50.0
+    cfg = SAEConfig(architecture="topk", d_in=8, width=32, k=4, hook_in="h", input_scale=1.0,
+                    output_scale=1.0).validate()
+    params, buffers = A.init_params(cfg, jax.random.key(0), np.zeros(8), np.zeros(8))
+    thr = 10 * float(np.median(np.linalg.norm(x, axis=1)))
+    _, stats = A.forward_loss(cfg, params, buffers, x, x, 0.0, massive_threshold=thr)
+    err = np.sum((x - np.asarray(saved_sae(cfg, params, buffers).reconstruct(x), np.float64)) ** 2, axis=1)
+    kept = np.linalg.norm(x, axis=1) <= thr
+    assert kept.sum() == 62
+    want = {"fvu_sse": err.sum(), "fvu_var": np.sum((x - x.mean(0)) ** 2),
+            "fvu_sse_kept": err[kept].sum(), "fvu_var_kept": np.sum((x[kept] - x[kept].mean(0)) ** 2)}
+    for key, value in want.items():
+        assert float(stats[key]) == pytest.approx(value, rel=1e-4), key
+    row = window_metrics({"fvu_sse": 3.0, "fvu_var": 6.0, "fvu_sse_kept": 1.0, "fvu_var_kept": 4.0, "l0": 8.0}, 2)
+    assert row == {"fvu": 0.5, "fvu_excl_massive": 0.25, "l0": 4.0}
+    assert window_metrics({"fvu_sse": 3.0, "fvu_var": 6.0}, 3) == {"fvu": 0.5}
+
+
+def test_train_rows_log_fvu_excl_massive_when_massive_tokens_are_trained_on(tmp_path):
+    n_ctx, T, d = 40, 10, 16
+    acts = np.random.default_rng(2).normal(size=(n_ctx * T, d)).astype(np.float32)
+    acts[[c * T + 1 for c in range(0, n_ctx, 5)]] *= 60.0
+    write_store(tmp_path / "s.h5", acts={"h": acts}, tokens=np.ones((n_ctx, T), np.int32), val_fraction=0.0)
+    store = ActivationStore.open(tmp_path / "s.h5")
+    cfg = SAEConfig(width=32, k=4, hook_in="h")
+    for excl in (False, True):
+        tcfg = SAETrainConfig(batch_size=50, total_tokens=50 * 8, log_every=4, checkpoint_every=0,
+                              geometric_median_samples=64, exclude_massive=excl)
+        out = tmp_path / f"out{excl}"
+        train_saes([cfg], tcfg, StoreBatches(store, ["h"]), out, progress=False)
+        rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(("fvu_excl_massive" in r) is not excl and np.isfinite(r["fvu"]) for r in rows)
+        if not excl:  # a different token rule, a different ratio
+            assert all(r["fvu_excl_massive"] != r["fvu"] for r in rows)
+    tcfg = dataclasses.replace(tcfg, exclude_massive=False)
+    train_saes([cfg], tcfg, ArrayBatches({"h": acts}), tmp_path / "arrays", progress=False)  # no store: no threshold
+    rows = [json.loads(r) for r in (tmp_path / "arrays" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("fvu_excl_massive" in r for r in rows)
 
 
 def test_registry_records_are_complete():
