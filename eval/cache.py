@@ -405,7 +405,8 @@ def build_cache(store, dictionary, cfg: CacheConfig, out, *, dictionary_id: str,
 
     cfg.validate()
     check_inputs(store, dictionary)
-    settings = {"cache": cfg.to_dict(), "store": {"path": str(Path(store.path).resolve()),
+    kept = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # changes no result
+    settings = {"cache": kept, "store": {"path": str(Path(store.path).resolve()),
                                                   "fingerprint": store.fingerprint},
                 "hook": dictionary.hook, "dictionary": dictionary_id, "n_features": dictionary.n_features}
     run = Run.prepare(out, "cache", settings, resume=resume, overwrite=overwrite, flags=flags,

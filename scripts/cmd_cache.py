@@ -30,6 +30,8 @@ class CacheJob(Config):
     """Continue an interrupted pass (or cache contexts added to the store since)."""
     overwrite: bool = setting(False)
     """Replace a cache already in --out."""
+    progress: bool = setting(True)
+    """Show a progress bar."""
 
 
 def register(subparsers) -> None:
@@ -45,14 +47,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from featureatlas.activation_store.store import ActivationStore
     from featureatlas.eval.cache import CacheConfig, build_cache
-    from featureatlas.scripts.dictionaries import load_dictionary
+    from featureatlas.scripts.dictionaries import load_for_store
 
     job = config_from_args(CacheJob, args).validate()
     cfg = config_from_args(CacheConfig, args).validate()
     store = ActivationStore.open(job.store)
-    dic = load_dictionary(job.dictionary)
+    dic = load_for_store(job.dictionary, store)
     path = build_cache(store, dic, cfg, job.out, dictionary_id=job.dictionary, resume=job.resume,
-                       overwrite=job.overwrite, flags=flags_of(CacheJob, CacheConfig))
+                       overwrite=job.overwrite, flags=flags_of(CacheJob, CacheConfig), progress=job.progress)
     from featureatlas.eval.cache import FeatureCache
 
     cache = FeatureCache(path)

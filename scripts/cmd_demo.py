@@ -5,7 +5,13 @@ Stages (each resumes if its output already exists, so re-running continues):
   2. train a TopK SAE (k 32, width 4608) on `resid_post.15` and report its metrics: the headline FVU
      leaves out the few massive-norm tokens (`fvu_excl_massive`; the all-token FVU is printed beside it,
      see the README's "Which FVU the demo prints");
-  3. fit SNMF (k 100) on `mlp_hidden.15` and report its reconstruction error and VocabProj tokens.
+  3. fit SNMF (k 100) on `mlp_hidden.15` and report its reconstruction error and VocabProj tokens;
+  4. cache both dictionaries' feature activations over the store (top / quantile / negative examples,
+     density, histograms; explain and held-out contexts kept apart);
+  5. describe a random sample of live features of each (MaxAct, VocabProj, TokenChange and their
+     ensemble) with the template explainer and with SmolLM2-135M-Instruct as a local explainer;
+  6. write the catalog (features.jsonl, index.html for file://, Neuronpedia export) and print a table
+     of example features and the path of index.html.
 """
 from __future__ import annotations
 
@@ -29,8 +35,12 @@ def register(subparsers) -> None:
     p.add_argument("--sae-tokens", type=int, default=600_000,
                    help="training tokens for the SAE (default 600,000: about six passes over the store)")
     p.add_argument("--snmf-tokens", type=int, default=20_000, help="tokens SNMF is fitted on (default 20,000)")
-    p.add_argument("--stages", default="harvest,sae,snmf",
-                   help="comma list of stages to run (default harvest,sae,snmf)")
+    p.add_argument("--describe-sample", type=int, default=6,
+                   help="live features of each dictionary described (default 6)")
+    p.add_argument("--local-explainer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also describe with SmolLM2-135M-Instruct (default on)")
+    p.add_argument("--stages", default="harvest,sae,snmf,cache,describe,catalog",
+                   help="comma list of stages to run (default harvest,sae,snmf,cache,describe,catalog)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -89,5 +99,69 @@ def run(args) -> int:
         _stage("fit SNMF", ["train-snmf", "--store", str(store), "--hook", mlp, "--k", "100",
                             "--max-tokens", str(args.snmf_tokens), "--out", str(snmf_dir),
                             *(["--resume"] if snmf_dir.exists() else []), *quiet])
+    sae_dir, snmf_dir = out / f"sae_topk_{resid}", out / f"snmf_{mlp}"
+    dics = {"sae-topk": (sae_dir, out / "cache_sae", out / "describe_sae"),
+            "snmf": (snmf_dir, out / "cache_snmf", out / "describe_snmf")}
+    if "cache" in stages:
+        for name, (dic_dir, cache_dir, _) in dics.items():
+            _stage(f"cache {name}", ["cache", "--store", str(store), "--dictionary", str(dic_dir),
+                                     "--out", str(cache_dir), *(["--resume"] if cache_dir.exists() else []), *quiet])
+    if "describe" in stages:
+        _describe(args, store, dics)
+    if "catalog" in stages:
+        catalog = out / "catalog"
+        _stage("catalog", ["catalog", "--describe", *(str(d) for _, _, d in dics.values()), "--out", str(catalog)])
+        _table(dics)
+        print(f"\nopen the catalog: file://{(catalog / 'index.html').resolve()}")
     print(f"\ndemo finished: artifacts in {out}/")
     return 0
+
+
+def _describe(args, store_path: Path, dics: dict) -> None:
+    """Describe a sample of each dictionary's features: template, then the local explainer (one model load)."""
+    from featureatlas.activation_store.models import load_model
+    from featureatlas.activation_store.store import ActivationStore
+    from featureatlas.eval.cache import FeatureCache
+    from featureatlas.eval.describe import DescribeConfig, describe
+    from featureatlas.eval.outputs import TokenChangeConfig
+    from featureatlas.scripts.dictionaries import dictionary_info, load_dictionary
+
+    print("\n=== demo: describe ===", flush=True)
+    t0 = time.perf_counter()
+    store = ActivationStore.open(store_path)
+    model = load_model(args.model)
+    explainers = ["template"] + (["local"] if args.local_explainer else [])
+    methods = ("maxact", "vocabproj", "tokenchange", "ensemble-concat")
+    for name, (dic_dir, cache_dir, out) in dics.items():
+        dic = load_dictionary(dic_dir)
+        cache = FeatureCache(cache_dir)
+        info = dictionary_info(dic_dir, dic, name)
+        for i, explainer in enumerate(explainers):
+            cfg = DescribeConfig(sample=args.describe_sample, methods=methods, explainer=explainer)
+            res = describe(store, model, dic, cache, cfg, TokenChangeConfig(), out, info=info,
+                           resume=out.exists(), progress=not args.no_progress)
+            print(f"{name} / {explainer}: {len(res['described'])} features, {res['n_new']} new descriptions, "
+                  f"{res['n_failed']} failed calls ({res['seconds_total']:.0f}s)", flush=True)
+    print(f"=== describe done in {time.perf_counter() - t0:.1f}s ===", flush=True)
+
+
+def _table(dics: dict) -> None:
+    """A short table of the described features: id, density, top tokens of its best example, descriptions."""
+    from featureatlas.eval.describe import load_describe_run
+
+    print("\nexample features (descriptions by explainer / method):")
+    for name, (_, _, out) in dics.items():
+        if not out.exists():
+            continue
+        _, records = load_describe_run(out)
+        for rec in records:
+            if not rec["descriptions"]:
+                continue
+            top = rec["examples"]["top"][0] if rec["examples"]["top"] else None
+            peak = repr(top["tokens"][top["max_pos"]]) if top else "-"
+            vp = ", ".join(repr(t) for t, _ in (rec.get("vocab_proj") or {}).get("top", [])[:5])
+            print(f"\n{rec['id']}  density {rec['stats']['density']:.4f}  max {rec['stats']['max']:.2f}  "
+                  f"peak token {peak}\n  VocabProj top: {vp}")
+            for d in rec["descriptions"]:
+                if d["method"] in ("maxact", "vocabproj", "ensemble-concat"):
+                    print(f"  {d['explainer']:>8} / {d['method']:<15} {d['text'][:110]}")

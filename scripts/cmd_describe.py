@@ -36,6 +36,8 @@ class DescribeJob(Config):
     """Continue an interrupted run; only missing descriptions are asked for."""
     overwrite: bool = setting(False)
     """Replace a describe run already in --out."""
+    progress: bool = setting(True)
+    """Show progress bars."""
 
 
 def register(subparsers) -> None:
@@ -56,7 +58,7 @@ def run(args) -> int:
     from featureatlas.eval.cache import FeatureCache
     from featureatlas.eval.describe import DescribeConfig, describe
     from featureatlas.eval.outputs import TokenChangeConfig
-    from featureatlas.scripts.dictionaries import dictionary_info, load_dictionary
+    from featureatlas.scripts.dictionaries import dictionary_info, load_for_store
 
     job = config_from_args(DescribeJob, args).validate()
     cfg = config_from_args(DescribeConfig, args).validate()
@@ -64,7 +66,7 @@ def run(args) -> int:
     cache = FeatureCache(job.cache)
     store = ActivationStore.open(job.store or cache.attrs["store_path"])
     spec = job.dictionary or str(cache.attrs["dictionary"])
-    dic = load_dictionary(spec)
+    dic = load_for_store(spec, store)
     if cfg.explainer == "openai":  # a missing key or a dead endpoint is reported before the model loads
         from featureatlas.eval.describe import make_explainer_for
         from pathlib import Path
@@ -73,7 +75,8 @@ def run(args) -> int:
     model = load_model(job.model or store.model_id)
     info = dictionary_info(spec, dic, job.name or None)
     results = describe(store, model, dic, cache, cfg, tc, job.out, info=info, resume=job.resume,
-                       overwrite=job.overwrite, flags=flags_of(DescribeJob, DescribeConfig, TokenChangeConfig))
+                       overwrite=job.overwrite, flags=flags_of(DescribeJob, DescribeConfig, TokenChangeConfig),
+                       progress=job.progress)
     print(f"{info['name']}: {len(results['described'])} features described ({results['n_new']} new descriptions, "
           f"{results['n_failed']} failed calls), {results['n_dead']} of {results['n_features']} dead -> {job.out}")
     return 0

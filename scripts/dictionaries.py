@@ -147,3 +147,14 @@ def dictionary_info(spec: str | Path, dic, name: str | None = None) -> dict:
 def _default_name(path: str, level: int | None) -> str:
     base = path.replace(":", "-") if path.startswith("neurons:") else Path(path).name
     return f"{base}-L{level}" if level else base
+
+
+def load_for_store(spec: str | Path, store):
+    """`load_dictionary`, with a neurons spec's width taken from the store's hook (checked against it)."""
+    path, level = parse_spec(str(spec))
+    dim = None
+    if path.startswith("neurons:"):
+        hook = path.split(":")[1]
+        store.check_hook(hook)
+        dim = store.dim(hook)
+    return load_dictionary(spec, level=level, dim=dim)
