@@ -16,8 +16,8 @@ Train and eval values share an axis only when they measure the same thing in the
     (activation_store/massive.py); a few such tokens can hold most of the variance and decide the
     all-token FVU alone. The train FVU is drawn on the panel of its own token rule: all tokens, or
     massive tokens excluded when training left them out (config.json train.exclude_massive) or the train
-    row logs `fvu_excl_massive`. The panel notes that train FVU is a ratio per batch averaged over
-    the log window while eval FVU is one ratio over all eval tokens.
+    row logs `fvu_excl_massive`. Both are one ratio of summed errors and variances (train: over the log
+    window, saes/trainer.py POOLED; eval: over all eval tokens).
 """
 from __future__ import annotations
 
@@ -51,8 +51,6 @@ class Panel:
     """factor applied to eval values (raw -> training units)"""
 
 
-_BATCH_NOTE = ("train: FVU of each batch, mean over the log window;\n"
-               "eval: one ratio over all eval tokens")
 _DEAD_NOTE = ("train: no fire in the last dead_tokens training tokens;\n"
               "eval: no fire on any eval token")
 
@@ -84,15 +82,13 @@ def panels(train: Sequence[dict], evals: Sequence[dict], config: dict | None = N
     else:  # no scale known: eval MSE (raw units) would not be comparable
         out.append(Panel("MSE per element, training units", "mse", None, log=True))
     out.append(Panel("L0 (active latents / token)", "l0", "l0"))
-    all_title = "FVU, all tokens" if eval_excl else "FVU"
+    all_title = "FVU, all tokens" if eval_excl or train_fvu_excl else "FVU"
     if eval_excl and n_massive:
         all_title += f" (eval holds {n_massive} massive)"
-    out.append(Panel(all_title, train_fvu_all, "fvu",
-                     note=_BATCH_NOTE if train_fvu_all and has(evals, "fvu") else ""))
+    out.append(Panel(all_title, train_fvu_all, "fvu"))
     if eval_excl or train_fvu_excl:
         out.append(Panel("FVU, massive-norm tokens excluded", train_fvu_excl,
-                         "fvu_excl_massive" if eval_excl else None,
-                         note=_BATCH_NOTE if train_fvu_excl and eval_excl else ""))
+                         "fvu_excl_massive" if eval_excl else None))
     out.append(Panel("mean per-token ||x - x̂||² / ||x||²", "rel_err_per_token", "rel_err_per_token", log=True))
     out.append(Panel("dead fraction", "dead_frac", "dead_frac",
                      note=_DEAD_NOTE if has(train, "dead_frac") and has(evals, "dead_frac") else ""))

@@ -266,7 +266,12 @@ def test_training_curves_share_axes_only_for_same_units_and_token_rule(tmp_path)
     # train FVU on all tokens sits with eval FVU on all tokens; the excluded panel is eval-only
     fvu_panels = [q for q in plots.panels(train, ev, {}) if q.eval_key in ("fvu", "fvu_excl_massive")]
     assert [(q.train_key, q.eval_key) for q in fvu_panels] == [("fvu", "fvu"), (None, "fvu_excl_massive")]
-    assert fvu_panels[0].note  # says why train and eval differ
+    assert not fvu_panels[0].note  # both pooled the same way: nothing to explain
+    # training on massive tokens from a store also logs the excluded FVU: it joins that panel
+    both = [dict(r, fvu_excl_massive=0.3) for r in train]
+    fvu_panels = [q for q in plots.panels(both, ev, {}) if q.eval_key in ("fvu", "fvu_excl_massive")]
+    assert [(q.train_key, q.eval_key) for q in fvu_panels] == [("fvu", "fvu"),
+                                                               ("fvu_excl_massive", "fvu_excl_massive")]
     # training that left massive tokens out: its FVU joins the excluded panel
     cfg = {"train": {"exclude_massive": True}}
     fvu_panels = [q for q in plots.panels(train, ev, cfg) if q.eval_key in ("fvu", "fvu_excl_massive")]
