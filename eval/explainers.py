@@ -922,6 +922,9 @@ def describe_features(records: Sequence[Mapping[str, Any]], explainer: Explainer
                     why = "cut off by max_tokens before a sentence ended" if ans.finish_reason == "length" else "empty"
                     new[i].append(_failed(explainer, method, sample, f"no description in the answer ({why})"))
                     continue
+                if P.copies_worked_example(text):
+                    new[i].append(_failed(explainer, method, sample, "the answer repeats the prompt's worked example"))
+                    continue
                 new[i].append(_described(explainer, method, sample, text, evidence, ans.seconds, ans.tokens_in,
                                          ans.tokens_out))
     if "ensemble-concat" in methods:

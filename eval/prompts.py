@@ -241,6 +241,20 @@ WORKED_ANSWER = {
 }
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def copies_worked_example(text: str) -> bool:
+    """True when a description is (nearly) a worked example's answer: a small explainer that parrots the
+    example says nothing about the feature, so the answer counts as failed. Test: ≥ 70% of the answer's
+    words occur in one worked answer and it names France/French/Paris as the example does."""
+    words = _words(text)
+    if not words or not words & {"france", "french", "paris", "lyon"}:
+        return False
+    return any(len(words & _words(a)) >= 0.7 * len(words) for a in WORKED_ANSWER.values())
+
+
 def evidence_block(record: Mapping[str, Any], method: str, cfg: PromptConfig) -> tuple[str, dict]:
     """(evidence text, provenance dict) for a prompted method; MissingEvidence when the record lacks it."""
     if method == "maxact":

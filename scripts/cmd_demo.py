@@ -35,8 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--sae-tokens", type=int, default=600_000,
                    help="training tokens for the SAE (default 600,000: about six passes over the store)")
     p.add_argument("--snmf-tokens", type=int, default=20_000, help="tokens SNMF is fitted on (default 20,000)")
-    p.add_argument("--describe-sample", type=int, default=6,
-                   help="live features of each dictionary described (default 6)")
+    p.add_argument("--describe-sample", type=int, default=5,
+                   help="live features of each dictionary described (default 5)")
     p.add_argument("--local-explainer", action=argparse.BooleanOptionalAction, default=True,
                    help="also describe with SmolLM2-135M-Instruct (default on)")
     p.add_argument("--stages", default="harvest,sae,snmf,cache,describe,catalog",

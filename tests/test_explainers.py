@@ -634,3 +634,12 @@ def test_local_smollm2_describes_a_feature(smollm2, tmp_path):
     again = describe_features([tiny_record()], ex, ["maxact", "vocabproj"], cache=cache, max_tokens=24,
                               prompt_config=cfg)
     assert again == out and time.perf_counter() - t0 < 1.0
+
+
+def test_an_answer_that_parrots_the_worked_example_is_a_failure():
+    from featureatlas.eval.prompts import WORKED_ANSWER, copies_worked_example
+
+    assert all(copies_worked_example(a) for a in WORKED_ANSWER.values())
+    assert copies_worked_example("France and things France: the country, its language and its cities.")
+    assert not copies_worked_example("Words about the French government and Paris politics in news stories.")
+    assert not copies_worked_example('fires on " use", " useful"')
