@@ -248,9 +248,9 @@ def _words(text: str) -> set[str]:
 def copies_worked_example(text: str) -> bool:
     """True when a description is (nearly) a worked example's answer: a small explainer that parrots the
     example says nothing about the feature, so the answer counts as failed. Test: ≥ 70% of the answer's
-    words occur in one worked answer and it names France/French/Paris as the example does."""
+    words occur in one worked answer and it keeps one of the example's own names (France, Germany, ...)."""
     words = _words(text)
-    if not words or not words & {"france", "french", "paris", "lyon"}:
+    if not words or not words & {"france", "french", "paris", "lyon", "marseille", "germany"}:
         return False
     return any(len(words & _words(a)) >= 0.7 * len(words) for a in WORKED_ANSWER.values())
 

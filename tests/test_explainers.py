@@ -641,5 +641,6 @@ def test_an_answer_that_parrots_the_worked_example_is_a_failure():
 
     assert all(copies_worked_example(a) for a in WORKED_ANSWER.values())
     assert copies_worked_example("France and things France: the country, its language and its cities.")
+    assert copies_worked_example("makes the model talk about Gore and not about Germany.")
     assert not copies_worked_example("Words about the French government and Paris politics in news stories.")
     assert not copies_worked_example('fires on " use", " useful"')
