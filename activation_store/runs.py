@@ -243,7 +243,8 @@ class Checkpoints:
 
         if shardings is None:  # numpy leaves (e.g. int64 host counters) come back as numpy, at full precision
             abstract = jax.tree.map(
-                lambda a: a if isinstance(a, (np.ndarray, np.generic)) else jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+                lambda a: np.asarray(a) if isinstance(a, (np.ndarray, np.generic))
+                else jax.ShapeDtypeStruct(a.shape, a.dtype), like)
         else:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
