@@ -135,3 +135,18 @@ def test_dead_features_are_listed_not_described(setup):
     r = _cli("catalog", "--describe", out, "--out", cat)
     assert r.returncode == 0, r.stderr
     assert (cat / "index.html").exists() and json.loads((cat / "catalog.json").read_text())["n_dead"] == len(dead)
+
+
+def test_cache_over_a_corpus_through_the_model_equals_cache_over_its_store(setup):
+    tmp, model, store = setup
+    ref, direct = tmp / "ref-corpus", tmp / "direct"
+    assert _cli(*_cache_args(store, ref)).returncode == 0
+    corpus = tmp / "docs.txt"
+    r = _cli("cache", "--model", model, "--corpus", corpus, "--context-length", "16", "--max-tokens", "100000",
+             "--dictionary", "neurons:mlp_hidden.1", "--out", direct, "--no-progress", "--contexts-per-chunk", "2",
+             "--hist-stride", "1")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(ref / "cache.h5") as a, h5py.File(direct / "cache.h5") as b:
+        for k in a:
+            np.testing.assert_array_equal(a[k][()], b[k][()], err_msg=k)
+    _one_line_error(_cli("cache", "--dictionary", "neurons:mlp_hidden.1", "--out", tmp / "none"), "--store", "--model")
