@@ -169,6 +169,18 @@ class Config:
         return self
 
 
+@dataclasses.dataclass(kw_only=True)
+class RunOptions(Config):
+    """How a job treats its run directory (--out); the run layer (activation_store/runs.py) acts on them."""
+
+    resume: bool = setting(False)
+    """Continue the run already in --out (its settings must match; only what is missing is done)."""
+    overwrite: bool = setting(False)
+    """Replace a run already in --out."""
+    progress: bool = setting(True)
+    """Show progress bars."""
+
+
 def _parse_scalar(tp, flag: str):
     def parse(text: str):
         try:
@@ -262,5 +274,5 @@ def config_diff(old: Mapping, new: Mapping, flags: Mapping[str, str] | None = No
     return lines
 
 
-__all__ = ["Config", "add_config_arguments", "config_diff", "config_from_args", "field_docs", "flag_of", "flags_of",
+__all__ = ["Config", "RunOptions", "add_config_arguments", "config_diff", "config_from_args", "field_docs", "flag_of", "flags_of",
            "setting"]

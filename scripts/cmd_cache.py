@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from featureatlas.activation_store.configs import Config, add_config_arguments, config_from_args, flags_of, setting
+from featureatlas.activation_store.configs import RunOptions, add_config_arguments, config_from_args, flags_of, setting
 from featureatlas.activation_store.corpus import CorpusConfig
 from featureatlas.activation_store.errors import ConfigError
 
 
-@dataclasses.dataclass
-class CacheJob(Config):
+@dataclasses.dataclass(kw_only=True)
+class CacheJob(RunOptions):
     """Inputs and output of the cache job."""
 
     dictionary: str = setting()
@@ -33,12 +33,6 @@ class CacheJob(Config):
     """Activation store (HDF5) holding the dictionary's hook; without it, --model runs over --corpus."""
     model: str = setting("")
     """Language model to run over --corpus when no --store is given (its activations go to --out/store.h5)."""
-    resume: bool = setting(False)
-    """Continue an interrupted pass (or cache contexts added to the store since)."""
-    overwrite: bool = setting(False)
-    """Replace a cache already in --out."""
-    progress: bool = setting(True)
-    """Show a progress bar."""
 
 
 def register(subparsers) -> None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from featureatlas.activation_store.configs import Config, add_config_arguments, config_from_args, flags_of, setting
+from featureatlas.activation_store.configs import RunOptions, add_config_arguments, config_from_args, flags_of, setting
 
 
-@dataclasses.dataclass
-class DescribeJob(Config):
+@dataclasses.dataclass(kw_only=True)
+class DescribeJob(RunOptions):
     """Inputs and output of the describe job."""
 
     cache: str = setting()
@@ -32,12 +32,6 @@ class DescribeJob(Config):
     """Activation store (default: the one recorded in the cache)."""
     model: str = setting("")
     """Language model (default: the store's model)."""
-    resume: bool = setting(False)
-    """Continue an interrupted run; only missing descriptions are asked for."""
-    overwrite: bool = setting(False)
-    """Replace a describe run already in --out."""
-    progress: bool = setting(True)
-    """Show progress bars."""
 
 
 def register(subparsers) -> None:
