@@ -83,24 +83,24 @@ def cache_rate(store, dic, cfg, tmp: Path, name: str) -> dict:
             "cache_over_encode": round(rate / enc, 3)}
 
 
-def memory_child(n_tokens: int) -> None:
+def memory_child(store_path: str) -> None:
+    """The cache pass alone in a fresh process over an existing store: its peak RSS."""
+    from featureatlas.activation_store.store import ActivationStore
     from featureatlas.eval.cache import CacheConfig, build_cache
 
+    store = ActivationStore.open(store_path)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        store = synthetic_store(tmp / "s.h5", "resid_post.15", 576, n_tokens)
-        before = peak_rss_mb()
-        build_cache(store, topk_sae("resid_post.15"), CacheConfig(), tmp / "c", dictionary_id="sae", progress=False)
-        print(json.dumps({"n_tokens": n_tokens, "peak_rss_mb": round(peak_rss_mb(), 1),
-                          "rss_before_pass_mb": round(before, 1)}))
+        build_cache(store, topk_sae("resid_post.15"), CacheConfig(), Path(tmp) / "c", dictionary_id="sae",
+                    progress=False)
+    print(json.dumps({"n_tokens": store.n_contexts * T, "peak_rss_mb": round(peak_rss_mb(), 1)}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=32768, help="tokens of the synthetic store for the rate")
-    p.add_argument("--memory-tokens", type=int, default=16384, help="small store of the memory test (x10 for large)")
+    p.add_argument("--memory-tokens", type=int, default=65536, help="small store of the memory test (x10 for large)")
     p.add_argument("--no-tokenchange", action="store_true")
-    p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
@@ -116,10 +116,14 @@ def main() -> None:
         s_mlp = synthetic_store(tmp / "mlp.h5", "mlp_hidden.15", 1536, args.tokens // 4)
         out["snmf_k100"] = cache_rate(s_mlp, snmf_dictionary("mlp_hidden.15"), cfg, tmp, "snmf")
     mem = []
-    for n in (args.memory_tokens, 10 * args.memory_tokens):
-        r = subprocess.run([sys.executable, "-m", "featureatlas.scripts.bench_describe", "--memory-child", str(n)],
-                           capture_output=True, text=True, check=True)
-        mem.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (args.memory_tokens, 10 * args.memory_tokens):
+            path = Path(tmp) / f"mem{n}.h5"
+            synthetic_store(path, "resid_post.15", 576, n).close()
+            r = subprocess.run([sys.executable, "-m", "featureatlas.scripts.bench_describe", "--memory-child",
+                                str(path)], capture_output=True, text=True, check=True)
+            mem.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            path.unlink()
     out["memory"] = {"small": mem[0], "large": mem[1],
                      "rss_growth": round(mem[1]["peak_rss_mb"] / mem[0]["peak_rss_mb"] - 1, 3)}
     if not args.no_tokenchange:
