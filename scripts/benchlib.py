@@ -27,7 +27,18 @@ def matmul_gflops(m: int = 4096, k: int = 2048, n: int = 4096, repeats: int = 5)
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this program so far, in MB.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux keeps ru_maxrss across execve, so a benchmark
+    child started by a large parent would report the parent's peak (seen: 4.3 GB for a 1 GB child).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
