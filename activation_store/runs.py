@@ -109,6 +109,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
     `data` may be bytes, text, or a function `write(tmp_path)` (for writers that want a path, e.g. safetensors).
     """
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
     tmp = _write_temp(path.parent, path.name, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from featureatlas.activation_store.corpus import corpus_fingerprint
-from featureatlas.activation_store.runs import fsync_dir
+from featureatlas.activation_store.runs import atomic_write
 from featureatlas.activation_store.store_format import (CHUNK_TARGET_BYTES, DTYPES, FORMAT, FORMAT_VERSION, StoreError,
                                                         chunk_contexts, corrupted, crc32, decode_attrs, encode_attr,
                                                         fsync_h5)
@@ -158,10 +158,9 @@ def create_store(
     if clash:
         raise StoreError(f"attrs may not override the store's own {clash} (given {[attrs[k] for k in clash]})")
     root.update(attrs)
-    tmp = path.with_name(path.name + ".creating")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             for key, value in root.items():
                 f.attrs[key] = encode_attr(key, value)
@@ -178,13 +177,8 @@ def create_store(
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all chunks exist now: writes touch no metadata
                 acts.create_dataset(hook, shape=(N * T, d), dtype=dtype, chunks=(k * T, d), dcpl=dcpl,
                                     fill_time="never", track_times=False)
-            f.flush()
-            fsync_h5(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    atomic_write(path, write)  # the empty store appears whole or not at all
     return path
 
 

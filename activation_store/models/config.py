@@ -1,9 +1,9 @@
 """Architecture hyper-parameters shared by every model in the zoo."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+from featureatlas.activation_store.configs import Config
 from featureatlas.activation_store.errors import ConfigError
 
 HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
@@ -45,7 +45,7 @@ def from_transformerlens(name: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Decoder-only transformer shape.
 
     arch: "llama" (RMSNorm, RoPE, gated MLP; covers SmolLM2, Llama 3, Qwen2, Mistral)
@@ -69,14 +69,6 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int | None = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def hook_names(self) -> tuple[str, ...]:
         return tuple(f"{kind}.{layer}" for layer in range(self.n_layers) for kind in HOOK_KINDS)
