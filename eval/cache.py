@@ -51,6 +51,7 @@ import numpy as np
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.prefetch import Prefetcher
+from featureatlas.activation_store.store_format import splitmix64
 from featureatlas.eval.adapters import feature_ids, validate_dictionary
 
 CACHE_FORMAT = "featureatlas-cache/2"
@@ -99,13 +100,6 @@ class CacheConfig(Config):
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 # ---------------------------------------------------------------------------------------------
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    z = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def held_out_mask(contexts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """True where a context belongs to the held-out set: splitmix64(c ⊕ seed)/2^64 < fraction."""
     h = splitmix64(np.asarray(contexts, np.uint64) ^ np.uint64(seed * 0x9E3779B1 + 0x51ED))

@@ -19,7 +19,6 @@ records (the evidence settings must stay the same).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.runs import Run, atomic_write, atomic_write_json, read_json
 from featureatlas.eval.adapters import feature_ids
 from featureatlas.eval.cache import EXPLAIN, FeatureCache
+from featureatlas.eval.catalog import json_line, read_features
 from featureatlas.eval.schema import DESCRIPTION_METHODS, EXPLAINERS, SCHEMA_VERSION
 
 EVIDENCE, RECORDS, FAILURES, DICTIONARY = "evidence.jsonl", "records.jsonl", "failures.jsonl", "dictionary.json"
@@ -174,14 +174,7 @@ def gather_evidence(store, model, dic, cache: FeatureCache, features: np.ndarray
 
 
 def jsonl_text(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    return "".join(json_line(r) + "\n" for r in records)
 
 
 def make_explainer_for(cfg: DescribeConfig, run_dir: Path):
@@ -191,8 +184,9 @@ def make_explainer_for(cfg: DescribeConfig, run_dir: Path):
     if cfg.explainer == "openai":
         return make_explainer("openai", base_url=cfg.base_url, model=cfg.api_model, api_key_env=cfg.api_key_env,
                               concurrency=cfg.concurrency, cache=cache), cache
-    return make_explainer(cfg.explainer, cache=cache) if cfg.explainer != "template" else \
-        make_explainer("template"), cache
+    if cfg.explainer == "template":  # deterministic, no calls: nothing to cache
+        return make_explainer("template"), cache
+    return make_explainer(cfg.explainer, cache=cache), cache
 
 
 def describe(store, model, dic, cache: FeatureCache, cfg: DescribeConfig, tc_cfg, out, *, info: dict,
@@ -222,12 +216,12 @@ def describe(store, model, dic, cache: FeatureCache, cfg: DescribeConfig, tc_cfg
                                                            "fingerprint": store.fingerprint}})
         evidence_path = run.dir / EVIDENCE
         if evidence_path.exists():
-            evidence = {r["index"]: r for r in read_jsonl(evidence_path)}
+            evidence = {r["index"]: r for r in read_features(evidence_path, validate=False)}
         else:
             evidence = gather_evidence(store, model, dic, cache, chosen, cfg, tc_cfg, name, progress)
             atomic_write(evidence_path, jsonl_text(evidence[f] for f in sorted(evidence)))
         t_evidence = time.perf_counter() - t0
-        previous = {r["index"]: r.get("descriptions", []) for r in read_jsonl(run.dir / RECORDS)} \
+        previous = {r["index"]: r.get("descriptions", []) for r in read_features(run.dir / RECORDS, validate=False)} \
             if (run.dir / RECORDS).exists() else {}
         chosen_recs = [evidence[int(f)] for f in chosen]
         if explainer is None:
@@ -260,4 +254,4 @@ def load_describe_run(path) -> tuple[dict, Iterator[dict]]:
     if not (path / RECORDS).exists() or not (path / DICTIONARY).exists():
         raise ConfigError(f"{path} is not a finished describe run (no {RECORDS}); run `featureatlas describe "
                           f"--out {path}` first")
-    return read_json(path / DICTIONARY), read_jsonl(path / RECORDS)
+    return read_json(path / DICTIONARY), read_features(path / RECORDS, validate=False)

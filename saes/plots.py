@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from featureatlas.activation_store.plotting import SI as _TOKENS
+from featureatlas.activation_store.runs import MetricsLog
 from featureatlas.activation_store.plotting import figure as _figure
 from featureatlas.activation_store.plotting import plain_log as _plain_log
 from featureatlas.activation_store.plotting import save_png as _save
@@ -100,7 +101,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; point at an SAE directory written by train-sae")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = MetricsLog(path).rows()
     train = sorted((r for r in rows if r.get("kind", "train") == "train"), key=lambda r: r.get("step", 0))
     evals = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r.get("step", 0))
     return train, evals

@@ -58,11 +58,9 @@ def _stage(name: str, argv: list[str]) -> None:
 
 def _report_fvu(sae_dir: Path) -> None:
     """Print the SAE's FVU without massive-norm tokens as the headline, the all-token FVU beside it, and why."""
-    import json
+    from featureatlas.activation_store.runs import MetricsLog
 
-    rows = []
-    if (sae_dir / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (sae_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = MetricsLog(sae_dir / "metrics.jsonl").rows()
     ev = next((r for r in reversed(rows) if r.get("kind") == "eval" and "fvu_excl_massive" in r), None)
     if ev is None:
         return
