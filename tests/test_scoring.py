@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.store import write_store
 from featureatlas.eval.cache import EXPLAIN, CacheConfig, FeatureCache, build_cache, held_out_mask
+from featureatlas.eval.embedder import EmbeddingJudge
 from featureatlas.eval.judges import DescriptionError
 from featureatlas.eval.schema import validate_score
 from featureatlas.eval.scoring import (
@@ -67,39 +67,19 @@ def window_fires(w: dict, f: int) -> bool:
     return any(t.strip() in TOPICS[f] for t in w["tokens"])
 
 
-class BagOfWords:
-    """A stand-in embedding judge (eval/embedder.py's interface: embed / similarity, name, kind): hashed
-    bags of words, L2-normalised. Only for ordering; the real EmbeddingJudge replaces it where available."""
-
-    name, kind = "embedding:test-bag-of-words", "embedding"
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), 256), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[i, zlib.crc32(w.rstrip("s").encode()) % 256] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-    def similarity(self, a, b):
-        return self.embed(a) @ self.embed(b).T
-
-
-def embedding_judge():
-    """The real embedding judge (eval/embedder.py), or the stand-in while that module is not there."""
-    try:
-        from featureatlas.eval.embedder import EmbeddingJudge
-    except ImportError:
-        return BagOfWords()
+@pytest.fixture(scope="module")
+def minilm():
+    """The real offline embedding judge (all-MiniLM-L6-v2 in JAX), shared by the module (it memoises vectors)."""
     return EmbeddingJudge()
 
 
 @pytest.fixture(scope="module")
-def sets():
+def sets(minilm):
     windows = synthetic_windows()
     pool = [w for f in windows for w in windows[f]["top"] + [x for b in windows[f]["quantiles"] for x in b]]
     pool_max = {f: np.asarray([5.0 if window_fires(w, f) else 0.0 for w in pool]) for f in windows}
     cfg = ScoringConfig(n_top=4, per_quantile=4, n_random=4, n_hard=4, per_prompt=5)
-    return build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=BagOfWords()), cfg
+    return build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=minilm), cfg
 
 
 DESCRIPTIONS = {f: describe(f) for f in TOPICS}
@@ -158,17 +138,17 @@ def test_scoring_sets_positives_negatives_and_hard_negatives(sets):
         assert len(ctx) == len(set(ctx))  # one window per context, no window in two roles
 
 
-def test_hard_negatives_are_the_most_similar_silent_windows():
+def test_hard_negatives_are_the_most_similar_silent_windows(minilm):
     windows = synthetic_windows()
     near = window(5, ["cat", "food", "on", "the", "table"], set())  # silent for our purposes: pool_max says so
     far = window(6, ["storm", "thunder", "rain"], set())
     pool = [far, near]
     pool_max = {f: np.zeros(2) for f in windows}
     cfg = ScoringConfig(n_top=4, per_quantile=4, n_random=2, n_hard=1)
-    items = build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=BagOfWords())
+    items = build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=minilm)
     assert [w["context"] for w in items[0].hard] == [5]
     pool_max[0][1] = 1.0  # now the near window fires for feature 0: it is no negative
-    items = build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=BagOfWords())
+    items = build_scoring_sets(windows, cfg, pool=pool, pool_max=pool_max, embedder=minilm)
     assert [w["context"] for w in items[0].hard] == [6]
     # explain contexts are never used, whatever the windows say
     items = build_scoring_sets(windows, cfg, explain_contexts={0: {windows[0]["top"][0]["context"]}})
@@ -237,7 +217,7 @@ def test_a_judge_failing_every_call_gives_none(sets, judge_server, key_env):
             assert s["metrics"]["failed_calls"] == s["metrics"]["calls"] > 0
 
 
-def test_descriptions_are_checked_before_any_judge_call(sets, judge_server, key_env):
+def test_descriptions_are_checked_before_any_judge_call(sets, judge_server, key_env, minilm):
     items, cfg = sets
     srv = judge_server(perfect_labels)
     judge = llm_judge(srv)
@@ -246,12 +226,12 @@ def test_descriptions_are_checked_before_any_judge_call(sets, judge_server, key_
             with pytest.raises(DescriptionError, match="feature 1"):
                 scorer(items, {0: DESCRIPTIONS[0], 1: bad}, judge, cfg, seed=0)
         with pytest.raises(DescriptionError):
-            embedding_score(items, {0: bad}, BagOfWords(), cfg)
+            embedding_score(items, {0: bad}, minilm, cfg)
     assert srv.chat_requests == 0
     with pytest.raises(ConfigError, match="no scoring set"):
         detection(items, {99: "x"}, judge, cfg)
     with pytest.raises(ConfigError, match="LLM judge"):
-        detection(items, DESCRIPTIONS, BagOfWords(), cfg)
+        detection(items, DESCRIPTIONS, minilm, cfg)
     with pytest.raises(ConfigError, match="embedding judge"):
         embedding_score(items, DESCRIPTIONS, judge, cfg)
     with pytest.raises(ConfigError, match="--per-prompt"):
@@ -313,9 +293,9 @@ def test_simulation_on_topic_windows(sets, judge_server, key_env):
 # ---------------------------------------------------------------------------------------------
 # Embedding and intruder
 # ---------------------------------------------------------------------------------------------
-def test_embedding_separates_the_right_description_from_a_shuffled_one(sets):
+def test_embedding_separates_the_right_description_from_a_shuffled_one(sets, minilm):
     items, cfg = sets
-    judge = embedding_judge()
+    judge = minilm
     right = embedding_score(items, DESCRIPTIONS, judge, cfg, seed=0)
     shuffled = embedding_score(items, {f: DESCRIPTIONS[(f + 1) % 4] for f in items}, judge, cfg, seed=0)
     check_scores(right, "embedding", judge)
@@ -328,7 +308,7 @@ def test_embedding_separates_the_right_description_from_a_shuffled_one(sets):
         assert s["n"] == m["n_positive"] + m["n_random"] + m["n_hard"]
 
 
-def test_intruder_with_llm_and_embedding_judges(sets, judge_server, key_env):
+def test_intruder_with_llm_and_embedding_judges(sets, judge_server, key_env, minilm):
     items, cfg = sets
 
     def find_intruder(user, i):
@@ -347,7 +327,7 @@ def test_intruder_with_llm_and_embedding_judges(sets, judge_server, key_env):
         assert s["metrics"]["p_correct"] == pytest.approx(0.7)
     # the explanation-free prompt shows no description
     assert all("Description" not in b["messages"][-1]["content"] for b in srv.bodies)
-    offline = intruder(items, None, embedding_judge(), cfg, seed=0)
+    offline = intruder(items, None, minilm, cfg, seed=0)
     assert np.mean([s["value"] for s in offline.values()]) >= 0.8
     # another seed draws other questions
     srv.bodies.clear()
@@ -385,7 +365,7 @@ class ReluDict:
         return self.directions_FxD
 
 
-def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path):
+def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path, minilm):
     rng = np.random.default_rng(0)
     N, T, D = 40, 12, 8
     acts = rng.normal(size=(N * T, D)).astype(np.float32)
@@ -396,7 +376,7 @@ def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path):
     cache = FeatureCache(build_cache(store, dic, ccfg, tmp_path / "cache", dictionary_id="relu", progress=False))
     cfg = ScoringConfig(width=6, n_top=3, per_quantile=2, n_random=3, n_hard=3)
     feats = [f for f in range(5) if not cache.dead[f]]
-    items = scoring_sets(store, dic, cache, feats, lambda i: f" w{i}", cfg, embedder=BagOfWords())
+    items = scoring_sets(store, dic, cache, feats, lambda i: f" w{i}", cfg, embedder=minilm)
     codes = np.asarray(dic.encode(acts)).reshape(N, T, -1)
     n_hard = 0
     for f, s in items.items():
@@ -415,6 +395,6 @@ def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path):
             assert codes[c, a:b, f].max() == 0
         n_hard += len(s.hard)
     assert n_hard > 0
-    scores = embedding_score(items, {f: "w7 w9 w11" for f in items}, BagOfWords(), cfg, seed=0)
-    check_scores(scores, "embedding", BagOfWords())
+    scores = embedding_score(items, {f: "w7 w9 w11" for f in items}, minilm, cfg, seed=0)
+    check_scores(scores, "embedding", minilm)
     assert window_text(items[feats[0]].positives[0]).startswith(" w")
