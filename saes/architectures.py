@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.saes import sparse
+from featureatlas.saes import sparse, topk
 
 if TYPE_CHECKING:
     from featureatlas.saes.config import SAEConfig
@@ -66,8 +66,9 @@ def _encode_relu(params, x_NxD, k):
 
 def _encode_topk(params, x_NxD, k):
     pre_NxF = x_NxD @ params["W_enc"] + params["b_enc"]
-    vals_NxK, idx_NxK = jax.lax.top_k(jax.nn.relu(pre_NxF), k)
-    return jnp.zeros_like(pre_NxF).at[jnp.arange(pre_NxF.shape[0])[:, None], idx_NxK].set(vals_NxK)
+    vals_NxK, idx_NxK = topk.top_k(jax.nn.relu(pre_NxF), k)
+    rows = jnp.arange(pre_NxF.shape[0])[:, None]
+    return jnp.zeros_like(pre_NxF).at[rows, idx_NxK].set(vals_NxK, unique_indices=True)
 
 
 def _encode_jumprelu(params, x_NxD, k):
@@ -182,42 +183,47 @@ def _mse(recon_BxE, y_BxE):
     return jnp.sum((recon_BxE - y_BxE) ** 2) / (B * E)
 
 
-def topk_entries(pre_BxF, k: int):
-    """Row-wise top k of relu(pre): coordinate entries (rows, feats), N = B·k, row-major."""
-    B = pre_BxF.shape[0]
-    _, idx_BxK = jax.lax.top_k(pre_BxF, k)
-    return jnp.repeat(jnp.arange(B, dtype=jnp.int32), k), idx_BxK.reshape(-1).astype(jnp.int32)
+def topk_entries(pre_BxF, k: int, impl: str | None = None):
+    """Row-wise top k of the pre-activations as `sparse.Entries` (k per row) and their values [B·k]."""
+    impl = impl or sparse.impl()
+    vals_BxK, idx_BxK = topk.top_k(pre_BxF, k, sparse.topk_method(impl))
+    return sparse.row_entries(idx_BxK, impl), vals_BxK.reshape(-1)
 
 
-def batchtopk_entries(pre_BxF, k: int):
+BATCHTOPK_BISECTION_STEPS = 40
+
+
+def batchtopk_entries(pre_BxF, k: int, impl: str | None = None):
     """Top k·B of relu(pre) over the whole batch (Bussmann et al. 2024), as N = k·B coordinate entries.
 
     Candidates are each token's top min(F, 4k) values; the k·B-th largest candidate is found by
-    bisection (exact to float resolution), and the entries above it are compacted. Returns
-    (rows, feats, valid, threshold, saturated_frac); invalid (padding) entries must be zeroed.
+    bisection (40 halvings of [0, max], unrolled so the step has no loop), and the entries above it are
+    compacted in row order. Returns (entries, values_N, threshold, saturated_frac); entries.valid is
+    False on padding entries (placed last, on the last row, so rows stay ascending), whose values must
+    be zeroed.
     """
+    impl = impl or sparse.impl()
     B, F = pre_BxF.shape
     m = min(F, BATCHTOPK_ROW_CAP * k)
     n_keep = k * B
-    cand_BxM, idx_BxM = jax.lax.top_k(jax.nn.relu(pre_BxF), m)
-
-    def bisect(_, lo_hi):
-        lo, hi = lo_hi
+    cand_BxM, idx_BxM = topk.top_k(jax.nn.relu(pre_BxF), m, sparse.topk_method(impl))
+    cand = cand_BxM.astype(jnp.float32)
+    lo, hi = jnp.float32(0.0), jnp.max(cand)
+    for _ in range(BATCHTOPK_BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        enough = jnp.sum(cand_BxM > mid) >= n_keep
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 40, bisect, (jnp.float32(0.0), jnp.max(cand_BxM)))
+        enough = jnp.sum(cand > mid) >= n_keep
+        lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
     # Entries strictly above lo: at least k·B of them unless fewer are positive.
-    keep_BxM = cand_BxM > lo
-    flat = jnp.nonzero(keep_BxM.reshape(-1), size=n_keep, fill_value=0)[0]
+    keep_BxM = cand > lo
+    flat = jnp.nonzero(keep_BxM.reshape(-1), size=n_keep, fill_value=B * m - 1)[0]
     valid = jnp.arange(n_keep) < jnp.sum(keep_BxM)
     rows = (flat // m).astype(jnp.int32)
     feats = idx_BxM.reshape(-1)[flat].astype(jnp.int32)
     # (Counting kept entries per row rather than reading cand_BxM[:, -1]: slicing a top_k output makes
     # XLA:CPU fall back to a full sort.)
     saturated = jnp.mean(jnp.sum(keep_BxM, axis=1) == m) if m < F else jnp.float32(0.0)
-    return rows, feats, valid, lo, saturated
+    entries = sparse.coo_entries(rows, feats, B, valid, impl)
+    return entries, cand.reshape(-1)[flat], lo, saturated
 
 
 def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
@@ -234,7 +240,7 @@ def _auxk(cfg, params, buffers, x_c_BxD, resid_BxE, key, dtype):
 
     def with_dead(_):
         score_F = jnp.where(dead_F, jax.random.uniform(key, (F,)), -1.0)
-        _, sel_M = jax.lax.top_k(score_F, M)
+        _, sel_M = topk.top_k(score_F, M, sparse.topk_method())
         enc_MxD, dec_MxE = params["enc_FxD"][sel_M], params["dec_FxE"][sel_M]
         pre_BxM = _mm(x_c_BxD, enc_MxD, dtype) + params["b_enc"][sel_M]
         codes_BxM = jax.nn.relu(pre_BxM) * dead_F[sel_M]
@@ -413,31 +419,34 @@ class TopK(Architecture):
     uses_k = True
     uses_auxk = True
 
-    def select(self, cfg, pre_BxF):
-        """(rows_N, feats_N, valid_N or None, stats) of the entries that are active."""
-        rows, feats = topk_entries(pre_BxF, cfg.k)
-        return rows, feats, None, {}
+    def select(self, cfg, pre_BxF, impl):
+        """(entries, values_N, stats): the active entries (saes.sparse.Entries) and their pre-activations."""
+        entries, values = topk_entries(pre_BxF, cfg.k, impl)
+        return entries, values, {}
 
-    def reconstruct(self, cfg, params, rows, feats, vals, y):
+    def reconstruct(self, cfg, params, entries, vals, y, dtype):
         """(mse, recon_BxE, stats) from the active entries."""
-        B = y.shape[0]
-        dtype = vals.dtype
-        recon = sparse.decode_sparse(rows, feats, vals, params["dec_FxE"].astype(dtype), B)
-        recon = recon.astype(jnp.float32) + params["b_dec"]
+        recon = sparse.decode(entries, vals, params["dec_FxE"], dtype) + params["b_dec"]
         return _mse(recon, y), recon, {}
 
     def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
         B = y.shape[0]
+        impl = sparse.impl()
         pre = jax.lax.stop_gradient(_mm(x_c, params["enc_FxD"], dtype) + params["b_enc"])
-        rows, feats, valid, stats = self.selection(cfg).select(cfg, pre)
-        pre_N = sparse.encode_selected(rows, feats, x_c.astype(dtype), params["enc_FxD"].astype(dtype))
-        vals = jax.nn.relu(pre_N.astype(jnp.float32) + params["b_enc"][feats])
-        if valid is not None:
-            vals = vals * valid
-        mse, recon, more = self.reconstruct(cfg, params, rows, feats, vals.astype(dtype), y)
+        if impl != "legacy":
+            pre = pre.astype(dtype)  # selection reads the compute dtype (half the bytes in bfloat16)
+        entries, values, stats = self.selection(cfg).select(cfg, pre, impl)
+        # float32: the selected values are the pre-activations themselves; bfloat16: recomputed from the
+        # selected pairs with float32 sums, so the codes are not rounded to bfloat16.
+        exact = impl != "legacy" and jnp.dtype(dtype) == jnp.float32
+        pre_N = sparse.selected_preacts(entries, x_c, params["enc_FxD"], params["b_enc"], dtype,
+                                        values if exact else None)
+        vals = jax.nn.relu(pre_N)
+        if entries.valid is not None:
+            vals = vals * entries.valid
+        mse, recon, more = self.reconstruct(cfg, params, entries, vals, y, dtype)
         fired = (vals > 0).astype(jnp.float32)
-        stats = {**stats, **more, "fired_F": jnp.zeros((cfg.width,), jnp.float32).at[feats].add(fired),
-                 "l0": jnp.sum(fired) / B}
+        stats = {**stats, **more, "fired_F": sparse.feat_totals(entries, fired, cfg.width), "l0": jnp.sum(fired) / B}
         loss = mse
         if cfg.k_aux > 0 and cfg.auxk_coef > 0:
             key = jax.random.key(0) if key is None else key
@@ -456,9 +465,9 @@ class BatchTopK(TopK):
     name = "batchtopk"
     form = JUMPRELU_FORM
 
-    def select(self, cfg, pre_BxF):
-        rows, feats, valid, thr, sat = batchtopk_entries(pre_BxF, cfg.k)
-        return rows, feats, valid, {"batch_threshold": thr, "saturated_frac": sat}
+    def select(self, cfg, pre_BxF, impl):
+        entries, values, thr, sat = batchtopk_entries(pre_BxF, cfg.k, impl)
+        return entries, values, {"batch_threshold": thr, "saturated_frac": sat}
 
     def update_buffers(self, cfg, buffers, stats) -> dict:
         """threshold ← decay·threshold + (1 − decay)·batch threshold (the first batch's value at first)."""
@@ -491,13 +500,20 @@ class Matryoshka(TopK):
             raise ConfigError(f"--prefixes {' '.join(map(str, p))} must be strictly increasing, positive and end "
                               f"at the width {cfg.width}")
 
-    def reconstruct(self, cfg, params, rows, feats, vals, y):
+    def reconstruct(self, cfg, params, entries, vals, y, dtype):
         B, E = y.shape
         prefixes = jnp.asarray(cfg.prefixes(), jnp.int32)
         m = len(cfg.prefixes())
-        group = jnp.searchsorted(prefixes, feats, side="right").astype(jnp.int32)
-        parts = sparse.decode_sparse(group * B + rows, feats, vals, params["dec_FxE"].astype(vals.dtype), m * B)
-        recons_MxBxE = jnp.cumsum(parts.reshape(m, B, E).astype(jnp.float32), axis=0) + params["b_dec"]
+        # One decode into m·B rows: row g·B + b sums token b's entries in prefix group g.
+        group = jnp.searchsorted(prefixes, entries.feats, side="right").astype(jnp.int32)
+        rows = group * B + entries.rows
+        feats = entries.feats
+        if entries.impl == "gather":  # its row sums need ascending rows
+            order = jnp.argsort(rows)
+            rows, feats, vals = rows[order], feats[order], vals[order]
+        grouped = sparse.coo_entries(rows, feats, m * B, None, entries.impl)
+        parts = sparse.decode(grouped, vals, params["dec_FxE"], dtype)
+        recons_MxBxE = jnp.cumsum(parts.reshape(m, B, E), axis=0) + params["b_dec"]
         mse_each = jnp.sum((recons_MxBxE - y[None]) ** 2, axis=(1, 2)) / (B * E)
         return jnp.mean(mse_each), recons_MxBxE[-1], {"mse_full": mse_each[-1]}
 
