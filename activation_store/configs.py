@@ -192,10 +192,12 @@ def _parse_scalar(tp, flag: str):
 
 
 def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), defaults: Mapping | None = None,
-                         title: str | None = None) -> None:
+                         title: str | None = None, prefix: str = "") -> None:
     """Add one flag per field of `cls` (help from its docstring, with the default), onto `parser`.
 
-    `skip`: fields the command sets itself; `defaults`: command-specific defaults overriding the class's.
+    `skip`: fields the command sets itself; `defaults`: command-specific defaults overriding the class's;
+    `prefix`: flags `--<prefix>-<field>` (for several configs with the same field names in one command;
+    read them back with the same prefix in `config_from_args`).
     """
     target = parser.add_argument_group(title) if title else parser
     docs = field_docs(cls)
@@ -206,7 +208,7 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         tp = hints.get(f.name, str)
         if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))  # `int | None`: an optional int
-        flag = flag_of(cls, f.name)
+        flag = f"--{prefix}-{f.name.replace('_', '-')}" if prefix else flag_of(cls, f.name)
         if defaults and f.name in defaults:
             default = defaults[f.name]
         elif f.default is not _MISSING:
@@ -219,7 +221,8 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
             defaults and f.name in defaults) else f"default: {default!r}" if isinstance(default, str) else \
             f"default: {list(default) if isinstance(default, tuple) else default}"
         help_text = f"{docs.get(f.name, '')} ({shown})".strip().replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": f"{prefix}_{f.name}" if prefix else f.name, "default": default,
+                                  "help": help_text}
         if _meta(f, "choices"):
             kwargs["choices"] = list(_meta(f, "choices"))
         if tp is bool:
@@ -234,9 +237,10 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         target.add_argument(flag, **kwargs)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **overrides):
+def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **overrides):
     """The config whose fields come from parsed `args` (fields absent from args keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    dest = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)  # noqa: E731
+    values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
     values.update(overrides)
     hints = _hints(cls)
     for name, v in values.items():

@@ -13,7 +13,7 @@ import sys
 from featureatlas.activation_store.errors import FeatureAtlasError
 
 COMMAND_MODULES = ("cmd_harvest", "cmd_store", "cmd_train_sae", "cmd_train_snmf", "cmd_cache", "cmd_describe",
-                   "cmd_catalog", "cmd_demo")
+                   "cmd_catalog", "cmd_evaluate", "cmd_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
