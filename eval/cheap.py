@@ -12,7 +12,7 @@ Input score (does the feature fire on the tokens it writes?):
     fires hardest (first maximum over the real tokens, BOS excluded: the rule of eval/maxact.py, whose
     window `max_pos` points at the same token). Compared as token ids, not strings.
   - VocabProj_K(f): the top K = 20 tokens of final_norm(d_f) @ W_U (eval/outputs.py `vocab_proj`).
-  Features with fewer than `min_examples` top examples (dead or nearly so) get no score (None).
+  Features with fewer than `min_examples` (10, as the paper's code) top examples get no score (None).
 
 Output score (does amplifying the feature make the model say its VocabProj tokens?):
     output(f) = (1 − min_{t ∈ VocabProj_K(f)} rank(t) / |V|) · max_{t ∈ VocabProj_K(f)} p(t)
@@ -62,8 +62,8 @@ class CheapConfig(Config):
     """Top-activating examples per feature for the input score (the paper: 100; capped by what the cache holds)."""
     vocab_top: int = setting(20, gt=0)
     """VocabProj tokens per feature compared with peak tokens and output ranks (the paper: 20)."""
-    min_examples: int = setting(1, gt=0)
-    """Features with fewer top examples than this get no input score."""
+    min_examples: int = setting(10, gt=0)
+    """Features with fewer top examples than this get no input score (the paper's code skips features with < 10)."""
     prompt: str = setting("From my experience,")
     """Neutral prompt the feature is amplified on (BOS is prepended, as in the store)."""
     factor: float = setting(10.0, gt=0)
@@ -141,7 +141,7 @@ class InputScores:
 
 
 def input_scores(store, dic, cache: FeatureCache, top_ids_FxK, features=None, *, n_top: int = 100,
-                 min_examples: int = 1, splits: Sequence[int] = (EXPLAIN, HELD_OUT), contexts_per_batch: int = 16,
+                 min_examples: int = 10, splits: Sequence[int] = (EXPLAIN, HELD_OUT), contexts_per_batch: int = 16,
                  exclude_bos: bool = True) -> InputScores:
     """Input scores of `features` (module docstring). top_ids_FxK: row i = the VocabProj token ids of
     features[i] (e.g. `dictionary_vocab_proj(model, dic, features, top=20).top_ids`)."""
@@ -293,6 +293,7 @@ def cheap_scores(model, store, dic, cache: FeatureCache, features=None, config: 
                           f"dictionary ({dic.n_features} at {dic.hook}); run `featureatlas cache` for it")
     if cfg.vocab_top > model.config.vocab_size:
         raise ConfigError(f"vocab_top={cfg.vocab_top} exceeds the vocabulary ({model.config.vocab_size})")
+    prompt_tokens(model.tokenizer, cfg.prompt)  # an empty prompt fails here, before any work
     t0 = time.perf_counter()
     vp = dictionary_vocab_proj(model, dic, f, top=cfg.vocab_top)
     t1 = time.perf_counter()

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import re
 import time
+import weakref
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -305,6 +306,27 @@ def embedding_input_evaluation(judge, descriptions: Mapping[int, str], pool_text
     return out
 
 
+_POOL_MEMO: dict = {}
+
+
+def pool_max_activations(store, dic, contexts, *, contexts_per_chunk: int = 32) -> np.ndarray:
+    """[len(contexts), F]: every feature's max activation over each pool context's real tokens (BOS excluded).
+
+    The latest result is memoised (one entry: same dictionary object, store file and size, and contexts), so
+    scoring the features block by block encodes the pool once, not once per block."""
+    contexts = np.asarray(contexts, np.int64)
+    key = (str(store.path), int(store.n_committed), contexts.tobytes())
+    hit = _POOL_MEMO.get("entry")
+    if hit is not None and hit[0]() is dic and hit[1] == key:
+        return hit[2]
+    acts, _ = pooled_activations(store, dic, contexts, how="max", contexts_per_chunk=contexts_per_chunk)
+    try:
+        _POOL_MEMO["entry"] = (weakref.ref(dic), key, acts)
+    except TypeError:  # a dictionary object that cannot be weakly referenced: no memo
+        _POOL_MEMO.pop("entry", None)
+    return acts
+
+
 def offline_input_evaluation(store, dic, tokenizer, descriptions: Mapping[int, str], judge, contexts,
                              config: InputEvalConfig | None = None, *, seed: int = 0) -> dict[int, dict]:
     """The offline variant end to end: the features' max activations on the pool `contexts` (store context ids,
@@ -317,6 +339,5 @@ def offline_input_evaluation(store, dic, tokenizer, descriptions: Mapping[int, s
         raise ConfigError(f"m={cfg.m} similar + {cfg.m} random contexts need a pool of at least {2 * cfg.m}; "
                           f"{len(contexts)} contexts were given")
     feats = list(desc)
-    acts, _ = pooled_activations(store, dic, contexts, how="max", features=feats,
-                                 contexts_per_chunk=cfg.contexts_per_chunk)
+    acts = pool_max_activations(store, dic, contexts, contexts_per_chunk=cfg.contexts_per_chunk)[:, feats]
     return embedding_input_evaluation(judge, desc, context_texts(store, tokenizer, contexts), acts, m=cfg.m, seed=seed)

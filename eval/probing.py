@@ -22,8 +22,9 @@ Per class c, one vs rest (SAEBench):
      features of the train split; report accuracy on the test split with a 95% Wilson score interval
          (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),   z = 1.959964;
   4. the same probe on all raw dimensions (k = "all"), the reference a k-sparse probe is compared with.
-Summary per k: the mean accuracy over classes, with a Wilson interval on the pooled counts (sum of correct
-over sum of test examples; classes share contexts, so it is an approximate interval).
+Summary per k: accuracy = sum of correct / sum of test examples over the classes (micro average) with its
+Wilson interval (classes share test contexts, so the interval is approximate), and macro_accuracy = the
+mean of the per-class accuracies (what SAEBench reports).
 """
 from __future__ import annotations
 
@@ -203,9 +204,10 @@ def probe_accuracy(X_train, y_train, X_test, y_test, *, C: float = 1.0, max_iter
 
 @dataclasses.dataclass
 class ProbingResult:
-    """records: one dict per (class, k) with accuracy, ci, n_train, n_test, features (None for raw);
-    summary: per k, the mean accuracy over classes and a pooled Wilson interval; skipped: classes that
-    could not be probed, with the reason; contexts / is_test / labels: the labelled contexts used."""
+    """records: one dict per (class, k) with accuracy, ci, correct, n_train, n_test, features (None for raw);
+    summary: per k ("1", "2", "5", "all"), the micro-averaged accuracy with its Wilson interval and the macro
+    average; skipped: classes that could not be probed, with the reason; contexts / is_test / labels: the
+    labelled contexts used (store context ids, test mask, class per context)."""
 
     records: list[dict]
     summary: dict
@@ -214,6 +216,12 @@ class ProbingResult:
     contexts: np.ndarray
     is_test: np.ndarray
     labels: np.ndarray
+
+    def as_dict(self) -> dict:
+        """JSON-ready: records, summary, skipped classes, label names and split sizes."""
+        return {"records": self.records, "summary": self.summary, "skipped": self.skipped,
+                "label_names": list(self.label_names), "contexts": int(len(self.contexts)),
+                "test_contexts": int(self.is_test.sum())}
 
 
 def labelled_contexts(store) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +244,9 @@ def _summary(records: list[dict], ks: Sequence) -> dict:
         if not rs:
             continue
         correct, n = sum(r["correct"] for r in rs), sum(r["n_test"] for r in rs)
-        out[str(k)] = {"accuracy": float(np.mean([r["accuracy"] for r in rs])), "ci": list(wilson_interval(correct, n)),
-                       "classes": len(rs), "n_test": n}
+        out[str(k)] = {"accuracy": correct / n, "ci": list(wilson_interval(correct, n)),
+                       "macro_accuracy": float(np.mean([r["accuracy"] for r in rs])), "classes": len(rs),
+                       "correct": correct, "n_test": n}
     return out
 
 

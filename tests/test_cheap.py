@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.models import transformer
 from featureatlas.activation_store.store import write_store
 from featureatlas.eval.adapters import NeuronDictionary
@@ -53,18 +54,18 @@ def brute_input_score(acts, tokens, n_valid, f, top_ids, n_top, cache, splits):
 def test_input_score_hand_built_and_brute_force(synthetic):
     store, dic, cache, acts, tokens, n_valid = synthetic
     top = np.array([[PLANTED, 99], [99, 98], [3, 4], [5, 6]])
-    res = input_scores(store, dic, cache, top, contexts_per_batch=5)
+    res = input_scores(store, dic, cache, top, contexts_per_batch=5, min_examples=1)
     assert res.score[0] == 1.0 and res.n[0] == 12  # both splits' top 6
     assert res.score[1] == 0.0
     for f in range(D):
         for splits in ((EXPLAIN, HELD_OUT), (HELD_OUT,)):
-            r = input_scores(store, dic, cache, top[[f]], [f], n_top=8, splits=splits)
+            r = input_scores(store, dic, cache, top[[f]], [f], n_top=8, splits=splits, min_examples=1)
             want, n = brute_input_score(acts, tokens, n_valid, f, top[f], 8, cache, splits)
             assert (r.score[0], r.n[0]) == (pytest.approx(want), n)
     # the peak token is the token at the window's max_pos in eval/maxact.py
     windows = example_windows(store, dic, cache, [2], str, split=HELD_OUT, width=6)
     peaks = [int(w["tokens"][w["max_pos"]]) for w in windows[2]["top"]]
-    r = input_scores(store, dic, cache, np.array([peaks[:1]]), [2], splits=(HELD_OUT,))
+    r = input_scores(store, dic, cache, np.array([peaks[:1]]), [2], splits=(HELD_OUT,), min_examples=1)
     assert r.hits[0] == sum(p == peaks[0] for p in peaks)
     assert np.isnan(input_scores(store, dic, cache, top[:1], [0], min_examples=50).score[0])
 
@@ -142,10 +143,14 @@ def test_output_score_of_a_token_writing_direction(smollm2, tmp_path):
                         tokens=toks)
     cache = FeatureCache(build_cache(store, dic, CacheConfig(top_n=3, contexts_per_chunk=16), tmp_path / "c",
                                      dictionary_id="norm", progress=False))
-    scores = cheap_scores(smollm2, store, dic, cache, [0, 1, 2], CheapConfig(strength="feature_max"))
+    scores = cheap_scores(smollm2, store, dic, cache, [0, 1, 2], CheapConfig(strength="feature_max", min_examples=1))
     for f in (0, 1):
         for s in scores[f]:
             validate_score(s, "feature", "score")
         assert [s["method"] for s in scores[f]] == ["cheap_input", "cheap_output"]
         assert scores[f][0]["n"] == 6 and scores[f][1]["metrics"]["alpha"] == pytest.approx(10 * cache["max"][f])
     assert scores[0][1]["value"] > 0.9
+    unscored = cheap_scores(smollm2, store, dic, cache, [0], CheapConfig(strength="feature_max"))  # needs 10 examples
+    assert unscored[0][0]["value"] is None and unscored[0][1]["value"] is not None
+    with pytest.raises(ConfigError, match="no tokens"):
+        cheap_scores(smollm2, store, dic, cache, [0], CheapConfig(prompt=""))

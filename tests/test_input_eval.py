@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from test_explainers import FakeLLM
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.models.tokenizer import ByteTokenizer
 from featureatlas.activation_store.store import write_store
 from featureatlas.eval.adapters import NeuronDictionary
@@ -194,5 +195,8 @@ def test_offline_input_evaluation(pool_store):
     assert s1["value"] == 0.5 and s1["metrics"]["success"] is False
     assert s0["metrics"]["random"] != embedding_input_evaluation(
         judge, {0: "paris"}, texts, a0[:, None], m=10, seed=4)[0]["metrics"]["random"]
-    with pytest.raises(Exception, match="pool of at least"):
+    # block by block (the pool is encoded once and memoised) equals one call
+    one = offline_input_evaluation(store, dic, tok, {1: "paris"}, judge, pool, InputEvalConfig(m=10), seed=3)
+    assert one[1] == {**s1, "seconds": one[1]["seconds"]}
+    with pytest.raises(ConfigError, match="pool of at least"):
         offline_input_evaluation(store, dic, tok, {0: "paris"}, judge, pool[:15], InputEvalConfig(m=10))

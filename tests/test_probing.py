@@ -1,5 +1,6 @@
 """Sparse probing on a synthetic labelled store with a planted class-indicator feature."""
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +106,9 @@ def test_planted_feature_found_and_accuracy_equals_sklearn(store, two_pass):
         correct, n = probe_accuracy(raw[tr], y[tr], raw[te], y[te])
         assert (rec[(name, "all")]["correct"], rec[(name, "all")]["n_test"]) == (correct, n)
     assert set(res.summary) == {"1", "2", "all"}
+    json.dumps(res.as_dict())
+    planted = [r for r in res.records if r["k"] == 1]
+    assert res.summary["1"]["macro_accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in planted]))
 
 
 def test_wilson_and_split_helpers():
