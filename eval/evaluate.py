@@ -552,19 +552,17 @@ def merged_records(s: Subject, scores: Mapping[tuple[str, int], list[dict]]) -> 
 
 
 def probing_rows(rows: list[dict], kinds: Mapping[str, str]) -> list[dict]:
-    """Report rows of sparse probing: per dictionary and k, and the raw-activation reference."""
+    """Report rows of sparse probing: per dictionary and k, and the probe on the raw activations (k "all")."""
     out = []
     for r in rows:
         if r["evaluation"] != "probing":
             continue
         for sc in r["scores"]:
-            out.append({"dictionary": r["dictionary"], "kind": kinds.get(r["dictionary"], ""),
-                        "probe": f"top-{sc['method'].split('_k')[-1]} features", "accuracy": sc["value"],
+            k = sc["method"].split("_k")[-1]
+            raw = k == "all"
+            out.append({"dictionary": r["dictionary"], "kind": "raw activations" if raw else kinds.get(r["dictionary"], ""),
+                        "probe": "all dimensions" if raw else f"top-{k} features", "accuracy": sc["value"],
                         "ci": sc.get("ci")})
-        raw = [x for x in (r["scores"][0]["metrics"]["records"] if r["scores"] else []) if x.get("features") is None]
-        if raw:
-            out.append({"dictionary": r["dictionary"], "kind": "raw activations", "probe": "all dimensions",
-                        "accuracy": float(np.mean([x["accuracy"] for x in raw])), "ci": None})
     return out
 
 

@@ -11,10 +11,13 @@ example_windows(..., split=HELD_OUT)`): the cache splits contexts into explain a
 so no scored window comes from a context the explainer saw (delphi draws both from one pool):
 - positives: the n_top top windows and per_quantile windows of every activation-quantile bin (highest bin
   first), one window per context;
-- random negatives: the cache's held-out windows of contexts where the feature never fires;
+- random negatives: the cache's held-out windows of contexts where the feature never fires; a dense feature
+  (SNMF, neurons) that fires almost everywhere has too few, so they are filled up with pool windows on which
+  it is quiet (see below), in a seeded random order;
 - hard negatives: from a pool of other windows (by default the other features' held-out windows), those on
-  which this feature does not fire (its activation is recomputed by encoding the pool's contexts once) and
-  whose text is most similar, by the embedding judge, to any of the feature's positive windows (max cosine).
+  which this feature is quiet (max activation <= quiet x its max over the positives, recomputed by encoding
+  the pool's contexts once) and whose text is most similar, by the embedding judge, to any of the feature's
+  positive windows (max cosine). Negatives are shown to judges with activation 0.
 
 Scorers: `(items, descriptions {feature: text}, judge, cfg, seed) -> {feature: Score}`, with the Score of
 eval_spec.md: {"method", "value", "judge", "n", "failed", "seed", "metrics", "seconds", "tokens_in",
@@ -79,6 +82,10 @@ class ScoringConfig(Config):
     n_hard: int = setting(20, ge=0)
     """Hard negatives: most similar (embedding judge) pool windows on which the feature does not fire
     (0 = none; none either without an embedding judge)."""
+    quiet: float = setting(0.1, ge=0.0, lt=1.0)
+    """Pool windows (hard negatives, and random negatives when the cache has too few contexts where the feature
+    never fires: dense features such as SNMF or neurons) count as not firing when the feature's max activation
+    on them is at most this fraction of its max over the positives."""
     per_prompt: int = setting(5, ge=1)
     """Detection / fuzzing: windows the judge labels in one prompt."""
     highlight: float = setting(0.3, gt=0.0, le=1.0)
@@ -205,10 +212,16 @@ def build_scoring_sets(windows: Mapping[int, Mapping], cfg: ScoringConfig, *, po
     for f, s in sets.items():
         if not s.positives:
             continue
-        fires = np.asarray(pool_max[f]) > 0
+        fires = np.asarray(pool_max[f]) > cfg.quiet * s.max_act
         banned = set(explain_contexts.get(f, ())) if explain_contexts else set()
         taken = s.contexts | banned
         allowed = ~fires & ~np.isin(pool_ctx, list(taken)) & np.asarray([bool(x["tokens"]) for x in pool])
+        if len(s.random) < cfg.n_random:  # dense features: quiet pool windows in a seeded random order
+            for i in _rng(0, f, "random-fill").permutation(np.flatnonzero(allowed)):
+                if len(s.random) >= cfg.n_random:
+                    break
+                s.random.append(_copy(pool[i], acts=[0.0] * len(pool[i]["tokens"]), max_pos=0))
+                allowed[i] = False
         pos_emb = emb[[row[window_text(x)] for x in s.positives]]
         used = set()
         for i, sim in pick_hard_negatives(pos_emb, cand, allowed, len(pool)):

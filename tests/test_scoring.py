@@ -388,11 +388,12 @@ def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path, minilm
             c, a, b = w["context"], w["start"], w["start"] + len(w["tokens"])
             assert np.allclose(w["acts"], codes[c, a:b, f], atol=1e-5) and max(w["acts"]) > 0
             assert w["tokens"] == [f" w{t}" for t in tokens[c, a:b]]
-        for w in s.random:
-            assert codes[w["context"], 1:, f].max() == 0
+        for w in s.random:  # the cache's never-firing contexts, or quiet pool windows when those run short
+            c, a, b = w["context"], w["start"], w["start"] + len(w["tokens"])
+            assert codes[c, 1:, f].max() == 0 or codes[c, a:b, f].max() <= cfg.quiet * s.max_act
         for w in s.hard:
             c, a, b = w["context"], w["start"], w["start"] + len(w["tokens"])
-            assert codes[c, a:b, f].max() == 0
+            assert codes[c, a:b, f].max() <= cfg.quiet * s.max_act
         n_hard += len(s.hard)
     assert n_hard > 0
     scores = embedding_score(items, {f: "w7 w9 w11" for f in items}, minilm, cfg, seed=0)
