@@ -80,9 +80,9 @@ def chunked_top_k(x, k: int, chunk: int | None = None) -> tuple[jax.Array, jax.A
     _, chunk_ids = jax.lax.top_k(chunk_max, k)
     chunk_ids = jnp.sort(chunk_ids, axis=-1)  # candidates in index order: ties go to the lowest index
     cand = jnp.take_along_axis(keys_CxS, chunk_ids[..., None], axis=-2).reshape(*lead, k * s)
-    vals, pos = jax.lax.top_k(key_to_float(cand), k)
-    idx = jnp.take_along_axis(chunk_ids, pos // s, axis=-1) * s + pos % s
-    return vals.astype(x.dtype), idx.astype(jnp.int32)
+    _, pos = jax.lax.top_k(key_to_float(cand), k)
+    idx = (jnp.take_along_axis(chunk_ids, pos // s, axis=-1) * s + pos % s).astype(jnp.int32)
+    return jnp.take_along_axis(x, idx, axis=-1), idx  # the entries themselves, NaN bits included
 
 
 def default_method() -> str:
@@ -97,7 +97,12 @@ def top_k(x, k: int, method: str | None = None) -> tuple[jax.Array, jax.Array]:
         return chunked_top_k(x, k)
     if method != "lax":
         raise ValueError(f"unknown top-k method {method!r}; choose 'lax' or 'chunked'")
-    return jax.lax.top_k(x, k)
+    x = jnp.asarray(x)
+    # XLA:CPU runs top-k as a partial sort only for float32 (widening is exact and keeps the order) and
+    # only while its outputs are not sliced further; the barrier keeps later slices (row sums take one
+    # column of indices at a time) from being folded into it, which would make it a full sort.
+    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x.astype(jnp.float32), k))
+    return (vals if x.dtype == jnp.float32 else jnp.take_along_axis(x, idx, axis=-1)), idx
 
 
 __all__ = ["chunk_size", "chunked_top_k", "default_method", "key_to_float", "order_key", "top_k"]
