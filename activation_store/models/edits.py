@@ -7,6 +7,10 @@ An `Edit` says: at hook H, at token positions P, replace the hook's value x by
                                                             the TokenChange intervention of
                                                             Gur-Arieh et al. 2025)
   replace: fn(x)                                           (splice e.g. an SAE's decode(encode(x)))
+  set_code: x + (value - code_fn(x[, index])) v             (set one dictionary latent to `value` and keep
+                                                            the reconstruction error: for an SAE latent f with
+                                                            decoder row v = d_f, a_f(x) -> value, everything
+                                                            else about x unchanged; Gur-Arieh et al. 2025)
 Edits change the hook's value and therefore everything downstream; a captured hook returns
 the edited value. Several edits may target the same hook: they apply in the order given.
 
@@ -14,9 +18,9 @@ Positions are token positions counted from the first real token (0 = first non-p
 token), so an edit means the same thing for left-, right- or unpadded inputs and during
 generation. None = every position.
 
-Jit structure: the hook, kind, replace-fn and number of positions are static (part of the
-compile key); the vector, the scalar (alpha / value) and the positions themselves are traced
-arguments, so sweeping a steering strength or a direction never recompiles.
+Jit structure: the hook, kind, replace-/code-fn and number of positions are static (part of the
+compile key); the vector, the scalar (alpha / value), set_code's index and the positions themselves
+are traced arguments, so sweeping a steering strength, a direction or a latent never recompiles.
 """
 from __future__ import annotations
 
@@ -27,19 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EDIT_KINDS = ("add", "clamp", "replace")
+EDIT_KINDS = ("add", "clamp", "replace", "set_code")
 
 
 @dataclass(frozen=True, eq=False)
 class Edit:
-    """One intervention; build it with `add`, `clamp` or `replace`."""
+    """One intervention; build it with `add`, `clamp`, `replace` or `set_code`."""
 
     hook: str
     kind: str
-    vector: Any = None  # add: v_D, clamp: direction_D, replace: None
-    scale: Any = 1.0  # add: alpha, clamp: value, replace: unused
-    fn: Callable | None = None  # replace only: acts_BxTxD -> acts_BxTxD (a jax function)
+    vector: Any = None  # add: v_D, clamp: direction_D, set_code: decoder row v_D, replace: None
+    scale: Any = 1.0  # add: alpha, clamp / set_code: value, replace: unused
+    fn: Callable | None = None  # replace: acts_BxTxD -> acts_BxTxD; set_code: code_fn (a jax function)
     positions: np.ndarray | None = None  # int positions, or None for all
+    index: Any = None  # set_code only: the latent's id, passed to code_fn (traced int32), or None
 
     def static_key(self) -> tuple:
         """What the compiled function depends on (everything else is a traced argument)."""
@@ -53,6 +58,8 @@ class Edit:
             args["vector"] = jnp.asarray(self.vector, jnp.float32)
         if self.positions is not None:
             args["positions"] = jnp.asarray(self.positions, jnp.int32)
+        if self.index is not None:
+            args["index"] = jnp.asarray(self.index, jnp.int32)
         return args
 
 
@@ -101,10 +108,28 @@ def replace(hook: str, fn: Callable, positions=None) -> Edit:
     return Edit(hook, "replace", None, 0.0, fn, _positions(positions))
 
 
+def set_code(hook: str, code_fn: Callable, vector_D, value: float, index=None, positions=None) -> Edit:
+    """x <- x + (value - code(x)) * vector at `positions` of `hook`, code(x) = code_fn(x) or code_fn(x, index).
+
+    code_fn maps acts_BxTxD -> code_BxT (one latent's activation per token, e.g. an SAE's a_f(x)); with
+    `index` (an int, traced: one compiled function serves every latent) it is called code_fn(x, index).
+    With vector = the latent's decoder row this sets the latent to `value` and keeps the rest of x,
+    reconstruction error included. code_fn is part of the compile key by identity, as replace's fn.
+    """
+    if not callable(code_fn):
+        raise ValueError(f"set_code needs a callable acts_BxTxD -> code_BxT, got {type(code_fn).__name__}")
+    return Edit(hook, "set_code", _vector(vector_D, "set_code vector"), value, code_fn, _positions(positions), index)
+
+
 def apply_edit(kind: str, fn, args: dict, x_BxTxD: jax.Array, pos_BxT: jax.Array) -> jax.Array:
     """The edited hook value (see module docstring for the formulas)."""
     if kind == "add":
         y = x_BxTxD + args["scale"] * args["vector"]
+    elif kind == "set_code":
+        code_BxT = fn(x_BxTxD) if "index" not in args else fn(x_BxTxD, args["index"])
+        if code_BxT.shape != x_BxTxD.shape[:-1]:
+            raise ValueError(f"set_code fn returned shape {code_BxT.shape}, expected {x_BxTxD.shape[:-1]}")
+        y = x_BxTxD + (args["scale"] - code_BxT.astype(x_BxTxD.dtype))[..., None] * args["vector"]
     elif kind == "clamp":
         u_D = args["vector"] / jnp.linalg.norm(args["vector"])
         coef_BxT = x_BxTxD @ u_D

@@ -1,0 +1,121 @@
+"""Evaluation speed: one function per section, each returning a dict; main prints one JSON object with every
+section asked for and the machine's matmul rate before and after (absolute times on a shared machine drift).
+
+Sections:
+  kl_calibration  KL-calibrated steering (eval.steering.kl_calibrate) of --features random unit directions at
+                  --hook × 4 targets (±0.25, ±0.5) on the output evaluation's prompts ("The explanation is
+                  simple:", "I think", "We"): the batched search (--batch rows per vmapped forward) against one
+                  row per forward (batch=1, "one feature at a time") on the first --baseline-features features,
+                  scaled per feature. Compiles are done first and reported apart. The run checks that both give
+                  the same strengths on the shared features.
+
+    .venv/bin/python scripts/bench_evaluate.py [--sections kl_calibration] [--features 64] [--baseline-features 8]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from featureatlas.activation_store.models import load_model
+from featureatlas.eval import steering as st
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _compile_kl(lm, hook: str, prompts, cfg: st.CalibrationConfig) -> float:
+    """Compile the calibration forward for every row count a search can use (1, 4, 16, ... batch) so the
+    timed runs measure search time only; returns the seconds spent."""
+    toks, mask, sel = st._prompt_batch(lm, prompts, cfg.edit_bos, cfg.positions == "last")
+    fn = st._kl_fn(lm, hook, None, toks.shape[1], cfg.edit_bos)
+    logp = st._clean_logp_fn(lm)(lm.params, toks, mask, sel)
+    D = lm.hook_dim(hook)
+    shapes = sorted({st._rows_shape(k, cfg.batch) for k in range(1, cfg.batch + 1)})
+    t0 = time.perf_counter()
+    for n in shapes:
+        np.asarray(fn(lm.params, toks, mask, sel, logp, np.zeros((n, D), np.float32), np.zeros(n, np.float32),
+                      np.zeros(n, np.int32)))
+    return time.perf_counter() - t0
+
+
+def section_kl_calibration(lm, args) -> dict:
+    """Batched vs one-at-a-time KL calibration (module docstring)."""
+    hook, prompts = args.hook, list(st.OUTPUT_EVAL_PROMPTS)
+    targets = np.asarray(st.OUTPUT_EVAL_TARGETS, np.float64)
+    rng = np.random.default_rng(args.seed)
+    V = rng.normal(size=(args.features, lm.hook_dim(hook))).astype(np.float32)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    Vg = np.repeat(V, len(targets), axis=0)
+    tg = np.tile(targets, args.features)
+    cfg = st.OUTPUT_CALIBRATION.replace(batch=args.batch)
+    one_cfg = cfg.replace(batch=1)
+    compile_batched = _compile_kl(lm, hook, prompts, cfg)
+    compile_one = _compile_kl(lm, hook, prompts, one_cfg)
+
+    batched, t_batched = timed(lambda: st.kl_calibrate(lm, hook, Vg, tg, prompts, cfg))
+    nb = min(args.baseline_features, args.features) * len(targets)
+    one, t_one = timed(lambda: st.kl_calibrate(lm, hook, Vg[:nb], tg[:nb], prompts, one_cfg))
+
+    pairs = len(tg)
+    per_pair_batched = t_batched / pairs
+    per_pair_one = t_one / nb
+    same = np.abs(one.alpha_G - batched.alpha_G[:nb]) <= 1e-4 * np.abs(one.alpha_G)
+    return {
+        "hook": hook, "prompts": prompts, "targets": targets.tolist(), "features": args.features,
+        "pairs": pairs, "batch": args.batch, "lo": cfg.lo, "hi": cfg.hi, "iters": cfg.iters, "band": cfg.band,
+        "positions": cfg.positions,
+        "compile_s": {"batched": round(compile_batched, 1), "one_at_a_time": round(compile_one, 1)},
+        "batched_s": round(t_batched, 2),
+        "s_per_feature_per_target": round(per_pair_batched, 4),
+        "batched_forwards": batched.forwards, "batched_rows": batched.rows,
+        "evals_per_pair": round(float(batched.iters_G.mean()), 2),
+        "reached_fraction": round(float(batched.reached_G.mean()), 3),
+        "status_counts": {s: int(np.sum(batched.status_G == s)) for s in st.STATUSES},
+        "one_at_a_time_features": nb // len(targets),
+        "one_at_a_time_s": round(t_one, 2),
+        "one_at_a_time_s_per_feature_per_target": round(per_pair_one, 4),
+        "one_at_a_time_extrapolated_s": round(per_pair_one * pairs, 1),
+        "one_at_a_time_note": (f"one row per forward, run on the first {nb // len(targets)} of {args.features} "
+                               "features and scaled per feature" if nb < pairs else "run on every feature"),
+        "speedup": round(per_pair_one / per_pair_batched, 2),
+        "same_alpha_fraction": float(same.mean()),
+    }
+
+
+SECTIONS = {"kl_calibration": section_kl_calibration}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    ap.add_argument("--hook", default="resid_pre.15")
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--baseline-features", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+
+    mm_before = matmul_gflops()
+    lm, load_s = timed(lambda: load_model(args.model))
+    result = {"benchmark": "evaluate", "model": args.model, "model_load_s": round(load_s, 1)}
+    for name in sections:
+        result[name], secs = timed(lambda: SECTIONS[name](lm, args))
+        result[name]["section_s"] = round(secs, 1)
+    result["matmul_gflops"] = {"before": round(mm_before, 1), "after": round(matmul_gflops(), 1)}
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
