@@ -158,15 +158,49 @@ heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
+_NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims, dtype):
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_matmul(a, b, transpose_b: bool, dtype):
+    """a @ bᵀ (transpose_b) or a @ b with operands in a low-precision `dtype` and float32 sums; the
+    backward's two matmuls alike (autodiff would run them on the float32 cotangent, in float32)."""
+    return _dot(a, b, _NT if transpose_b else _NN, dtype)
+
+
+def _low_matmul_fwd(a, b, transpose_b, dtype):
+    return _low_matmul(a, b, transpose_b, dtype), (a, b)
+
+
+def _low_matmul_bwd(transpose_b, dtype, res, g):
+    a, b = res
+    if transpose_b:  # out[B, F] = a[B, D] · b[F, D]ᵀ
+        d_a, d_b = _dot(g, b, _NN, dtype), _dot(g.T, a, _NN, dtype)
+    else:  # out[B, E] = a[B, F] · b[F, E]
+        d_a, d_b = _dot(g, b, _NT, dtype), _dot(a.T, g, _NN, dtype)
+    return d_a.astype(a.dtype), d_b.astype(b.dtype)
+
+
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+
+
 def _mm(a, b_T, dtype):
-    """a @ b_Tᵀ computed in `dtype` with float32 accumulation."""
-    return jax.lax.dot_general(
-        a.astype(dtype), b_T.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    """a @ b_Tᵀ computed in `dtype` with float32 accumulation (forward and backward)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return _dot(a, b_T, _NT, dtype)
+    return _low_matmul(a, b_T, True, jnp.dtype(dtype))
 
 
 def _mm_n(a, b, dtype):
-    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    """a @ b computed in `dtype` with float32 accumulation (forward and backward)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return _dot(a, b, _NN, dtype)
+    return _low_matmul(a, b, False, jnp.dtype(dtype))
 
 
 def _zeros_F(F: int):

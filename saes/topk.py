@@ -101,7 +101,10 @@ def top_k(x, k: int, method: str | None = None) -> tuple[jax.Array, jax.Array]:
     # XLA:CPU runs top-k as a partial sort only for float32 (widening is exact and keeps the order) and
     # only while its outputs are not sliced further; the barrier keeps later slices (row sums take one
     # column of indices at a time) from being folded into it, which would make it a full sort.
-    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x.astype(jnp.float32), k))
+    vals, idx = jax.lax.top_k(x.astype(jnp.float32), k)
+    # (One barrier per output: a barrier on both would be folded onto the top-k's tuple, which XLA's
+    # partitioner does not expect.)
+    vals, idx = jax.lax.optimization_barrier(vals), jax.lax.optimization_barrier(idx)
     return (vals if x.dtype == jnp.float32 else jnp.take_along_axis(x, idx, axis=-1)), idx
 
 

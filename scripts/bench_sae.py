@@ -31,7 +31,8 @@ The last stdout line is one JSON object:
   {"benchmark", "backend", "device", "preset", "dtype", "matmul_gflops", "matmul_gflops_after", "config",
    "results": [{arch, impl, tokens_per_s, step_ms, best_step_ms, gflops, compile_s, peak_rss_mb, l0,
                 ops_ms}, ...],
-   "summary": {"topk_speedup_vs_legacy", "batchtopk_over_topk", "tokens_per_s_per_matmul_gflops", ...}}
+   "summary": {"topk_speedup_vs_legacy", "batchtopk_over_topk", "tokens_per_s_per_matmul_gflops", ...},
+   "complete"}   (--out is rewritten after every architecture; complete: all ran)
 
 Usage: python -m featureatlas.scripts.bench_sae [--preset small] [--dtype float32] [--archs topk,batchtopk]
        [--steps 6] [--warmup 1] [--legacy topk] [--no-ops] [--out result.json]
@@ -281,6 +282,28 @@ def main(argv=None) -> int:
     gf = matmul_gflops()
     results = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def report(gf_after: float, complete: bool) -> dict:
+        result = {
+            "benchmark": "sae_train_step",
+            "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind),
+            "jax": jax.__version__,
+            "preset": args.preset,
+            "dtype": args.dtype,
+            "matmul_gflops": round(gf, 1),
+            "matmul_gflops_after": round(gf_after, 1),
+            "config": {**sizes, "steps": args.steps, "warmup": args.warmup},
+            "results": results,
+            "summary": summary(results, 0.5 * (gf + gf_after)),
+            "complete": complete,
+        }
+        if args.out:  # after every architecture, so a run cut short still leaves what it measured
+            from featureatlas.activation_store.runs import atomic_write_json
+
+            atomic_write_json(args.out, result)
+        return result
+
     for arch, impl in jobs:
         job = json.dumps({"arch": arch, "impl": impl, "ops": args.ops and impl == "auto"})
         cmd = [sys.executable, "-m", "featureatlas.scripts.bench_sae", "--child", job, "--preset", args.preset,
@@ -292,36 +315,21 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             results.append({"arch": arch, "impl": impl, "error": f"timed out after {args.timeout:g} s"})
             print(f"{arch:>10} {impl:>6}: timed out", file=sys.stderr, flush=True)
+            report(gf, False)
             continue
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             results.append({"arch": arch, "impl": impl,
                             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
+            report(gf, False)
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         ops = " ".join(f"{k} {v:.1f}" for k, v in res.get("ops_ms", {}).items())
         print(f"{arch:>10} {res['impl']:>6}: {res['tokens_per_s']:>9.0f} tok/s  {res['step_ms']:>8.1f} ms/step  "
               f"{res['gflops']:>7.1f} GFLOP/s  rss {res['peak_rss_mb']:.0f} MB  {ops}", flush=True)
         results.append(res)
-    gf_after = matmul_gflops()
-    result = {
-        "benchmark": "sae_train_step",
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
-        "preset": args.preset,
-        "dtype": args.dtype,
-        "matmul_gflops": round(gf, 1),
-        "matmul_gflops_after": round(gf_after, 1),
-        "config": {**sizes, "steps": args.steps, "warmup": args.warmup},
-        "results": results,
-        "summary": summary(results, 0.5 * (gf + gf_after)),
-    }
-    if args.out:
-        from featureatlas.activation_store.runs import atomic_write_json
-
-        atomic_write_json(args.out, result)
-    emit(result)
+        report(gf, False)
+    emit(report(matmul_gflops(), True))
     return 0
 
 
