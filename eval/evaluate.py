@@ -338,9 +338,10 @@ class Evaluator:
             if j.kind == "llm":
                 out = input_evaluation(self.model, s.dic, desc, j, cfg, seed=seed)
             else:
-                pool = held_out_pool(s.store, self.pool_size, seed=0,
-                                     held_out_fraction=s.cache.attrs["settings"]["held_out_fraction"],
-                                     cache_seed=s.cache.attrs["settings"]["seed"])
+                split = {"held_out_fraction": s.cache.attrs["settings"]["held_out_fraction"],
+                         "cache_seed": s.cache.attrs["settings"]["seed"]}
+                n = min(cfg.pool, len(held_out_pool(s.store, None, **split)))
+                pool = held_out_pool(s.store, n, seed=0, **split)
                 out = offline_input_evaluation(s.store, s.dic, self.model.tokenizer, desc, j, pool, cfg, seed=seed)
         elif evaluation == "output":
             from featureatlas.eval.output_eval import output_evaluation
@@ -355,8 +356,6 @@ class Evaluator:
         else:  # pragma: no cover - EVALUATIONS and this dispatch list the same names
             raise ConfigError(f"unknown evaluation {evaluation!r}")
         return {f: [out[f]] for f in feats}
-
-    pool_size = 400  # held-out contexts the offline input evaluation retrieves from
 
     def scoring_sets(self, s: Subject) -> dict:
         """The held-out scoring windows of every feature of the subject (built once; deterministic)."""
@@ -420,7 +419,9 @@ class Evaluator:
     def corpus_tokens(self, s: Subject):
         from featureatlas.eval.outputs import corpus_sequences
 
-        return corpus_sequences(s.store.tokens, s.store.n_valid, 16, 64, seed=1)
+        seq_len = min(64, s.store.context_length)
+        n_seq = min(16, int((np.asarray(s.store.n_valid) >= seq_len).sum()))
+        return corpus_sequences(s.store.tokens, s.store.n_valid, n_seq, seq_len, seed=1)
 
 
 def clamp_latent(s: Subject) -> bool:

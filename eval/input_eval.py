@@ -56,6 +56,8 @@ class InputEvalConfig(Config):
     """Tokens per sentence fed to the model, BOS included (longer sentences are cut)."""
     batch: int = setting(32, gt=0)
     """Sentences per forward pass."""
+    pool: int = setting(400, gt=0)
+    """Offline variant: held-out store contexts the descriptions retrieve from (capped by how many there are)."""
     m: int = setting(20, gt=0)
     """Offline variant: most similar and random pool contexts per feature (each)."""
     contexts_per_chunk: int = setting(32, gt=0)
@@ -256,11 +258,13 @@ def success_rate(scores: Mapping[int, dict], *, n_boot: int = 1000, seed: int = 
 
 # ---- offline variant: the embedding judge --------------------------------------------------------
 
-def held_out_pool(store, n: int, *, seed: int = 0, held_out_fraction: float = 0.5, cache_seed: int = 0) -> np.ndarray:
-    """n contexts (sorted ids) drawn with `seed` from the feature cache's held-out split (cache settings
+def held_out_pool(store, n: int | None, *, seed: int = 0, held_out_fraction: float = 0.5, cache_seed: int = 0) -> np.ndarray:
+    """n contexts (sorted ids; None = all) drawn with `seed` from the feature cache's held-out split (cache settings
     held_out_fraction / seed) among contexts with a real token after BOS."""
     ctx = np.flatnonzero(held_out_mask(np.arange(store.n_contexts), held_out_fraction, cache_seed)
                          & (np.asarray(store.n_valid) > 1))
+    if n is None:
+        n = len(ctx)
     if len(ctx) < n:
         raise ConfigError(f"the store has {len(ctx)} held-out contexts, {n} were asked for; lower the pool size")
     return np.sort(np.random.default_rng([seed, 23]).choice(ctx, size=n, replace=False))

@@ -3,8 +3,11 @@
 Each planted feature f stands for a concept (sport, music, ...) given by a set of single-token words S_f:
   reads   at `resid_pre.0` (the token embeddings, so token identity is exact there):
           a_f(x) = 1 + i/|S_f|  if x is the embedding of the i-th word of S_f (cosine > 0.999), else 0;
-  writes  at the last layer's `resid_post` the direction d_f = g ⊙ mean_{t∈S_f} E_t (g the final norm's
-          weight, E the tied (un)embedding), so adding α·d_f raises the logits of the concept's words.
+  writes  at the last layer's `resid_post` the direction that raises the logits of the concept's words and
+          as little else as possible: the ridge least-squares solution of Ũ d ≈ 1_{S_f}, where Ũ = E ⊙ g
+          (the tied (un)embedding times the final norm's weight) centred over the vocabulary, i.e.
+          d_f ∝ (ŨᵀŨ + λI)⁻¹ Σ_{t∈S_f} Ũ_t. (The plain mean embedding of the words mostly rescales every
+          logit through the final norm; at the small KL of the protocols the words never appear.)
 Its true description names the concept and its words. The suite builds a small store from the corpus,
 caches and gathers evidence exactly like the describe job, then scores two copies of the dictionary:
 one with the true descriptions and one with the descriptions shuffled among features (a derangement).
@@ -36,6 +39,7 @@ CONCEPTS = {
     "the weather": ("weather", "rain", "snow", "storm", "wind"),
 }
 READ_HOOK = "resid_pre.0"
+CALIBRATION_SEEDS = 12
 
 
 def true_description(concept: str, words) -> str:
@@ -89,7 +93,10 @@ def planted_dictionary(model, concepts=CONCEPTS) -> tuple[PlantedDictionary, lis
     """(dictionary, true descriptions) for the concepts whose words are single tokens of the model."""
     tok, params = model.tokenizer, model.params
     embed = np.asarray(params["embed"], np.float32)  # tied: the unembedding rows too (SmolLM2)
-    g = np.asarray(params["ln_f_w"], np.float32)
+    U = np.asarray(params["embed"], np.float64) * np.asarray(params["ln_f_w"], np.float64)
+    U -= U.mean(axis=0)
+    gram = U.T @ U
+    gram += 1e-3 * np.trace(gram) / len(gram) * np.eye(len(gram))
     rows, feats, values, W, truths = [], [], [], [], []
     for name, words in concepts.items():
         ids = []
@@ -104,7 +111,7 @@ def planted_dictionary(model, concepts=CONCEPTS) -> tuple[PlantedDictionary, lis
             rows.append(embed[t])
             feats.append(f)
             values.append(1.0 + i / len(ids))
-        d = g * embed[ids].mean(axis=0)
+        d = np.linalg.solve(gram, U[ids].sum(axis=0))
         W.append(d / np.linalg.norm(d))
         truths.append(true_description(name, [tok.decode([t]).strip() for t in ids]))
     hook_out = f"resid_post.{model.config.n_layers - 1}"
@@ -183,7 +190,9 @@ def run_calibration(ev, work_dir: Path) -> list[dict]:
     evals = tuple(e for e in ev.cfg.evaluations if EVALUATIONS[e].needs_description)
     if not evals:
         return []
-    cfg = dataclasses.replace(ev.cfg, evaluations=evals, methods=("maxact",), max_features=0)
+    # judge noise (e.g. the output evaluation's random distractor sets) averaged over at least CALIBRATION_SEEDS seeds per feature
+    cfg = dataclasses.replace(ev.cfg, evaluations=evals, methods=("maxact",), max_features=0,
+                              seeds=max(ev.cfg.seeds, CALIBRATION_SEEDS))
     cal = Evaluator([true, shuffled], cfg, ev.protocols, Path(work_dir), lambda: ev.model, ev.judges,
                     progress=ev.progress)
     cal.run()
