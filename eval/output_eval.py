@@ -9,7 +9,8 @@ with Output-Centric Feature Descriptions"), `output_generations` then `output_ev
   1. For each feature and each signed KL target t in {+0.25, +0.5, −0.25, −0.5}, the steering strength is
      found by bisection in [1, 1000] (negated for negative targets) so that the mean per-token
      KL(clean ‖ steered) over the prompts lands in [|t|, |t| + 0.1] (`steering.kl_calibrate`, all
-     (feature, target) pairs in one batched search).
+     (feature, target) pairs in one batched search). SAE latents are clamped to the strength with the
+     reconstruction error kept (clamp_latent, as the paper); other directions add α · unit direction.
   2. At every reached target, one generation of 25 new tokens at temperature 0.75 after each prompt
      ("The explanation is simple:", "I think", "We"), steering at every position.
      Targets a feature cannot reach within the range get no texts ([]): they are reported (count and
@@ -18,8 +19,8 @@ with Output-Centric Feature Descriptions"), `output_generations` then `output_ev
      target t; the feature's set is its texts at t (one per prompt × sample). `group="sign"`: one trial
      per sign (texts of both targets of that sign); `group="all"`: one trial with every text.
      The two distractor sets are the sets of two other features, drawn uniformly without replacement
-     from the pool (every feature of the generations other than this one) among those that have texts
-     in the same group, so the three sets come from equally strong steering; the three sets are shown
+     from the pool (`pool`, default every feature of the generations, other than this one) among those
+     that have texts in the same group, so the three sets come from equally strong steering; the three sets are shown
      in random order. Both draws use a generator seeded by (seed, feature, group): a trial does not
      depend on which other features are evaluated in the same call, only on the pool.
      A trial without two eligible distractors is not formed (reported as "no_distractors").
@@ -61,7 +62,14 @@ with Output-Centric Feature Descriptions"), `output_generations` then `output_ev
      strength, as the SNMF paper reports per feature); details in Score["metrics"].
 
 Generated texts are the continuations only (the prompt is shared by every set and would only dilute
-the embedding judge); the LLM judge sees them after the prompt they continue.
+the embedding judge). The output evaluation's LLM judge sees the continuations (the three sets share
+the prompts); the steering evaluation's sees prompt + continuation.
+
+For the evaluate job: a feature's generations do not depend on which other features were generated in
+the same call (per-pair strength search; sampling keys shared by all rows), and the unsteered baseline
+depends only on the model, the config and the seed, so generations can be cached per feature and
+reassembled; pass the generations of the whole distractor pool (not only the block being judged) so
+that trials do not depend on blocking.
 
 Generations are plain JSON-able dicts; after a JSON round trip the feature keys (int) and the target keys
 (float) become strings, and both evaluations accept that.
@@ -73,7 +81,7 @@ import math
 import re
 import time
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -374,25 +382,31 @@ class Trial:
 
 
 def output_trials(generations: Mapping, features: Sequence, *, group: str = "target", n_sets: int = 3,
-                  seed: int = 0) -> tuple[list[Trial], dict]:
+                  seed: int = 0, pool: Sequence | None = None) -> tuple[list[Trial], dict]:
     """The trials of `features` (module docstring, step 3) and {feature: {group: reason}} of the groups
-    no trial could be formed for ("no_distractors")."""
+    no trial could be formed for ("no_distractors"). pool: features whose sets may be distractors
+    (default: every feature of the generations)."""
     gens = normalize_generations(generations)
     sets = {f: group_sets(g, group) for f, g in gens.items()}
+    if pool is not None:
+        pool = {feature_key(f) for f in pool}
+        absent = sorted((f for f in pool if f not in sets), key=_id_int)
+        if absent:
+            raise OutputEvalError(f"the distractor pool names features {absent[:5]} that have no generations")
     eligible: dict = {}
-    for f in sorted(sets, key=_id_int):
+    for f in sorted(sets if pool is None else pool, key=_id_int):
         for g in sets[f]:
             eligible.setdefault(g, []).append(f)
     trials, skipped = [], {}
     for f in features:
         f = feature_key(f)
         for g in sets.get(f, {}):
-            pool = [o for o in eligible[g] if o != f]
-            if len(pool) < n_sets - 1:
+            cands = [o for o in eligible[g] if o != f]
+            if len(cands) < n_sets - 1:
                 skipped.setdefault(f, {})[_gname(g)] = "no_distractors"
                 continue
             rng = trial_rng(seed, f, _gname(g))
-            others = [pool[i] for i in rng.choice(len(pool), size=n_sets - 1, replace=False)]
+            others = [cands[i] for i in rng.choice(len(cands), size=n_sets - 1, replace=False)]
             shown = [f] + others
             order = rng.permutation(n_sets)
             shown = tuple(shown[i] for i in order)
@@ -405,7 +419,7 @@ def _gname(g) -> str:
     return f"{g:+g}" if isinstance(g, float) else str(g)
 
 
-def output_judge_prompt(description: str, sets: Sequence[Sequence[str]], prompts: Sequence[str] | None = None) -> str:
+def output_judge_prompt(description: str, sets: Sequence[Sequence[str]]) -> str:
     """The LLM judge's question: which of the numbered sets of texts was generated while amplifying the
     feature with this description. Texts are shown one per line (whitespace collapsed)."""
     n = len(sets)
@@ -477,6 +491,15 @@ def _judge_llm(judge, trials, descriptions, sets, cfg: OutputEvalConfig, seed: i
     return out
 
 
+def _check_judge(judge) -> str:
+    """The judge's kind ("llm" or "embedding"); ConfigError for anything else."""
+    kind = getattr(judge, "kind", None)
+    if kind not in ("llm", "embedding") or not isinstance(getattr(judge, "name", None), str):
+        raise ConfigError(f"the judge must be an LLMJudge (eval/judges.py) or an EmbeddingJudge (eval/embedder.py) "
+                          f"with .kind 'llm' or 'embedding' and a .name, got {type(judge).__name__} (kind {kind!r})")
+    return kind
+
+
 def judge_output_trials(trials: Sequence[Trial], descriptions: Mapping, generations: Mapping, judge,
                         cfg: OutputEvalConfig | None = None, *, seed: int = 0) -> list[dict]:
     """The judge's verdict per trial: {"picked", "correct" (None when the answer was malformed), and
@@ -485,14 +508,10 @@ def judge_output_trials(trials: Sequence[Trial], descriptions: Mapping, generati
     gens = normalize_generations(generations)
     sets = {f: group_sets(g, cfg.group) for f, g in gens.items()}
     descriptions = {feature_key(f): d for f, d in descriptions.items()}
-    kind = getattr(judge, "kind", None)
-    if kind == "embedding":
+    if _check_judge(judge) == "embedding":
         verdicts = _judge_embedding(judge, trials, descriptions, sets)
-    elif kind == "llm":
-        verdicts = _judge_llm(judge, trials, descriptions, sets, cfg, seed)
     else:
-        raise ConfigError(f"the judge must have kind 'llm' or 'embedding', got {kind!r}; use "
-                          "judges.LLMJudge or embedder.EmbeddingJudge")
+        verdicts = _judge_llm(judge, trials, descriptions, sets, cfg, seed)
     for tr, v in zip(trials, verdicts):
         v["correct"] = None if v["picked"] is None else v["picked"] == tr.answer
     return verdicts
@@ -504,9 +523,9 @@ def output_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judge,
     """{feature: Score} of the output evaluation (module docstring) for every described feature.
 
     generations: from `output_generations` (e.g. cached by the evaluate job); None: generated here for
-    the described features and `pool` (extra features whose sets serve as distractors), with the model
-    and dic_or_vectors (see `output_generations`). With generations given, the model and vectors are not
-    used, and the distractor pool is every feature in `generations`.
+    the described features and `pool`, with the model and dic_or_vectors (see `output_generations`; with
+    generations given, the model and vectors are not used). pool: the features whose sets may serve as
+    distractors (default: every feature of the generations).
     Score: {"method": "output", "value": fraction of judged trials correct | None, "judge", "n": judged
     trials, "failed": failed or malformed judge answers, "seed", "seconds", "tokens_in", "tokens_out",
     "metrics": {"chance", "correct", "group", "failed_calls", "malformed", "unreached": [targets],
@@ -515,6 +534,7 @@ def output_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judge,
     """
     cfg = _validate_output_cfg(cfg or OutputEvalConfig())
     descriptions = _check_descriptions(descriptions)
+    _check_judge(judge)
     features = list(descriptions)
     gen_seconds = 0.0
     if generations is None:
@@ -530,7 +550,7 @@ def output_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judge,
         raise OutputEvalError(f"the generations lack features {missing[:5]}: regenerate with "
                               "output_generations(..., features=...) including every described feature")
     targets = [float(t) for t in cfg.targets]
-    trials, skipped = output_trials(gens, features, group=cfg.group, n_sets=cfg.n_sets, seed=seed)
+    trials, skipped = output_trials(gens, features, group=cfg.group, n_sets=cfg.n_sets, seed=seed, pool=pool)
     t0 = time.perf_counter()
     verdicts = judge_output_trials(trials, descriptions, gens, judge, cfg, seed=seed)
     judge_seconds = time.perf_counter() - t0
@@ -713,7 +733,8 @@ def steering_generations(model, dic_or_vectors, hook, features: Sequence, cfg: S
     given the prompt (`steering.perplexity`, the offline fluency judge's input). nll_increase: mean per-token
     NLL increase on `corpus_tokens` ([B, T] held-out sequences, BOS first; e.g. `outputs.corpus_sequences`)
     under that strength (`steering.capability_cost`); None when no corpus tokens are given or cfg.capability
-    is off. The unsteered texts share the sampling key with the steered ones (`steering` module docstring).
+    is off. The unsteered texts are drawn with seed + 1 (an independent sample; they depend on the model,
+    the config and the seed only).
     """
     from featureatlas.eval import steering
 
@@ -855,10 +876,11 @@ def _rate_offline(judge, descriptions, gens, cfg) -> dict:
     E_d = np.asarray(judge.embed(descs), np.float32)
     trow = {t: i for i, t in enumerate(texts)}
     S = E_d @ E_t.T  # [descriptions, texts] cosine (unit embeddings)
+    drow = {d: i for i, d in enumerate(descs)}
     base_cols = [trow[t] for t in base_texts]
     out = {}
     for f, desc in descriptions.items():
-        d = descs.index(desc)
+        d = drow[desc]
         base_sims = S[d, base_cols]
         for t, rec in gens["features"][f].items():
             rated = []
@@ -889,6 +911,7 @@ def steering_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judg
     """
     cfg = (cfg or SteeringEvalConfig()).validate()
     descriptions = _check_descriptions(descriptions)
+    kind = _check_judge(judge)
     gen_seconds = 0.0
     if generations is None:
         if model is None:
@@ -902,16 +925,12 @@ def steering_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judg
     if missing:
         raise OutputEvalError(f"the steering generations lack features {missing[:5]}: regenerate with "
                               "steering_generations(..., features=...) including every described feature")
-    kind = getattr(judge, "kind", None)
     t0 = time.perf_counter()
     tallies: dict = {}
     if kind == "llm":
         ratings, tallies = _rate_llm(judge, descriptions, gens, cfg, seed)
-    elif kind == "embedding":
-        ratings = _rate_offline(judge, descriptions, gens, cfg)
     else:
-        raise ConfigError(f"the judge must have kind 'llm' or 'embedding', got {kind!r}; use "
-                          "judges.LLMJudge or embedder.EmbeddingJudge")
+        ratings = _rate_offline(judge, descriptions, gens, cfg)
     judge_seconds = time.perf_counter() - t0
     n_texts = sum(len(v) for v in ratings.values()) or 1
     scores = {}
@@ -943,7 +962,8 @@ def steering_evaluation(model, dic_or_vectors, hook, descriptions: Mapping, judg
             "method": STEERING_METHOD, "value": None if best is None else strengths[best]["score"],
             "judge": judge.name, "n": n_ok, "failed": n_failed, "seed": int(seed), "metrics": metrics,
             "seconds": gen_seconds + share,
-            "tokens_in": 0 if tally is None else tally.tokens_in, "tokens_out": 0 if tally is None else tally.tokens_out,
+            "tokens_in": 0 if tally is None else tally.tokens_in,
+            "tokens_out": 0 if tally is None else tally.tokens_out,
         }
     return scores
 

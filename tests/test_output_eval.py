@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from featureatlas.activation_store.errors import ConfigError
 from featureatlas.eval.explainers import Answer, OpenAIExplainer
 from featureatlas.eval.judges import DescriptionError, LLMJudge
 from featureatlas.eval.output_eval import (
@@ -100,6 +101,10 @@ def test_trials_are_seeded_per_feature_and_use_same_target_distractors():
     assert positions == {0, 1, 2}  # the feature's set is shown in every position
     by_sign, _ = output_trials(fixed_generations(), [0], group="sign")
     assert sorted(t.group for t in by_sign) == ["+", "-"]
+    pooled, _ = output_trials(fixed_generations(), [0, 1], pool=[1, 2, 3], seed=3)
+    assert all(set(t.shown) - {t.feature} <= {1, 2, 3} for t in pooled)
+    with pytest.raises(OutputEvalError, match=r"pool names features \[7\]"):
+        output_trials(fixed_generations(), [0], pool=[1, 2, 7])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +153,14 @@ def test_bad_descriptions_and_missing_generations_fail_before_judging(embedding_
         output_evaluation(None, None, None, {9: "football"}, embedding_judge, generations=gens)
     with pytest.raises(OutputEvalError, match="needs the model"):
         output_evaluation(None, None, None, {0: "football"}, embedding_judge)
+    with pytest.raises(ConfigError, match="LLMJudge .* or an EmbeddingJudge"):
+        output_evaluation(None, None, None, {0: "football"}, object(), generations=gens)
+    with pytest.raises(ConfigError, match="--targets"):
+        output_evaluation(None, None, None, {0: "football"}, embedding_judge, OutputEvalConfig(targets=(0.5, 0.0)),
+                          generations=gens)
+    with pytest.raises(ConfigError, match="--signs"):
+        steering_evaluation(None, None, None, {0: "football"}, embedding_judge, SteeringEvalConfig(signs=(2,)),
+                            generations=_steering_gens())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,16 +285,14 @@ def test_planted_features_far_above_chance_random_near_chance(smollm2, embedding
     gens = output_generations(m, V, hook, list(range(len(V))), cfg)
     assert all(gens.calibration[f][0.5]["reached"] for f in gens)
     n = len(ids)
-    planted = {f: gens[f] for f in range(n)}
-    random = {f: gens[f] for f in range(n, 2 * n)}
     hits, rand = [], []
     for seed in range(3):
         sc = output_evaluation(None, None, None, {f: f"mentions of {NAMES[f]}" for f in range(n)}, embedding_judge,
-                               cfg, generations=planted, seed=seed)
+                               cfg, generations=gens, seed=seed, pool=range(n))
         hits += [s["value"] for s in sc.values()]
-        for rot in range(n):  # every concept description on every random direction
+        for rot in range(n):  # every concept description on every random direction, among random directions
             sc = output_evaluation(None, None, None, {n + f: f"mentions of {NAMES[(f + rot) % n]}" for f in range(n)},
-                                   embedding_judge, cfg, generations=random, seed=seed)
+                                   embedding_judge, cfg, generations=gens, seed=seed, pool=range(n, 2 * n))
             rand += [s["value"] for s in sc.values()]
     assert np.mean(hits) >= 0.9, hits
     assert 0.15 <= np.mean(rand) <= 0.55, np.mean(rand)  # chance is 1/3
