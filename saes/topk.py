@@ -72,16 +72,17 @@ def chunked_top_k(x, k: int, chunk: int | None = None) -> tuple[jax.Array, jax.A
     if n_chunks < k:
         raise ValueError(f"chunked_top_k: {n_chunks} chunks of {s} cannot hold k={k}; use a smaller chunk")
     lead = x.shape[:-1]
-    keys = order_key(x)
+    keys = order_key(x)  # only the chunk maxima read these, so XLA computes them inside that reduction
     if n_chunks * s != F:
         keys = jnp.pad(keys, [(0, 0)] * len(lead) + [(0, n_chunks * s - F)], constant_values=_MIN_KEY)
-    keys_CxS = keys.reshape(*lead, n_chunks, s)
-    chunk_max = key_to_float(jnp.max(keys_CxS, axis=-1))
+    chunk_max = key_to_float(jnp.max(keys.reshape(*lead, n_chunks, s), axis=-1))
     _, chunk_ids = jax.lax.top_k(chunk_max, k)
     chunk_ids = jnp.sort(chunk_ids, axis=-1)  # candidates in index order: ties go to the lowest index
-    cand = jnp.take_along_axis(keys_CxS, chunk_ids[..., None], axis=-2).reshape(*lead, k * s)
-    _, pos = jax.lax.top_k(key_to_float(cand), k)
-    idx = (jnp.take_along_axis(chunk_ids, pos // s, axis=-1) * s + pos % s).astype(jnp.int32)
+    pos = (chunk_ids[..., None] * s + jnp.arange(s, dtype=chunk_ids.dtype)).reshape(*lead, k * s)
+    cand = jnp.take_along_axis(x, jnp.minimum(pos, F - 1), axis=-1)
+    cand_key = jnp.where(pos < F, order_key(cand), _MIN_KEY)  # padded slots: below every entry
+    _, j = jax.lax.top_k(key_to_float(cand_key), k)
+    idx = jnp.take_along_axis(pos, j, axis=-1).astype(jnp.int32)
     return jnp.take_along_axis(x, idx, axis=-1), idx  # the entries themselves, NaN bits included
 
 

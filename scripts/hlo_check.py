@@ -54,6 +54,7 @@ def parse_hlo(text: str) -> list[dict]:
     fusion's computation, so never written to memory on its own)."""
     instrs, comp = [], None
     for line in text.splitlines():
+        line = re.sub(r"/\*.*?\*/", "", line)  # tuple index comments: /*index=5*/
         m = _INSTR.match(line)
         if m:
             name, shape, op, rest = m.groups()
