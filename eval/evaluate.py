@@ -78,6 +78,9 @@ class EvaluateConfig(Config):
     """Description methods to score (those a feature lacks are skipped)."""
     max_features: int = setting(0, ge=0)
     """Evaluate at most this many described features per dictionary, lowest ids first (0 = all)."""
+    steering_features: int = setting(0, ge=0)
+    """Run the steering evaluation on at most this many of the evaluated features, lowest ids first (0 = all;
+    it is the slowest evaluation: ~14 strengths x 8 generations of 50 tokens per feature)."""
     seeds: int = setting(1, gt=0)
     """Judge seeds: every score is repeated for seeds 0..n-1 (per-feature noise)."""
     block: int = setting(16, gt=0)
@@ -261,13 +264,21 @@ class Evaluator:
         kinds = EVALUATIONS[evaluation].judges
         return [j for j in self.cfg.judges if _judge_kind(j) in kinds] if kinds else [None]
 
+    def features(self, s: Subject, evaluation: str) -> list[int]:
+        """The features an evaluation scores ([-1] for a per-dictionary evaluation)."""
+        if not EVALUATIONS[evaluation].per_feature:
+            return [-1]
+        feats = sorted(s.records)
+        if evaluation == "steering" and self.cfg.steering_features:
+            feats = feats[:self.cfg.steering_features]
+        return feats
+
     def units(self, s: Subject, evaluation: str, judge: str | None, seed: int) -> dict[str, list[Unit]]:
         """{description label ('' if none): units not yet in the result log}."""
         ev = EVALUATIONS[evaluation]
         judge_name = self.judges[judge].name if judge else None
         out: dict[str, list[Unit]] = {}
-        features = sorted(s.records) if ev.per_feature else [-1]
-        for f in features:
+        for f in self.features(s, evaluation):
             descs = usable_descriptions(s.records[f], self.cfg.methods) if ev.needs_description else [None]
             for d in descs:
                 label = description_label(d) if d else ""
@@ -377,15 +388,16 @@ class Evaluator:
             self.judges["embedding"] = EmbeddingJudge()
         return self.judges["embedding"]
 
-    def _generations(self, s: Subject, evaluation: str, make: Callable[[list[int]], dict]) -> dict:
-        """{feature: generations} of every feature of the subject, from the generation log or `make(missing)`."""
+    def _generations(self, s: Subject, evaluation: str, make: Callable[[list[int]], dict], block: int) -> dict:
+        """{feature: generations} of every feature of the subject, from the generation log or `make(missing)`
+        called on blocks of `block` features."""
         keys = {f: result_key(dictionary=s.identity, feature=f, protocol=self.protocol(evaluation), what="generations")
-                for f in sorted(s.records)}
+                for f in self.features(s, evaluation)}
         missing = [f for f, k in keys.items() if k not in self.generations]
-        for block in _chunks(missing, self.cfg.block):
-            made = make(block)
+        for part in _chunks(missing, block):
+            made = make(part)
             self.generations.add({"key": keys[f], "dictionary": s.name, "feature": f, "evaluation": evaluation,
-                                  "generations": made[f]} for f in block)
+                                  "generations": made[f]} for f in part)
         return {f: self.generations[k]["generations"] for f, k in keys.items()}
 
     def output_generations(self, s: Subject) -> dict:
@@ -397,13 +409,11 @@ class Evaluator:
             return {f: {"texts": {str(t): v for t, v in gens[f].items()}, "calibration":
                         {str(t): r for t, r in gens.calibration.get(f, {}).items()}} for f in block}
 
-        got = self._generations(s, "output", make)
+        got = self._generations(s, "output", make, self.cfg.block)
         return {f: {float(t): v for t, v in g["texts"].items()} for f, g in got.items()}
 
     def steering_generations(self, s: Subject) -> dict:
         from featureatlas.eval.output_eval import steering_generations
-
-        baseline = {}
 
         def make(block):
             gens = steering_generations(self.model, s.dic, None, block, self.protocols["steering"],
@@ -411,7 +421,8 @@ class Evaluator:
             return {f: {"features": {str(t): r for t, r in gens["features"][f].items()},
                         "prompt": gens["prompt"], "baseline": gens["baseline"]} for f in block}
 
-        got = self._generations(s, "steering", make)
+        # one call for every missing feature: each call also generates the unsteered baseline texts
+        got = self._generations(s, "steering", make, max(len(s.records), 1))
         first = next(iter(got.values()))
         baseline = {"prompt": first["prompt"], "baseline": first["baseline"]}
         return {**baseline, "features": {f: g["features"] for f, g in got.items()}}
@@ -507,9 +518,8 @@ def current_rows(ev: Evaluator) -> list[dict]:
             for j in ev.judge_names(e):
                 judge_name = ev.judges[j].name if j else None
                 ev_def = EVALUATIONS[e]
-                features = sorted(s.records) if ev_def.per_feature else [-1]
                 for seed in range(ev.cfg.seeds):
-                    for f in features:
+                    for f in ev.features(s, e):
                         descs = usable_descriptions(s.records[f], ev.cfg.methods) if ev_def.needs_description \
                             else [None]
                         for d in descs:
