@@ -10,8 +10,11 @@ Stages (each resumes if its output already exists, so re-running continues):
      density, histograms; explain and held-out contexts kept apart);
   5. describe a random sample of live features of each (MaxAct, VocabProj, TokenChange and their
      ensemble) with the template explainer and with SmolLM2-135M-Instruct as a local explainer;
-  6. write the catalog (features.jsonl, index.html for file://, Neuronpedia export) and print a table
-     of example features and the path of index.html.
+  6. evaluate the descriptions offline (eval/evaluate.py, embedding judge): cheap no-LLM scores, the
+     embedding scorer on held-out examples, the input and output evaluations of the output-centric paper,
+     with a report (Markdown, JSON, PNG charts);
+  7. write the catalog with the scores (features.jsonl, index.html for file://, Neuronpedia export) and
+     print a table of example features and the path of index.html.
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def register(subparsers) -> None:
                    help="live features of each dictionary described (default 5)")
     p.add_argument("--local-explainer", action=argparse.BooleanOptionalAction, default=True,
                    help="also describe with SmolLM2-135M-Instruct (default on)")
-    p.add_argument("--stages", default="harvest,sae,snmf,cache,describe,catalog",
-                   help="comma list of stages to run (default harvest,sae,snmf,cache,describe,catalog)")
+    p.add_argument("--stages", default="harvest,sae,snmf,cache,describe,evaluate,catalog",
+                   help="comma list of stages to run (default harvest,sae,snmf,cache,describe,evaluate,catalog)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -106,9 +109,18 @@ def run(args) -> int:
                                      "--out", str(cache_dir), *(["--resume"] if cache_dir.exists() else []), *quiet])
     if "describe" in stages:
         _describe(args, store, dics)
+    evaluated = out / "evaluate"
+    if "evaluate" in stages:
+        _stage("evaluate", ["evaluate", "--describe", *(str(d) for _, _, d in dics.values()), "--out", str(evaluated),
+                            "--evaluations", "cheap", "embedding", "input", "output", "--judges", "embedding",
+                            "--resume", *quiet])
+        print(f"report: {evaluated / 'report.md'}")
     if "catalog" in stages:
         catalog = out / "catalog"
-        _stage("catalog", ["catalog", "--describe", *(str(d) for _, _, d in dics.values()), "--out", str(catalog)])
+        # with scores when the evaluate stage ran (its per-dictionary records are describe-run shaped)
+        sources = [evaluated / name if (evaluated / name / "records.jsonl").exists() else d
+                   for name, (_, _, d) in dics.items()]
+        _stage("catalog", ["catalog", "--describe", *(str(d) for d in sources), "--out", str(catalog)])
         _table(dics)
         print(f"\nopen the catalog: file://{(catalog / 'index.html').resolve()}")
     print(f"\ndemo finished: artifacts in {out}/")
