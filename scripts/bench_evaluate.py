@@ -6,10 +6,16 @@ Sections:
                   --hook × 4 targets (±0.25, ±0.5) on the output evaluation's prompts ("The explanation is
                   simple:", "I think", "We"): the batched search (--batch rows per vmapped forward) against one
                   row per forward (batch=1, "one feature at a time") on the first --baseline-features features,
-                  scaled per feature. Compiles are done first and reported apart. The run checks that both give
-                  the same strengths on the shared features.
+                  scaled per feature. Both run the same search (same rounds, same strengths: checked), so their
+                  ratio is what batching buys. Also the naive way on --naive-features features: per feature and
+                  target a textbook bisection in log s (hi first, then midpoints until the KL is in the band,
+                  at most 20), each step one `lm.forward` with full logits and the KL in numpy; its ratio adds
+                  what the search (shared evaluations, KL ∝ s² extrapolation, regula falsi) buys.
+                  Compiles are done first and reported apart. On a CPU the forward is FLOP-bound, so batching
+                  buys the shared layers before the hook and bigger matmuls, not per-call overhead.
 
     .venv/bin/python scripts/bench_evaluate.py [--sections kl_calibration] [--features 64] [--baseline-features 8]
+                                               [--naive-features 4]
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import time
 
 import numpy as np
 
-from featureatlas.activation_store.models import load_model
+from featureatlas.activation_store.models import add, load_model
 from featureatlas.eval import steering as st
 from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
 
@@ -29,19 +35,42 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _compile_kl(lm, hook: str, prompts, cfg: st.CalibrationConfig) -> float:
-    """Compile the calibration forward for every row count a search can use (1, 4, 16, ... batch) so the
-    timed runs measure search time only; returns the seconds spent."""
-    toks, mask, sel = st._prompt_batch(lm, prompts, cfg.edit_bos, cfg.positions == "last")
-    fn = st._kl_fn(lm, hook, None, toks.shape[1], cfg.edit_bos)
-    logp = st._clean_logp_fn(lm)(lm.params, toks, mask, sel)
-    D = lm.hook_dim(hook)
-    shapes = sorted({st._rows_shape(k, cfg.batch) for k in range(1, cfg.batch + 1)})
-    t0 = time.perf_counter()
-    for n in shapes:
-        np.asarray(fn(lm.params, toks, mask, sel, logp, np.zeros((n, D), np.float32), np.zeros(n, np.float32),
-                      np.zeros(n, np.int32)))
-    return time.perf_counter() - t0
+def naive_calibration(lm, hook: str, V, targets, prompts, lo=1.0, hi=1000.0, band=0.1, iters=20):
+    """Per (vector, target) pair a plain bisection in log s, one full forward per step; returns (|α|, KL, evals)."""
+    toks, mask = st.left_pad(st.prompt_tokens(lm, prompts))
+    T = toks.shape[1]
+    real = (mask > 0) & (np.maximum(np.cumsum(mask, 1) - 1, 0) >= 1)
+    positions = np.arange(1, T)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp = log_softmax(np.asarray(lm.forward(lm.params, toks, attention_mask_BxT=mask)[0], np.float64))[real]
+
+    def kl(v, a):
+        logits, _ = lm.forward(lm.params, toks, attention_mask_BxT=mask, edits=[add(hook, v, a, positions)])
+        lq = log_softmax(np.asarray(logits, np.float64))[real]
+        return float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
+
+    out = []
+    for v, t in zip(V, targets):
+        sign, t = float(np.sign(t)), abs(float(t))
+        a, b = np.log(lo), np.log(hi)
+        s = hi
+        k, evals = kl(v, sign * s), 1
+        if k < t:  # too weak: hi does not reach the target
+            out.append((s, k, evals, False))
+            continue
+        while not t <= k <= t + band and evals <= iters:
+            s = float(np.exp(0.5 * (a + b)))
+            k, evals = kl(v, sign * s), evals + 1
+            if k < t:
+                a = np.log(s)
+            elif k > t + band:
+                b = np.log(s)
+        out.append((s, k, evals, t <= k <= t + band))
+    return out
 
 
 def section_kl_calibration(lm, args) -> dict:
@@ -55,16 +84,21 @@ def section_kl_calibration(lm, args) -> dict:
     tg = np.tile(targets, args.features)
     cfg = st.OUTPUT_CALIBRATION.replace(batch=args.batch)
     one_cfg = cfg.replace(batch=1)
-    compile_batched = _compile_kl(lm, hook, prompts, cfg)
-    compile_one = _compile_kl(lm, hook, prompts, one_cfg)
+    compile_batched = st.compile_calibration(lm, hook, prompts, cfg)
+    compile_one = st.compile_calibration(lm, hook, prompts, one_cfg)
 
     batched, t_batched = timed(lambda: st.kl_calibrate(lm, hook, Vg, tg, prompts, cfg))
     nb = min(args.baseline_features, args.features) * len(targets)
     one, t_one = timed(lambda: st.kl_calibrate(lm, hook, Vg[:nb], tg[:nb], prompts, one_cfg))
 
+    nn = min(args.naive_features, args.features) * len(targets)
+    naive_calibration(lm, hook, Vg[:1], tg[:1], prompts, iters=1)  # compile
+    naive, t_naive = timed(lambda: naive_calibration(lm, hook, Vg[:nn], tg[:nn], prompts))
+
     pairs = len(tg)
     per_pair_batched = t_batched / pairs
     per_pair_one = t_one / nb
+    per_pair_naive = t_naive / nn
     same = np.abs(one.alpha_G - batched.alpha_G[:nb]) <= 1e-4 * np.abs(one.alpha_G)
     return {
         "hook": hook, "prompts": prompts, "targets": targets.tolist(), "features": args.features,
@@ -85,6 +119,12 @@ def section_kl_calibration(lm, args) -> dict:
                                "features and scaled per feature" if nb < pairs else "run on every feature"),
         "speedup": round(per_pair_one / per_pair_batched, 2),
         "same_alpha_fraction": float(same.mean()),
+        "naive_features": nn // len(targets),
+        "naive_s": round(t_naive, 2),
+        "naive_s_per_feature_per_target": round(per_pair_naive, 4),
+        "naive_evals_per_pair": round(float(np.mean([e for *_, e, _ in naive])), 2),
+        "naive_reached_fraction": round(float(np.mean([r for *_, r in naive])), 3),
+        "speedup_vs_naive": round(per_pair_naive / per_pair_batched, 2),
     }
 
 
@@ -98,6 +138,7 @@ def main() -> None:
     ap.add_argument("--hook", default="resid_pre.15")
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--baseline-features", type=int, default=8)
+    ap.add_argument("--naive-features", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -2,6 +2,8 @@
 computations: on the real SmolLM2 (session fixture) for the calibration, on tiny random models for formulas."""
 from __future__ import annotations
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,18 +69,16 @@ def test_batched_equals_one_at_a_time_and_lands_in_band(smollm2):
     assert np.all((np.abs(batched.alpha_G) >= 1) & (np.abs(batched.alpha_G) <= 1000))
     # the same target needs a larger strength for 0.5 than for 0.25
     assert np.all(np.abs(batched.alpha_G[1::4]) > np.abs(batched.alpha_G[0::4]))
-    # the reported KL is the KL of the reported strength, computed directly (full logits, every real position
-    # after BOS, prompts run alone)
-    kls = []
-    for p in PROMPTS:
-        toks = np.array([[smollm2.config.bos_id] + smollm2.tokenizer.encode(p)], np.int32)
-        clean, _ = smollm2.forward(smollm2.params, toks)
-        steered, _ = smollm2.forward(smollm2.params, toks,
-                                     edits=[add(hook, Vg[2], float(batched.alpha_G[2]), np.arange(1, toks.shape[1]))])
-        lp = jax.nn.log_softmax(np.asarray(clean, np.float64)[0, 1:], axis=-1)
-        lq = jax.nn.log_softmax(np.asarray(steered, np.float64)[0, 1:], axis=-1)
-        kls.extend(np.sum(np.exp(lp) * (lp - lq), axis=-1))
-    np.testing.assert_allclose(np.mean(kls), batched.kl_G[2], rtol=2e-3)
+    # the reported KL is the KL of the reported strength, computed directly (full logits of the left-padded
+    # prompts, every real position after BOS)
+    toks, mask = st.left_pad(st.prompt_tokens(smollm2, PROMPTS))
+    real = (mask > 0) & (np.cumsum(mask, 1) > 1)
+    clean, _ = smollm2.forward(smollm2.params, toks, attention_mask_BxT=mask)
+    edit = add(hook, Vg[2], float(batched.alpha_G[2]), np.arange(1, toks.shape[1]))
+    steered, _ = smollm2.forward(smollm2.params, toks, attention_mask_BxT=mask, edits=[edit])
+    lp = jax.nn.log_softmax(np.asarray(clean, np.float64)[real], axis=-1)
+    lq = jax.nn.log_softmax(np.asarray(steered, np.float64)[real], axis=-1)
+    np.testing.assert_allclose(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)), batched.kl_G[2], rtol=2e-3)
 
 
 def test_unreachable_targets_are_reported(smollm2):
@@ -99,9 +99,8 @@ def test_last_position_and_mlp_hidden(smollm2):
     hook = "mlp_hidden.20"
     V = unit_rows(np.random.default_rng(2), 2, smollm2.config.d_mlp)
     cal = st.kl_calibrate(smollm2, hook, V, [0.1, -0.1], ["I think that"], st.SNMF_CALIBRATION, batch=4, iters=8)
-    one = st.kl_calibrate(smollm2, hook, V, [0.1, -0.1], ["I think that"], st.SNMF_CALIBRATION, batch=1, iters=8)
-    np.testing.assert_allclose(cal.alpha_G, one.alpha_G, rtol=1e-5)
     ok = cal.reached_G
+    assert ok.any()
     assert np.all((cal.kl_G[ok] >= 0.1) & (cal.kl_G[ok] <= 0.11))
     assert set(cal.status_G) <= set(st.STATUSES)
 
@@ -113,12 +112,19 @@ def test_latent_clamp_equals_formula(tiny):
     dic = ReluSAE(hook, tiny.config.d_model, 40)
     code_fn = st.latent_code_fn(dic)
     assert st.latent_code_fn(dic) is code_fn  # one function per dictionary: one compile
+    other = ReluSAE(hook, tiny.config.d_model, 8)
+    st.latent_code_fn(other)
+    n_before = len(st._CODE_FNS)
+    del other
+    gc.collect()
+    assert len(st._CODE_FNS) == n_before - 1  # the registry does not keep a dictionary alive
     toks = np.array([[1, 50, 60, 70, 80], [1, 90, 91, 92, 93]], np.int32)
     _, clean = tiny.forward(tiny.params, toks, capture=(hook,))
     x = np.asarray(clean[hook])
     f, alpha = 7, 3.5
     pos = np.arange(1, 5)
-    _, got = tiny.forward(tiny.params, toks, capture=(hook,), edits=[set_code(hook, code_fn, dic.W_dec[f], alpha, f, pos)])
+    edit = set_code(hook, code_fn, dic.W_dec[f], alpha, f, pos)
+    _, got = tiny.forward(tiny.params, toks, capture=(hook,), edits=[edit])
     a_f = np.asarray(dic.encode(x))[..., f]
     want = x + (alpha - a_f)[..., None] * np.asarray(dic.W_dec[f])
     want[:, 0] = x[:, 0]  # BOS untouched
@@ -151,22 +157,22 @@ def test_latent_clamp_calibration_batched_equals_one(tiny):
 
 # ---- generation, capability cost, NLL ----------------------------------------------------------------
 
-def test_generations_batched_equal_one_at_a_time_and_generate(tiny):
+def test_generations_batched_equal_alone_and_generate(tiny):
     hook = "resid_pre.1"
     V = unit_rows(np.random.default_rng(3), 3, tiny.config.d_model)
     alphas = np.array([0.0, 4.0, -4.0], np.float32)
     prompts = [[1, 40, 41, 42], [1, 77]]
     kw = dict(n_new=6, sampling=Sampling(temperature=0.75), n_samples=2, seed=3)
     together = st.steered_generations(tiny, hook, V, alphas, prompts, max_rows=64, **kw)
-    alone = [st.steered_generations(tiny, hook, V[g:g + 1], alphas[g:g + 1], prompts, **kw)[0] for g in range(3)]
-    assert together == alone
     assert len(together) == 3 and all(len(x) == 4 for x in together)
+    # row 0 (α = 0) of a batch of 3 equals the unsteered texts of a batch of 1: same random numbers
     assert together[0] == st.unsteered_generations(tiny, prompts, **kw)
     assert together[1] != together[0]
-    # greedy: the same tokens as the model's own generate with the same add edit
-    greedy = st.steered_generations(tiny, hook, V[1:2], alphas[1:2], prompts, n_new=5, sampling=Sampling())[0]
-    ref = tiny.generate(tiny.params, prompts, 5, edits=[add(hook, V[1], 4.0, np.arange(1, 8 + 5))])
-    assert greedy == [tiny.tokenizer.decode(list(r)) for r in ref]
+    # greedy: the same tokens as the model's own generate with the same add edit, for every row of the batch
+    greedy = st.steered_generations(tiny, hook, V, alphas, prompts, n_new=5, sampling=Sampling())
+    for g in (1, 2):
+        ref = tiny.generate(tiny.params, prompts, 5, edits=[add(hook, V[g], float(alphas[g]), np.arange(1, 8 + 5))])
+        assert greedy[g] == [tiny.tokenizer.decode(list(r)) for r in ref]
 
 
 def test_capability_cost_and_nll_equal_direct(tiny):
