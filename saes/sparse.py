@@ -22,12 +22,14 @@ as compare-and-swap loops on most GPUs, openxla/xla issue 26371) and no bfloat16
 Implementations (`impl()`, chosen per backend; FEATUREATLAS_SPARSE_IMPL or `use_impl` override it):
 
   gather  (GPU, TPU) no loops and no atomics contention: row sums of TopK are gather-reduces (k
-          gathered rows summed in registers), pair dots are one gather-multiply-reduce, weight
-          gradients one scatter each with indices sorted by one argsort of the feature ids
-          (`indices_are_sorted=True`, which XLA:GPU emits as per-warp runs accumulated in registers).
-  loop    (CPU) gather-reduce row sums, but the other products as loops over chunks of entries whose
-          working set stays in cache (an argsort and whole-batch gathers cost more than they save on
-          CPU: measured in scripts/bench_sae.py).
+          gathered rows summed in registers), pair dots one gather-multiply-reduce, weight gradients
+          one scatter each with indices sorted by one argsort of the feature ids
+          (`indices_are_sorted=True`, which XLA:GPU emits as per-warp runs accumulated in registers);
+          BatchTopK's row sums are sorted scatters over rows.
+  loop    (CPU) loops over chunks whose working set stays in cache: TopK's row sums and pair dots as
+          small batched dots over 32 rows at a time, weight gradients as scatter-adds of 4096 entries
+          at a time (an argsort and whole-batch gathers cost more than they save on CPU: measured in
+          scripts/bench_sae.py).
   legacy  the path before issue 11 (loops everywhere, accumulation in the compute dtype, selected
           values recomputed): kept only as the reference of tests and the benchmark's baseline.
 """
@@ -207,17 +209,33 @@ def row_chunk_dots(A_BxD, idx_BxK, W_FxD):
     return out[:B]
 
 
+def row_chunk_sums(coef_BxK, idx_BxK, W_FxD):
+    """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32, a loop over chunks of ROW_CHUNK rows (CPU; a
+    chain of k gathers is not kept in one fusion by XLA:CPU inside a training step)."""
+    B, k = idx_BxK.shape
+    c = max(1, min(ROW_CHUNK, B))
+    n_chunks = -(-B // c)
+    pad = n_chunks * c - B
+    coef = jnp.pad(coef_BxK.astype(jnp.float32), ((0, pad), (0, 0)))
+    idx = jnp.pad(idx_BxK, ((0, pad), (0, 0)))
+
+    def body(i, out):
+        w = W_FxD[jax.lax.dynamic_slice_in_dim(idx, i * c, c)]
+        part = jnp.einsum("bk,bkd->bd", jax.lax.dynamic_slice_in_dim(coef, i * c, c), w.astype(jnp.float32))
+        return jax.lax.dynamic_update_slice_in_dim(out, part, i * c, 0)
+
+    out = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_chunks * c, W_FxD.shape[1]), jnp.float32))
+    return out[:B]
+
+
 # ---------------------------------------------------------------------------------------------
-# Loop-free pieces (gather implementation; the row sums of the loop implementation too)
+# Loop-free pieces (gather implementation)
 # ---------------------------------------------------------------------------------------------
 def gather_reduce(coef_BxK, idx_BxK, W_FxD):
-    """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32: k gathered rows summed elementwise, which XLA
-    fuses into one pass without a [B, k, D] array."""
-    out = None
-    for j in range(idx_BxK.shape[1]):
-        term = coef_BxK[:, j, None].astype(jnp.float32) * W_FxD[idx_BxK[:, j]].astype(jnp.float32)
-        out = term if out is None else out + term
-    return out
+    """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32: one gather-multiply-reduce, which XLA:GPU keeps
+    in one reduction fusion (no [B, k, D] array; scripts/hlo_check.py reports it if it is not)."""
+    prod = coef_BxK[:, :, None].astype(jnp.float32) * W_FxD[idx_BxK].astype(jnp.float32)
+    return jnp.sum(prod, axis=1)
 
 
 def _sorted_scatter(keys_N, coef_N, rows_of_A, A_RxD, n_out: int):
@@ -237,7 +255,8 @@ def rows_sum(e: Entries, coef_N, W_FxD, dtype=jnp.float32):
     """[n_rows, D] float32: out[r] = Σ_{n: rows[n]=r} coef[n] · W[feats[n]] (module docstring)."""
     W = W_FxD.astype(dtype)
     if e.k:
-        return gather_reduce(coef_N.reshape(e.n_rows, e.k), e.idx_BxK, W)
+        sums = gather_reduce if e.impl == "gather" else row_chunk_sums
+        return sums(coef_N.reshape(e.n_rows, e.k), e.idx_BxK, W)
     if e.impl == "gather":
         return _sorted_scatter(e.rows, coef_N, e.feats, W, e.n_rows)
     acc = _acc(e, dtype)
@@ -350,5 +369,5 @@ def dense_codes(rows_N, feats_N, vals_N, n_rows: int, n_feats: int):
 
 
 __all__ = ["CHUNK", "IMPLS", "Entries", "coo_entries", "decode", "default_impl", "dense_codes", "feat_totals",
-           "feats_sum", "gather_dot", "gather_reduce", "impl", "pair_dots", "row_entries", "rows_sum",
-           "scatter_feats", "scatter_rows", "selected_preacts", "topk_method", "use_impl"]
+           "feats_sum", "gather_dot", "gather_reduce", "impl", "pair_dots", "row_chunk_dots", "row_chunk_sums",
+           "row_entries", "rows_sum", "scatter_feats", "scatter_rows", "selected_preacts", "topk_method", "use_impl"]
