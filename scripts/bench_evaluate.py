@@ -14,8 +14,15 @@ Sections:
                   Compiles are done first and reported apart. On a CPU the forward is FLOP-bound, so batching
                   buys the shared layers before the hook and bigger matmuls, not per-call overhead.
 
+  cost            cost per feature of each evaluation with the offline judges: `featureatlas evaluate` on
+                  --cost-features features of each describe run in --describe (a fresh run directory, nothing
+                  cached), seconds per feature per evaluation (summed over the description methods, and per
+                  method), and the projection to a 16k-feature dictionary. Model loading and compiles are
+                  included, as a user would pay them once per run.
+
     .venv/bin/python scripts/bench_evaluate.py [--sections kl_calibration] [--features 64] [--baseline-features 8]
                                                [--naive-features 4]
+    .venv/bin/python scripts/bench_evaluate.py --sections cost --describe runs/demo/describe_sae --cost-features 8
 """
 from __future__ import annotations
 
@@ -128,7 +135,35 @@ def section_kl_calibration(lm, args) -> dict:
     }
 
 
-SECTIONS = {"kl_calibration": section_kl_calibration}
+def section_cost(lm, args) -> dict:
+    import tempfile
+
+    from featureatlas.eval.evaluate import EvaluateConfig, evaluate, load_subjects
+
+    if not args.describe:
+        return {"skipped": "give --describe RUN_DIR (a finished describe run) to measure the cost per feature"}
+    evals = tuple(args.cost_evaluations.split(","))
+    cfg = EvaluateConfig(evaluations=evals, judges=("embedding",), max_features=args.cost_features)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = evaluate(load_subjects(args.describe), cfg, {}, f"{tmp}/eval", progress=False, load_model=lambda: lm)
+        wall = time.perf_counter() - t0
+    per_eval: dict[str, float] = {}
+    per_method: dict[str, dict] = {}
+    for r in res["summary"]:
+        if r["score"] == "cheap_output":  # one row's time is shared by the two cheap scores
+            continue
+        per_eval[r["evaluation"]] = per_eval.get(r["evaluation"], 0.0) + r["seconds_per_feature"]
+        per_method.setdefault(r["evaluation"], {})[r["description"] or "-"] = round(r["seconds_per_feature"], 3)
+    n = sum(min(args.cost_features, len(s.records)) for s in load_subjects(args.describe))
+    return {"features": n, "evaluations": list(evals), "wall_s": round(wall, 1),
+            "seconds_per_feature": {k: round(v, 3) for k, v in per_eval.items()},
+            "seconds_per_feature_per_description": per_method,
+            "projected_hours_16k_features": round(sum(per_eval.values()) * 16384 / 3600, 1),
+            "note": "steering and probing not included unless listed in --cost-evaluations"}
+
+
+SECTIONS = {"kl_calibration": section_kl_calibration, "cost": section_cost}
 
 
 def main() -> None:
@@ -141,6 +176,10 @@ def main() -> None:
     ap.add_argument("--naive-features", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--describe", nargs="*", default=[], help="cost section: finished describe runs")
+    ap.add_argument("--cost-features", type=int, default=8, help="cost section: features per describe run")
+    ap.add_argument("--cost-evaluations", default="cheap,embedding,input,output",
+                    help="cost section: comma-separated evaluations")
     args = ap.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
