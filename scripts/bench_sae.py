@@ -25,12 +25,14 @@ gflops counts the flops the step executes: dense architectures 10·B·D·F (enco
 decoder forward 2BFD, decoder backward 2·2BFD, encoder weight gradient 2BDF; Gated 14·B·D·F with its
 auxiliary reconstruction through the frozen decoder, forward and backward); the TopK family
 2·B·D·F for the dense pre-activations plus 10·N·D for the sparse products (N = k·B entries,
-Matryoshka the same), which is why its rate looks low while its tokens/s is high.
+Matryoshka the same), which is why its rate looks low while its tokens/s is high. step_cpu_ms is the
+process CPU time of a step (all threads, median): on a shared machine a steadier measure of the work
+than wall time.
 
 The last stdout line is one JSON object:
   {"benchmark", "backend", "device", "preset", "dtype", "matmul_gflops", "matmul_gflops_after", "config",
-   "results": [{arch, impl, tokens_per_s, step_ms, best_step_ms, gflops, compile_s, peak_rss_mb, l0,
-                ops_ms}, ...],
+   "results": [{arch, impl, tokens_per_s, step_ms, best_step_ms, step_cpu_ms, gflops, compile_s, peak_rss_mb,
+                l0, ops_ms}, ...],
    "summary": {"topk_speedup_vs_legacy", "batchtopk_over_topk", "tokens_per_s_per_matmul_gflops", ...},
    "complete"}   (--out is rewritten after every architecture; complete: all ran)
 
@@ -204,11 +206,12 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
         compile_s = time.perf_counter() - t0
         for i in range(warmup):
             state = jax.block_until_ready(jstep(state, batches[(i + 1) % 3]))
-        times = []
+        times, cpu = [], []
         for i in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state = jax.block_until_ready(jstep(state, batches[i % 3]))
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         # Median: the machine may be shared, so single steps are sometimes slowed by other jobs.
         dt = float(np.median(times))
         metrics = jax.device_get(state.sums[0])
@@ -219,6 +222,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
             "gflops": round(step_flops(arch, batch, d_in, width, k) / dt / 1e9, 2),
             "step_ms": round(dt * 1e3, 2),
             "best_step_ms": round(min(times) * 1e3, 2),
+            "step_cpu_ms": round(float(np.median(cpu)) * 1e3, 2),
             "compile_s": round(compile_s, 1),
             "l0": round(float(metrics["l0"]) / (steps + warmup + 1), 1),
         }
@@ -235,9 +239,12 @@ def summary(results: list[dict], gf: float) -> dict:
     auto = {r["arch"]: r for r in results if "tokens_per_s" in r and r["impl"] != "legacy"}
     out = {}
     if "topk" in auto and ("topk", "legacy") in by:
-        out["topk_speedup_vs_legacy"] = round(auto["topk"]["tokens_per_s"] / by[("topk", "legacy")]["tokens_per_s"], 3)
+        new, old = auto["topk"], by[("topk", "legacy")]
+        out["topk_speedup_vs_legacy"] = round(new["tokens_per_s"] / old["tokens_per_s"], 3)
+        out["topk_cpu_time_ratio_legacy_over_new"] = round(old["step_cpu_ms"] / new["step_cpu_ms"], 3)
     if "topk" in auto and "batchtopk" in auto:
         out["batchtopk_over_topk"] = round(auto["batchtopk"]["tokens_per_s"] / auto["topk"]["tokens_per_s"], 3)
+        out["batchtopk_cpu_time_over_topk"] = round(auto["batchtopk"]["step_cpu_ms"] / auto["topk"]["step_cpu_ms"], 3)
     out["tokens_per_s_per_matmul_gflops"] = {f"{a}/{i}": round(r["tokens_per_s"] / gf, 2) for (a, i), r in by.items()}
     return out
 
