@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from featureatlas.activation_store.errors import ConfigError
 
 CHUNK = 4096  # entries per loop iteration: big enough to vectorise, small enough to stay in cache
-ROW_CHUNK = 32  # rows per loop iteration of the CPU pair dots (32 rows · k gathered rows stay in L2)
+ROW_CHUNK = 32  # rows per loop iteration of the CPU row sums and pair dots (32·k gathered rows stay in L2)
 IMPLS = ("gather", "loop", "legacy")
 ENV = "FEATUREATLAS_SPARSE_IMPL"
 _override: list[str] = []
@@ -98,7 +98,7 @@ class Entries:
     """N coordinate entries of a batch of sparse codes (module docstring); lives inside a traced step."""
 
     rows: jax.Array
-    """[N] int32, ascending."""
+    """[N] int32; ascending wherever the gather implementation sums over rows."""
     feats: jax.Array
     """[N] int32."""
     n_rows: int
