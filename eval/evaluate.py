@@ -431,7 +431,8 @@ class Evaluator:
         from featureatlas.eval.outputs import corpus_sequences
 
         seq_len = min(64, s.store.context_length)
-        n_seq = min(16, int((np.asarray(s.store.n_valid) >= seq_len).sum()))
+        long_enough = int((np.asarray(s.store.n_valid) >= seq_len).sum())
+        n_seq = min(self.protocols["steering"].capability_sequences, long_enough)
         return corpus_sequences(s.store.tokens, s.store.n_valid, n_seq, seq_len, seed=1)
 
 

@@ -174,6 +174,8 @@ class SteeringEvalConfig(Config):
     """Offline fluency 2: perplexity at most this quantile of the unsteered texts' perplexities."""
     fluency_factor: float = setting(2.0, ge=1)
     """Offline fluency 1: perplexity at most this factor times that quantile."""
+    capability_sequences: int = setting(8, gt=0)
+    """Corpus sequences of up to 64 tokens the capability cost (NLL increase) is measured on."""
     capability: bool = setting(True)
     """Measure the capability cost (NLL increase on held-out corpus text) of every reached strength."""
     judge_max_tokens: int = setting(4, gt=0)

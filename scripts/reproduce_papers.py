@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--demo", default="", help="a finished `featureatlas demo` directory to reuse (store, SAE, SNMF)")
     p.add_argument("--features", type=int, default=40, help="live features described and scored per dictionary")
     p.add_argument("--evaluations", nargs="+", default=["cheap", "embedding", "input", "output", "steering", "probing"])
-    p.add_argument("--steering-targets", nargs="+", default=["0.05", "0.15", "0.35"],
+    p.add_argument("--steering-targets", nargs="+", default=["0.05", "0.25"],
                    help="KL targets of the steering evaluation (the paper: 0.025 ... 0.5; fewer keep CPU time down)")
-    p.add_argument("--steering-features", default="16", help="features per dictionary in the steering evaluation")
+    p.add_argument("--steering-features", default="12", help="features per dictionary in the steering evaluation")
     p.add_argument("--steering-samples", default="4", help="generations per strength (the paper: 8)")
     p.add_argument("--steering-tokens", default="30", help="tokens per generation (the paper: 50)")
     p.add_argument("--base-url", default="")
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     extra = ["--base-url", args.base_url, "--api-model", args.api_model] if "openai" in judges else []
     _cli("evaluate", "--describe", *describe_dirs, "--out", str(out / "eval"), "--evaluations", *args.evaluations,
          "--judges", *judges, *extra, "--steering-targets", *args.steering_targets,
-         "--steering-features", args.steering_features, "--steering-n-samples", args.steering_samples, "--steering-n-new", args.steering_tokens,
+         "--steering-features", args.steering_features, "--steering-n-samples", args.steering_samples,
+         "--steering-capability-sequences", "4", "--steering-n-new", args.steering_tokens,
          "--calibrate", "--resume", "--no-progress")
     report = json.loads((out / "eval" / "report.json").read_text())
     summary = report["summary"]
