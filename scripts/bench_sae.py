@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
     legacy = set(TOPK_FAMILY) if args.legacy == "all" else {a for a in args.legacy.split(",") if a}
-    jobs = [(a, "auto") for a in archs] + [(a, "legacy") for a in archs if a in legacy and a in TOPK_FAMILY]
+    jobs = [(a, i) for a in archs for i in ("auto", "legacy") if i == "auto" or (a in legacy and a in TOPK_FAMILY)]
     gf = matmul_gflops()
     results = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
