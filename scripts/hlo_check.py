@@ -89,7 +89,7 @@ def analyse(text: str, B: int, F: int, k: int, D: int) -> dict:
             integer = all(t[0] in "spu" for t, _ in _arrays(i["shape"]))
             out["integer_while_loops" if integer else "while_loops"] += 1
         is_sort = op == "sort" or "sort" in target.lower()
-        is_topk = op == "topk" or target.lower() == "topk"
+        is_topk = op == "topk" or "topk" in target.lower()
         if is_sort or is_topk:
             arrays = operand_arrays(i) if is_topk else _arrays(i["shape"])
             n = max((_size(d) for _, d in arrays), default=0)
