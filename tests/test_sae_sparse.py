@@ -215,3 +215,22 @@ def test_new_paths_equal_the_legacy_path(arch, base, impl):
     for name in g_old:
         a, b = np.asarray(g_new[name], np.float64), np.asarray(g_old[name], np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, (name, np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_bfloat16_dense_matmuls_run_in_bfloat16_both_ways():
+    """The dense path's backward matmuls read bfloat16 too (autodiff alone ran them in float32) and sum in
+    float32; gradients stay float32 and close to the float32 ones."""
+    ks = jax.random.split(jax.random.key(0), 3)
+    a, b, c = jax.random.normal(ks[0], (16, 32)), jax.random.normal(ks[1], (64, 32)), jax.random.normal(ks[2], (64, 8))
+
+    def f(a, b, c, dtype):
+        return jnp.sum(A._mm_n(jax.nn.relu(A._mm(a, b, dtype)), c, dtype) ** 2)
+
+    grad = jax.jit(jax.grad(f, (0, 1, 2)), static_argnums=3)
+    for g16, g32 in zip(grad(a, b, c, jnp.bfloat16), grad(a, b, c, jnp.float32)):
+        assert g16.dtype == jnp.float32
+        assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 2e-2
+    hlo = grad.lower(a, b, c, jnp.bfloat16).as_text(dialect="hlo")
+    shapes = {line.split("=")[0].strip(): line.split("=")[1].split()[0] for line in hlo.splitlines() if " = " in line}
+    dots = [line.split("dot(")[1].split(")")[0].split(", ") for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) == 6 and all(shapes[x].startswith("bf16") for d in dots for x in d)
