@@ -32,7 +32,7 @@ import numpy as np
 
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.activation_store.runs import MetricsLog, Run, atomic_write, atomic_write_json
+from featureatlas.activation_store.runs import MetricsLog, Run
 from featureatlas.eval.catalog import json_line
 from featureatlas.eval.schema import DESCRIPTION_METHODS
 
@@ -572,7 +572,8 @@ def probing_rows(rows: list[dict], kinds: Mapping[str, str]) -> list[dict]:
         for sc in r["scores"]:
             k = sc["method"].split("_k")[-1]
             raw = k == "all"
-            out.append({"dictionary": r["dictionary"], "kind": "raw activations" if raw else kinds.get(r["dictionary"], ""),
+            kind = "raw activations" if raw else kinds.get(r["dictionary"], "")
+            out.append({"dictionary": r["dictionary"], "kind": kind,
                         "probe": "all dimensions" if raw else f"top-{k} features", "accuracy": sc["value"],
                         "ci": sc.get("ci")})
     return out

@@ -51,7 +51,8 @@ def summary_rows(rows: Iterable[Mapping], kinds: Mapping[str, str], n_boot: int 
                     "mean": float(np.mean(scored)) if scored else None, "ci": [lo, hi] if scored else None,
                     "n_features": n_f, "n_unscored": n_f - len(scored), "failed_calls": g["failed"],
                     "seed_std": float(np.mean(spreads)) if spreads else None,
-                    "seconds_per_feature": g["seconds"] / max(n_f, 1), "judge_tokens_per_feature": g["tokens"] / max(n_f, 1),
+                    "seconds_per_feature": g["seconds"] / max(n_f, 1),
+                    "judge_tokens_per_feature": g["tokens"] / max(n_f, 1),
                     "values": scored})
     return out
 
@@ -78,7 +79,8 @@ def markdown(summary: list[dict], *, probing: list[dict], calibration: list[dict
         lines += ["## Calibration: can the evaluators be trusted?", "",
                   "Planted features with known meaning (eval/synthetic.py), scored with their true descriptions and "
                   "with shuffled ones. AUROC = how well each scorer separates the two (1 = perfect, 0.5 = chance).", "",
-                  "| evaluation | score | judge | AUROC | mean (true) | mean (shuffled) | n |", "|---|---|---|---|---|---|---|"]
+                  "| evaluation | score | judge | AUROC | mean (true) | mean (shuffled) | n |",
+                  "|---|---|---|---|---|---|---|"]
         for c in calibration:
             lines.append(f"| {c['evaluation']} | {c['score']} | {_md_cell(c['judge'] or '–')} | {_fmt(c['auroc'])} | "
                          f"{_fmt(c['mean_true'])} | {_fmt(c['mean_shuffled'])} | {c['n_true']} |")
@@ -88,8 +90,9 @@ def markdown(summary: list[dict], *, probing: list[dict], calibration: list[dict
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         ci = "–" if not r["ci"] else f"[{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]"
-        lines.append(f"| {_md_cell(r['dictionary'])} | {r['kind']} | {r['evaluation']} | {_md_cell(r['description'] or '–')} "
-                     f"| {_md_cell(r['judge'] or '–')} | {r['score']} | {_fmt(r['mean'])} | {ci} | {r['n_features']} | "
+        lines.append(f"| {_md_cell(r['dictionary'])} | {r['kind']} | {r['evaluation']} "
+                     f"| {_md_cell(r['description'] or '–')} | {_md_cell(r['judge'] or '–')} | {r['score']} "
+                     f"| {_fmt(r['mean'])} | {ci} | {r['n_features']} | "
                      f"{r['n_unscored']} | {r['failed_calls']} | {_fmt(r['seed_std'])} | "
                      f"{_fmt(r['seconds_per_feature'], 2)} | {_fmt(r['judge_tokens_per_feature'], 0)} |")
     lines.append("")
@@ -173,7 +176,8 @@ def charts(summary: list[dict], out_dir: Path) -> dict[str, Path]:
         groups = sorted({f"{r['dictionary']} ({r['kind']})" for r in st})
         series = {}
         for r in st:
-            series.setdefault(f"{r['description']} / {r['judge']}", {})[f"{r['dictionary']} ({r['kind']})"] = _mean_ci(r)
+            group = f"{r['dictionary']} ({r['kind']})"
+            series.setdefault(f"{r['description']} / {r['judge']}", {})[group] = _mean_ci(r)
         _bar_groups(ax, groups, series, "steering score (0-2)")
         files["steering.png"] = save_png(fig, out_dir / ".steering.png.tmp")
     # score distributions per evaluation
@@ -183,7 +187,8 @@ def charts(summary: list[dict], out_dir: Path) -> dict[str, Path]:
         axes = fig.subplots(1, len(evals), squeeze=False)[0]
         for ax, e in zip(axes, evals):
             for r in [r for r in summary if r["evaluation"] == e and r["values"]][:8]:
-                ax.hist(r["values"], bins=20, histtype="step", label=f"{r['dictionary']} {r['description'] or r['score']}")
+                ax.hist(r["values"], bins=20, histtype="step",
+                        label=f"{r['dictionary']} {r['description'] or r['score']}")
             ax.set_title(e, fontsize=9)
             ax.set_xlabel("score")
             ax.grid(alpha=0.3)

@@ -190,7 +190,7 @@ def run_calibration(ev, work_dir: Path) -> list[dict]:
     evals = tuple(e for e in ev.cfg.evaluations if EVALUATIONS[e].needs_description)
     if not evals:
         return []
-    # judge noise (e.g. the output evaluation's random distractor sets) averaged over at least CALIBRATION_SEEDS seeds per feature
+    # judge noise (e.g. the output evaluation's random distractor sets): at least CALIBRATION_SEEDS seeds per feature
     cfg = dataclasses.replace(ev.cfg, evaluations=evals, methods=("maxact",), max_features=0,
                               seeds=max(ev.cfg.seeds, CALIBRATION_SEEDS))
     cal = Evaluator([true, shuffled], cfg, ev.protocols, Path(work_dir), lambda: ev.model, ev.judges,
@@ -202,10 +202,13 @@ def run_calibration(ev, work_dir: Path) -> list[dict]:
             side = values.setdefault((r["evaluation"], sc["method"], r["judge"]), {"true": {}, "shuffled": {}})
             bucket = side["true" if r["dictionary"] == true.name else "shuffled"]
             bucket.setdefault(r["feature"], []).append(sc.get("value"))
+
+    def mean(d):  # per feature, over seeds
+        return {f: (float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v) else None)
+                for f, v in d.items()}
+
     out = []
     for (e, method, judge), side in sorted(values.items(), key=lambda kv: str(kv[0])):
-        mean = lambda d: {f: (float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v)  # noqa: E731
-                              else None) for f, v in d.items()}
         out.append({"evaluation": e, "score": method, "judge": judge, **calibration(mean(side["true"]),
                                                                                     mean(side["shuffled"]))})
     return out

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ("maxact", "vocabproj", "tokenchange", "ensemble-raw", "ensemble-concat")
-INPUT_CENTRIC, OUTPUT_CENTRIC, ENSEMBLES = ("maxact",), ("vocabproj", "tokenchange"), ("ensemble-raw", "ensemble-concat")
+INPUT_CENTRIC, OUTPUT_CENTRIC = ("maxact",), ("vocabproj", "tokenchange")
+ENSEMBLES = ("ensemble-raw", "ensemble-concat")
 
 
 def _cli(*argv: str) -> None:
