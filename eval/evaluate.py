@@ -62,6 +62,9 @@ EVALUATIONS = {e.name: e for e in (
     Evaluation("steering", True, ("llm", "embedding")),
 )}
 JUDGES = ("embedding", "local", "openai")
+# protocol settings of the output and steering evaluations that only the judging reads, or that change no result
+NOT_GENERATION = {"group", "n_sets", "judge_max_tokens", "batch", "concept_hi", "concept_mid", "fluency_q",
+                  "fluency_factor"}
 
 
 @dataclasses.dataclass
@@ -256,9 +259,14 @@ class Evaluator:
             self._model = self._load_model()
         return self._model
 
-    def protocol(self, evaluation: str) -> dict:
+    def protocol(self, evaluation: str, *, generation: bool = False) -> dict:
+        """The settings a result depends on; for steered generations, only those that change the texts (a new
+        judge setting re-judges the cached generations without a model call)."""
         cfg = self.protocols.get(evaluation)
-        return {"evaluation": evaluation, "config": cfg.to_dict() if cfg is not None else {}}
+        d = cfg.to_dict() if cfg is not None else {}
+        if generation:
+            d = {k: v for k, v in d.items() if k not in NOT_GENERATION}
+        return {"evaluation": evaluation, "config": d}
 
     def judge_names(self, evaluation: str) -> list[str | None]:
         kinds = EVALUATIONS[evaluation].judges
@@ -391,7 +399,8 @@ class Evaluator:
     def _generations(self, s: Subject, evaluation: str, make: Callable[[list[int]], dict], block: int) -> dict:
         """{feature: generations} of every feature of the subject, from the generation log or `make(missing)`
         called on blocks of `block` features."""
-        keys = {f: result_key(dictionary=s.identity, feature=f, protocol=self.protocol(evaluation), what="generations")
+        keys = {f: result_key(dictionary=s.identity, feature=f, protocol=self.protocol(evaluation, generation=True),
+                              what="generations")
                 for f in self.features(s, evaluation)}
         missing = [f for f, k in keys.items() if k not in self.generations]
         for part in _chunks(missing, block):

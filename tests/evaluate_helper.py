@@ -71,12 +71,12 @@ def protocols():
 
 
 def run(work: Path, out: Path, *, resume: bool = False, evaluations=("cheap", "embedding", "input", "output"),
-        load_model=None, judges=None, block: int = 1):
+        load_model=None, judges=None, block: int = 1, protocols_=None):
     from featureatlas.eval.evaluate import EvaluateConfig, evaluate, load_subjects
 
     desc = build(work)
     cfg = EvaluateConfig(evaluations=tuple(evaluations), judges=("embedding",), block=block, bootstrap=50)
-    return evaluate(load_subjects([str(desc)]), cfg, protocols(), out, resume=resume, progress=False,
+    return evaluate(load_subjects([str(desc)]), cfg, protocols_ or protocols(), out, resume=resume, progress=False,
                     load_model=load_model or tiny_model, judges=judges)
 
 

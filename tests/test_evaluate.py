@@ -76,7 +76,13 @@ def test_evaluate_scores_merges_reports_and_a_cached_rerun_calls_nothing(work, t
                   evaluations=("cheap", "embedding", "input", "output", "steering", "probing"))
     assert again["n_new"] == 0 and again["blocks_run"] == 0 and not again["model_loaded"]
     assert loads == [1] and judge.calls == 0
-    assert _values(out) == {k: v for k, v in _values(out).items()}
+    # a judge-only setting changed: the cached generations are judged again, without the model
+    import dataclasses
+
+    prot = H.protocols()
+    prot["output"] = dataclasses.replace(prot["output"], n_sets=2)
+    third = H.run(work, out, resume=True, load_model=load, protocols_=prot, evaluations=("output",))
+    assert third["n_new"] > 0 and not third["model_loaded"] and loads == [1]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(work, tmp_path):
