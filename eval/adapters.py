@@ -37,6 +37,17 @@ def write_hook(dic) -> str:
     return getattr(dic, "hook_out", None) or dic.hook
 
 
+def write_directions(model, dic) -> tuple[str, np.ndarray]:
+    """(write hook, directions_FxD as float32 numpy), checked against the model's width at that hook."""
+    hook = write_hook(dic)
+    D = model.hook_dim(hook)
+    V = np.asarray(dic.directions_FxD, np.float32)
+    if V.shape != (dic.n_features, D):
+        raise DictionaryError(f"directions_FxD has shape {V.shape}; {hook} is {D} wide in {model.model_id}: "
+                              "use the model the dictionary was trained on")
+    return hook, V
+
+
 def feature_ids(features, n_features: int) -> np.ndarray:
     """Checked int64 feature ids (None: all); DictionaryError naming the valid range otherwise."""
     f = np.arange(n_features) if features is None else np.atleast_1d(np.asarray(features))

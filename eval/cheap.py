@@ -45,7 +45,7 @@ import numpy as np
 
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.eval.adapters import DictionaryError, feature_ids, write_hook
+from featureatlas.eval.adapters import feature_ids, write_directions
 from featureatlas.eval.cache import EXPLAIN, HELD_OUT, FeatureCache
 from featureatlas.eval.outputs import _compiled, _mean_final_hidden, _unembed_linear, dictionary_vocab_proj
 
@@ -235,12 +235,8 @@ def output_scores(model, dic, top_ids_FxK, features=None, *, alpha_F=None, promp
         raise ConfigError(f"positions must be 'last' or 'all', got {positions!r}")
     if feature_batch < 1:
         raise ConfigError(f"feature_batch must be >= 1, got {feature_batch}")
-    hook = write_hook(dic)
-    D = model.hook_dim(hook)
-    V_all = np.asarray(dic.directions_FxD, np.float32)
-    if V_all.shape != (dic.n_features, D):
-        raise DictionaryError(f"directions_FxD has shape {V_all.shape}; {hook} is {D} wide in {model.model_id}: "
-                              "use the model the dictionary was trained on")
+    hook, V_all = write_directions(model, dic)
+    D = V_all.shape[1]
     toks = prompt_tokens(model.tokenizer, prompt)
     if alpha_F is None:
         alpha = np.full(len(f), factor * prompt_max_activation(model, dic, toks), np.float32)

@@ -623,8 +623,7 @@ def steering_rows(model, dic_or_vectors, hook, features, *, clamp_latent: bool =
                                   "hook=None to use the dictionary's own")
         f = feature_ids([int(x) for x in features], dic.n_features)
         h, V, code_fn, feats = steering.steering_setup(dic, f, clamp_latent=clamp_latent)
-        _check_width(model, h, V)
-        return h, V, code_fn, feats
+        return h, steering.check_hook_vectors(model, h, V), code_fn, feats
     if clamp_latent:
         raise OutputEvalError("clamp_latent needs the Dictionary (its encoder gives the latent's value), not an "
                               "array of vectors")
@@ -639,15 +638,7 @@ def steering_rows(model, dic_or_vectors, hook, features, *, clamp_latent: bool =
     V = V_all[np.asarray(features, np.int64)]
     n = np.linalg.norm(V, axis=1, keepdims=True)
     V = np.where(n > 0, V / np.where(n > 0, n, 1), 0).astype(np.float32)
-    _check_width(model, hook, V)
-    return hook, V, None, None
-
-
-def _check_width(model, hook, V) -> None:
-    D = model.hook_dim(hook)
-    if V.shape[1] != D:
-        raise OutputEvalError(f"steering vectors are {V.shape[1]} wide but {hook} is {D} wide in "
-                              f"{model.model_id}: use the model the dictionary was trained on")
+    return hook, steering.check_hook_vectors(model, hook, V), None, None
 
 
 def _code_kw(code_fn, feats, rows) -> dict:

@@ -38,13 +38,12 @@ import functools
 import weakref
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.models import add, clamp, transformer
-from featureatlas.eval.adapters import DictionaryError, feature_ids, write_hook
+from featureatlas.eval.adapters import DictionaryError, feature_ids, write_directions
 
 
 def token_strings(tokenizer, ids) -> list[str]:
@@ -285,12 +284,8 @@ def token_change(model, dic, tokens_BxT, features=None, config: TokenChangeConfi
     cfg = (config or TokenChangeConfig()).validate()
     toks = _check_tokens(model, tokens_BxT)
     f = feature_ids(features, dic.n_features)
-    hook = write_hook(dic)
-    D = model.hook_dim(hook)
-    V_all = np.asarray(dic.directions_FxD, np.float32)
-    if V_all.shape != (dic.n_features, D):
-        raise DictionaryError(f"directions_FxD has shape {V_all.shape}; {hook} is {D} wide in {model.model_id}: "
-                              "use the model the dictionary was trained on")
+    hook, V_all = write_directions(model, dic)
+    D = V_all.shape[1]
     if not cfg.top <= model.config.vocab_size:
         raise ConfigError(f"--top {cfg.top} exceeds the vocabulary ({model.config.vocab_size})")
     c_F = np.full(len(f), cfg.clamp, np.float32) if clamp_F is None else np.asarray(clamp_F, np.float32)

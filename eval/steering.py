@@ -134,7 +134,7 @@ class Calibration:
 
 # ---- argument checks --------------------------------------------------------------------------
 
-def _check_hook_vectors(model, hook: str, vectors_GxD) -> np.ndarray:
+def check_hook_vectors(model, hook: str, vectors_GxD) -> np.ndarray:
     model.check_hook(hook)
     D = model.hook_dim(hook)
     V = np.asarray(vectors_GxD, np.float32)
@@ -144,6 +144,19 @@ def _check_hook_vectors(model, hook: str, vectors_GxD) -> np.ndarray:
     if not np.all(np.isfinite(V)):
         raise ConfigError("steering vectors contain NaN or inf; check the dictionary's decoder rows")
     return V
+
+
+def padded_blocks(nb: int, V_GxD: np.ndarray, alphas_G: np.ndarray, feats_G: np.ndarray):
+    """(start, m, V_nbxD, a_nb, f_nb) per block of nb rows; the last block is zero-padded to nb rows (one compiled
+    shape), its padded rows computed and dropped by the caller."""
+    G = V_GxD.shape[0]
+    for s in range(0, G, nb):
+        m = min(nb, G - s)
+        Vb = np.zeros((nb, V_GxD.shape[1]), np.float32)
+        ab = np.zeros(nb, np.float32)
+        fb = np.zeros(nb, np.int32)
+        Vb[:m], ab[:m], fb[:m] = V_GxD[s:s + m], alphas_G[s:s + m], feats_G[s:s + m]
+        yield s, m, Vb, ab, fb
 
 
 def _check_code(code_fn, features_G, G: int) -> np.ndarray:
@@ -464,7 +477,7 @@ def kl_calibrate(model, hook: str, vectors_GxD, targets_G, prompts, config: Cali
     code_fn (+ features_G): clamp latent features_G[g] to α keeping the error (`latent_code_fn`)."""
     cfg = (config or OUTPUT_CALIBRATION)
     cfg = CalibrationConfig.from_dict({**cfg.to_dict(), **settings}).validate() if settings else cfg.validate()
-    V = _check_hook_vectors(model, hook, vectors_GxD)
+    V = check_hook_vectors(model, hook, vectors_GxD)
     G = V.shape[0]
     targets = _check_values("targets_G", targets_G, G, nonzero=True)
     feats = _check_code(code_fn, features_G, G)
@@ -568,7 +581,7 @@ def steered_generations(model, hook: str, vectors_GxD, alphas_G, prompts, *, n_n
     prompt 0's samples first), the prompt not included, cut at EOS. prompts: strings (BOS prepended) or
     token lists. Rows of one call: min(G, max_rows // (n_prompts·n_samples)) edits × prompts × samples.
     Sampling key = key(seed), shared by all g (module docstring)."""
-    V = _check_hook_vectors(model, hook, vectors_GxD)
+    V = check_hook_vectors(model, hook, vectors_GxD)
     G = V.shape[0]
     alphas = _check_values("alphas_G", alphas_G, G, nonzero=False)
     feats = _check_code(code_fn, features_G, G)
@@ -597,12 +610,7 @@ def steered_generations(model, hook: str, vectors_GxD, alphas_G, prompts, *, n_n
     key = jax.random.key(seed)
     nb = max(1, min(G, max_rows // len(rows)))
     out: list[list[str]] = []
-    for s in range(0, G, nb):
-        m = min(nb, G - s)
-        Vb = np.zeros((nb, V.shape[1]), np.float32)
-        ab = np.zeros(nb, np.float32)
-        fb = np.zeros(nb, np.int32)
-        Vb[:m], ab[:m], fb[:m] = V[s:s + m], alphas[s:s + m], feats[s:s + m]
+    for _, m, Vb, ab, fb in padded_blocks(nb, V, alphas, feats):
         toks = np.asarray(fn(model.params, prompt, mask, Vb, ab, fb, key, temperature, top_p))
         out.extend([_decode(model, r) for r in toks[i]] for i in range(m))
     return out
@@ -656,7 +664,7 @@ def capability_cost(model, hook: str, vectors_GxD, alphas_G, tokens_BxT, *, code
     `outputs.corpus_sequences`) under each steering edit minus the clean NLL. Averaged over the predictions
     made at edited positions (t ≥ 1 unless edit_bos; the prediction at an unedited BOS cannot change).
     One vmapped forward per max(1, max_tokens // (B·T)) edits."""
-    V = _check_hook_vectors(model, hook, vectors_GxD)
+    V = check_hook_vectors(model, hook, vectors_GxD)
     G = V.shape[0]
     alphas = _check_values("alphas_G", alphas_G, G, nonzero=False)
     feats = _check_code(code_fn, features_G, G)
@@ -678,12 +686,7 @@ def capability_cost(model, hook: str, vectors_GxD, alphas_G, tokens_BxT, *, code
     fn = _cost_fn(model, hook, code_fn, T, edit_bos)
     nb = max(1, min(G, max_tokens // (B * T)))
     out = []
-    for s in range(0, G, nb):
-        m = min(nb, G - s)
-        Vb = np.zeros((nb, V.shape[1]), np.float32)
-        ab = np.zeros(nb, np.float32)
-        fb = np.zeros(nb, np.int32)
-        Vb[:m], ab[:m], fb[:m] = V[s:s + m], alphas[s:s + m], feats[s:s + m]
+    for _, m, Vb, ab, fb in padded_blocks(nb, V, alphas, feats):
         out.append(np.asarray(fn(model.params, toks, mask, w, Vb, ab, fb))[:m])
     return (np.concatenate(out) - clean).astype(np.float32)
 

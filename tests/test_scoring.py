@@ -6,7 +6,6 @@ import dataclasses
 import json
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -338,31 +337,7 @@ def test_intruder_with_llm_and_embedding_judges(sets, judge_server, key_env, min
 # ---------------------------------------------------------------------------------------------
 # A real tiny cache: held-out windows only
 # ---------------------------------------------------------------------------------------------
-HOOK = "resid_post.0"
-
-
-@dataclasses.dataclass
-class ReluDict:
-    W_DxF: np.ndarray
-    b_F: np.ndarray
-    hook: str = HOOK
-
-    @property
-    def n_features(self):
-        return self.W_DxF.shape[1]
-
-    @property
-    def directions_FxD(self):
-        return jnp.asarray(self.W_DxF.T)
-
-    def encode(self, x):
-        return jnp.maximum(jnp.asarray(x) @ self.W_DxF - self.b_F, 0.0)
-
-    def decode(self, c):
-        return jnp.asarray(c) @ self.directions_FxD
-
-    def residual_directions(self, model):
-        return self.directions_FxD
+from test_cache import HOOK, ReluDict  # noqa: E402  (the same tiny ReLU dictionary)
 
 
 def test_scoring_sets_of_a_real_cache_use_held_out_windows_only(tmp_path, minilm):
