@@ -15,6 +15,7 @@ each chunk about once per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import h5py
@@ -130,12 +131,44 @@ def place(x: np.ndarray, sharding, local: slice | None, batch_size: int):
     return jax.device_put(x)
 
 
-def read_batches(path, hooks: Sequence[str], plan: ShufflePlan, batch_size: int, start_step: int, sharding,
-                 dtype, limit: int) -> Iterator[dict]:
+class StackedRows:
+    """The first n_rows[i] rows of each dataset, stacked: what a sharded store's hook reads as. Supports
+    what the readers use of an h5py dataset: `shape`, `dtype`, `chunks` and contiguous slices; `chunks`
+    is the block the readers read at once (the chunk of the unsharded store, so both give the same
+    batches), which may span several of the files' own chunks."""
+
+    def __init__(self, datasets: Sequence, n_rows: Sequence[int], block_rows: int):
+        self.datasets = list(datasets)
+        self.offsets = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), int(self.datasets[0].shape[1]))
+        self.dtype = self.datasets[0].dtype
+        self.chunks = (int(block_rows), self.shape[1])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.shape[0])
+        pieces = [ds[max(a, lo) - lo:min(b, hi) - lo]
+                  for ds, lo, hi in zip(self.datasets, self.offsets[:-1], self.offsets[1:]) if a < hi and b > lo]
+        if not pieces:
+            return np.empty((0, self.shape[1]), self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def stacked_rows(handles: Sequence[h5py.File], n_rows: Sequence[int], hook: str, block_rows: int | None):
+    """`hook`'s rows across the open files of a store (the dataset itself for a one-file store, whose
+    block_rows is None: its chunk)."""
+    datasets = [f["acts"][hook] for f in handles]
+    return datasets[0] if block_rows is None else StackedRows(datasets, n_rows, block_rows)
+
+
+def read_batches(files: Sequence[tuple[str, int]], blocks: dict, plan: ShufflePlan, batch_size: int,
+                 start_step: int, sharding, dtype, limit: int) -> Iterator[dict]:
     """{hook: device array [batch_size, d]} for batch start_step, start_step+1, ... (all hooks at the
-    same rows). Opens its own handle of `path`, so it runs on the prefetch thread."""
-    with h5py.File(path, "r", locking=False) as f:
-        datasets = {h: f["acts"][h] for h in hooks}
+    same rows). `files`: the store's (path, committed rows) in row order; `blocks`: {hook: block rows
+    of a sharded store, or None}. Opens its own handles, so it runs on the prefetch thread."""
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(h5py.File(path, "r", locking=False)) for path, _ in files]
+        datasets = {h: stacked_rows(handles, [n for _, n in files], h, R) for h, R in blocks.items()}
+        hooks = list(blocks)
         local = local_batch_slice(sharding, batch_size, datasets[hooks[0]].shape[1])
         caches: dict[str, dict] = {h: {} for h in hooks}
         for rows in plan.batch_rows(batch_size, start_step):

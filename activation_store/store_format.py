@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Mapping
@@ -72,6 +73,56 @@ class StoreMismatchError(StoreError):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sharded stores: one file per harvesting job, `<dir>/shard-<i>-of-<n>.h5`, holding contexts
+# [i·N//n, (i+1)·N//n) of the corpus's N (attributes shard, context_offset, sharded_contexts,
+# sharded_fingerprint); read together as one store by opening the directory.
+
+SHARD_FILE = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.h5"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; StoreError naming the form otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if m is None or not 0 <= int(m[1]) < int(m[2]) or int(m[2]) > 99999:
+        raise StoreError(f"--shard {text!r} is not of the form i/n with 0 <= i < n (e.g. --shard 0/4 for the first "
+                         "of 4 shards)")
+    return int(m[1]), int(m[2])
+
+
+def shard_range(n_contexts: int, index: int, count: int) -> tuple[int, int]:
+    """Contexts [a, b) of shard `index` of `count`: contiguous, sizes differing by at most one."""
+    return index * n_contexts // count, (index + 1) * n_contexts // count
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The shard files of a sharded store directory, in shard order; StoreError if the set is not
+    complete (naming the missing shards and how to write them) or mixes shard counts."""
+    found = {}
+    for p in directory.iterdir():
+        m = SHARD_FILE.fullmatch(p.name)
+        if m:
+            found[(int(m[1]), int(m[2]))] = p
+    counts = sorted({n for _, n in found})
+    if len(counts) > 1:
+        raise StoreError(f"{directory} mixes shards of {counts} harvests (shard-*-of-<n>.h5 with different n); "
+                         "keep the files of one sharded harvest in a directory")
+    n = counts[0]
+    missing = [i for i in range(n) if (i, n) not in found]
+    if missing:
+        raise StoreError(f"sharded store {directory} lacks shard(s) {missing[:10]} of {n}: run "
+                         f"`featureatlas harvest ... --out {directory} --shard {missing[0]}/{n}` for each")
+    return [found[(i, n)] for i in range(n)]
+
+
+def has_shards(path: Path) -> bool:
+    return path.is_dir() and any(SHARD_FILE.fullmatch(p.name) for p in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
 # Small pure helpers
 
 
@@ -83,9 +134,12 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def val_context_mask(n_contexts: int, val_fraction: float) -> np.ndarray:
-    """Boolean [n_contexts]: True for validation contexts (hash of the index below the fraction)."""
-    u = (splitmix64(np.arange(n_contexts, dtype=np.uint64) + np.uint64(SPLIT_SALT)) >> np.uint64(11))
+def val_context_mask(n_contexts: int, val_fraction: float, first: int = 0) -> np.ndarray:
+    """Boolean [n_contexts]: True for validation contexts (hash of the index below the fraction).
+    The indices are first, first+1, ...: a shard holding contexts [a, b) of a corpus passes first=a,
+    so its split is the one the unsharded store has."""
+    ids = np.arange(first, first + n_contexts, dtype=np.uint64)
+    u = (splitmix64(ids + np.uint64(SPLIT_SALT)) >> np.uint64(11))
     return u.astype(np.float64) * 2.0**-53 < val_fraction
 
 

@@ -6,6 +6,11 @@ however it is read); statistics are cached in memory and in a sidecar `<store>.s
     with store.batches(["resid_mid.3", "mlp_out.3"], 4096, seed=0) as it:   # aligned {hook: [B, d]}
         for batch in it: ...
     x = store.sample("resid_post.3", 10_000, seed=0)                         # [n, d] float32
+
+A sharded store (a directory of `shard-<i>-of-<n>.h5` files written by `harvest --shard i/n`, see
+store_format) opens the same way, `ActivationStore.open(directory)`, and reads as the one store the
+shards' contexts make in shard order: rows, splits (by each context's index in the corpus), batches,
+samples, statistics and verification. A partial shard contributes its committed contexts.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import contextlib
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,11 +28,12 @@ import numpy as np
 from featureatlas.activation_store.corpus import corpus_fingerprint
 from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.runs import atomic_write_json
-from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches
-from featureatlas.activation_store.store_format import (FORMAT_VERSION, StoreCorruptedError, StoreError, corrupted,
-                                                        crc32, decode_attrs, disk_bytes, foreign_hdf5,
-                                                        has_hdf5_signature, layout_problems, not_a_store, row_mask,
-                                                        val_context_mask)
+from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches, stacked_rows
+from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError,
+                                                        StoreError, chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
+                                                        foreign_hdf5, has_hdf5_signature, has_shards,
+                                                        layout_problems, not_a_store, row_mask, shard_files,
+                                                        shard_range, val_context_mask)
 
 STATS_FORMAT = "featureatlas-store-stats/1"
 
@@ -41,11 +48,26 @@ def stats_path(path) -> Path:
     return path.with_name(path.name + ".stats.json")
 
 
+# Attributes that differ between the shards of one store (everything else must agree).
+SHARD_ATTRS = ("shard", "context_offset", "n_contexts", "n_tokens", "corpus_fingerprint", "harvest_config")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file of a store: its path, committed contexts, and the corpus index of its first context."""
+
+    path: Path
+    n_committed: int
+    first_context: int = 0
+
+
 class ActivationStore:
     """Read access to a store; only committed contexts (c < n_committed) are visible."""
 
-    def __init__(self, path: Path, attrs: dict, tokens, n_valid, doc_ids, labels, n_committed: int):
+    def __init__(self, path: Path, attrs: dict, tokens, n_valid, doc_ids, labels, n_committed: int,
+                 parts: list[Part] | None = None):
         self.path = path
+        self.parts = parts or [Part(path, n_committed, int(attrs.get("context_offset", 0)))]
         self._attrs = attrs
         self.n_committed = n_committed
         self.n_planned = int(attrs["n_contexts"])
@@ -59,7 +81,7 @@ class ActivationStore:
         self.doc_ids = doc_ids[:n_committed]
         self.labels = labels[:n_committed]
         self._stats: dict[str, tuple[np.ndarray, float]] = {}
-        self._h5: h5py.File | None = None
+        self._h5: list[h5py.File] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -72,8 +94,11 @@ class ActivationStore:
     @classmethod
     def open(cls, path) -> "ActivationStore":
         """Open a store read-only. Says what the path is when it is not a store (a directory, another
-        HDF5 file, a non-HDF5 file) and calls it corrupted only when it is a damaged store."""
+        HDF5 file, a non-HDF5 file) and calls it corrupted only when it is a damaged store. A directory
+        of shard files opens as the one store they make (see the module docstring)."""
         path = Path(path)
+        if has_shards(path):
+            return cls._open_shards(path)
         if not path.exists():
             raise StoreNotFoundError(f"no activation store at {path}: run `featureatlas harvest ... --out {path}` first")
         problem = not_a_store(path)
@@ -108,17 +133,62 @@ class ActivationStore:
             raise corrupted(path, f"{type(err).__name__}: {err}") from None
         return cls(path, attrs, *arrays, n_committed)
 
-    def _handle(self) -> h5py.File:
+    @classmethod
+    def _open_shards(cls, directory: Path) -> "ActivationStore":
+        """The shards of `directory` as one store, after checking they come from one sharded harvest."""
+        shards = [cls.open(p) for p in shard_files(directory)]
+        first = shards[0]._attrs
+        n_total = int(first.get("sharded_contexts", -1))
+        for i, s in enumerate(shards):
+            a = s._attrs
+            differ = [k for k in (*IDENTITY_KEYS, "sharded_fingerprint", "sharded_contexts")
+                      if k not in SHARD_ATTRS and a.get(k) != first.get(k)]
+            if a.get("shard") != f"{i}/{len(shards)}" or differ:
+                raise StoreError(f"{s.path} is not shard {i}/{len(shards)} of the same harvest as {shards[0].path} "
+                                 f"(differs in {differ or ['shard']}); keep only the shards of one "
+                                 "`featureatlas harvest --shard i/n` run in the directory")
+            if (int(a["context_offset"]), int(a["context_offset"]) + s.n_planned) != \
+                    shard_range(n_total, i, len(shards)):
+                raise StoreError(f"{s.path} holds contexts that are not those of shard {i}/{len(shards)}; harvest "
+                                 "it again with --overwrite")
+        attrs = {k: v for k, v in first.items() if k not in ("shard", "context_offset")}
+        attrs.update(n_contexts=sum(s.n_planned for s in shards), shards=len(shards),
+                     n_tokens=sum(int(s._attrs["n_tokens"]) for s in shards),
+                     corpus_fingerprint=first["sharded_fingerprint"],
+                     harvest_config={k: v for k, v in (first.get("harvest_config") or {}).items() if k != "shard"})
+        arrays = [np.concatenate([getattr(s, name) for s in shards]) for name in ("tokens", "n_valid", "doc_ids",
+                                                                                  "labels")]
+        parts = [p for s in shards for p in s.parts]
+        return cls(directory, attrs, *arrays, sum(s.n_committed for s in shards), parts)
+
+    def _handles(self) -> list[h5py.File]:
         with self._lock:
-            if self._h5 is None or not self._h5.id.valid:
-                self._h5 = h5py.File(self.path, "r", locking=False)
+            if not self._h5 or not all(f.id.valid for f in self._h5):
+                self._h5 = [h5py.File(p.path, "r", locking=False) for p in self.parts]
             return self._h5
+
+    def _shard_block(self, hook: str) -> int | None:
+        """Rows per read block of a sharded store: the chunk the unsharded store would have (None: one file)."""
+        if not self.sharded:
+            return None
+        k = chunk_contexts(self.context_length, self.dim(hook), np.dtype(self.dtype).itemsize, self.n_planned)
+        return k * self.context_length
+
+    def _acts(self, hook: str):
+        """`hook`'s rows (an h5py dataset, or the parts' datasets stacked), checked for the hook."""
+        self.check_hook(hook)
+        return stacked_rows(self._handles(), [p.n_committed * self.context_length for p in self.parts], hook,
+                            self._shard_block(hook))
+
+    def _files(self) -> list[tuple[str, int]]:
+        return [(str(p.path), p.n_committed * self.context_length) for p in self.parts]
 
     def close(self) -> None:
         with self._lock:
-            if self._h5 is not None and self._h5.id.valid:
-                self._h5.close()
-            self._h5 = None
+            for f in self._h5:
+                if f.id.valid:
+                    f.close()
+            self._h5 = []
 
     def __enter__(self):
         return self
@@ -131,6 +201,11 @@ class ActivationStore:
     @property
     def attrs(self) -> dict:
         return {**self._attrs, "n_committed": self.n_committed}
+
+    @property
+    def sharded(self) -> bool:
+        """True for a directory of shard files read as one store."""
+        return "shards" in self._attrs
 
     @property
     def fingerprint(self) -> str:
@@ -167,7 +242,8 @@ class ActivationStore:
 
     def context_split(self, split: str = "train") -> np.ndarray:
         """Boolean [n_contexts]: the committed contexts in `split` ("train", "val" or "all")."""
-        val = val_context_mask(self.n_committed, self.val_fraction)
+        val = np.concatenate([val_context_mask(p.n_committed, self.val_fraction, p.first_context)
+                              for p in self.parts])
         if split == "train":
             return ~val
         if split == "val":
@@ -199,27 +275,24 @@ class ActivationStore:
 
     def block_rows(self, hook: str) -> int:
         """Rows per HDF5 chunk of `hook` (the unit the shuffled reader permutes)."""
-        self.check_hook(hook)
-        return int(self._handle()["acts"][hook].chunks[0])
+        return int(self._acts(hook).chunks[0])
 
     def read_rows(self, hook: str, rows, dtype=np.float32) -> np.ndarray:
         """Activations of the given rows (any order, repeats allowed) as [len(rows), d]."""
-        self.check_hook(hook)
+        ds = self._acts(hook)
         rows = np.asarray(rows, np.int64)
         limit = self.n_committed * self.context_length
         if rows.size and (rows.min() < 0 or rows.max() >= limit):
             raise StoreError(f"row indices must lie in [0, {limit}) (committed rows of {self.path})")
-        ds = self._handle()["acts"][hook]
         return gather_rows(ds, rows, int(ds.chunks[0]), limit, {}).astype(dtype, copy=False)
 
     def iter_chunks(self, hook: str, chunk_size: int, split: str = "train", exclude_bos: bool = True,
                     dtype=np.float32) -> Iterator[np.ndarray]:
         """The rows of `split` in store order, as arrays of `chunk_size` rows (the last may be shorter)."""
-        self.check_hook(hook)
+        ds = self._acts(hook)
         if chunk_size < 1:
             raise StoreError(f"chunk_size must be positive, got {chunk_size}")
         rows = self.token_rows(split, exclude_bos)
-        ds = self._handle()["acts"][hook]
         R, limit = int(ds.chunks[0]), self.n_committed * self.context_length
         pending, n_pending = [], 0
         starts = np.searchsorted(rows, np.arange(0, limit + R, R))
@@ -280,10 +353,11 @@ class ActivationStore:
         plan = self.shuffle_plan(hook_list, shuffle=shuffle, seed=seed, split=split, exclude_bos=exclude_bos,
                                  rows=rows, shuffle_buffer_rows=shuffle_buffer_rows)
         limit = self.n_committed * self.context_length
-        path = self.path
+        files = self._files()
+        blocks = {h: self._shard_block(h) for h in hook_list}
 
         def produce():
-            batches = read_batches(path, hook_list, plan, batch_size, start_step, sharding, dtype, limit)
+            batches = read_batches(files, blocks, plan, batch_size, start_step, sharding, dtype, limit)
             if not isinstance(hooks, str):
                 return batches
             return _only(batches, hooks)
@@ -305,10 +379,10 @@ class ActivationStore:
 
     def _stats_key(self, hook: str) -> dict:
         """What the cached statistics of `hook` depend on: the committed rows (their CRCs) and the split."""
-        f = self._handle()
         j = self.hooks.index(hook)
-        n_commits = -(-self.n_committed // int(self._attrs["commit_contexts"]))
-        crcs = np.ascontiguousarray(f["commit_crc"][:n_commits, j], np.uint32)
+        C = int(self._attrs["commit_contexts"])
+        crcs = np.concatenate([f["commit_crc"][:-(-p.n_committed // C), j]
+                               for f, p in zip(self._handles(), self.parts)]).astype(np.uint32)
         return {"n_committed": self.n_committed, "commit_crc": crc32(crcs), "fingerprint": self.fingerprint,
                 "val_fraction": self.val_fraction, "split": "train", "exclude_bos": True}
 
@@ -343,6 +417,9 @@ class ActivationStore:
     def verify(self, check_values: bool = True) -> list[str]:
         """Problems found (empty list = the store is sound): metadata, counters, corpus fingerprint,
         per-commit CRCs and NaN/Inf in committed rows."""
+        if self.sharded:
+            return [f"{p.path.name}: {problem}" for p in self.parts
+                    for problem in ActivationStore.open(p.path).verify(check_values)]
         problems = []
         a, T, N = self._attrs, self.context_length, self.n_committed
         if not 0 <= N <= self.n_planned:
@@ -402,7 +479,8 @@ class ActivationStore:
             "documents": int(np.unique(self.doc_ids).size),
             "labels": {name: int((self.labels == i).sum()) for i, name in enumerate(self.label_names)},
             "corpus_fingerprint": self.fingerprint,
-            "size_on_disk_mb": round(disk_bytes(self.path) / 2**20, 3),
+            "size_on_disk_mb": round(sum(disk_bytes(p.path) for p in self.parts) / 2**20, 3),
+            **({"shards": len(self.parts)} if self.sharded else {}),
         }
 
 

@@ -4,6 +4,8 @@
         --max-tokens 100000 --out runs/x/store.h5 [--dtype float16] [--overwrite]
 
 Running the same command again after an interruption continues from the last committed chunk.
+Sharded (one job per host or process, any order, concurrently): `--shard i/n --out runs/x/store`
+for i = 0..n-1 writes runs/x/store/shard-<i>-of-<n>.h5; every reader opens runs/x/store as one store.
 The flags and their help come from HarvestConfig and CorpusConfig (activation_store).
 """
 from __future__ import annotations
@@ -13,14 +15,15 @@ from pathlib import Path
 
 from featureatlas.activation_store import configs
 from featureatlas.activation_store.corpus import CorpusConfig
-from featureatlas.activation_store.harvest import HarvestConfig, describe, harvest
+from featureatlas.activation_store.harvest import HarvestConfig, describe, harvest, store_file
 from featureatlas.activation_store.store import ActivationStore
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("harvest", help="run a model over a corpus and store activations (resumable)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="store file to write, or to resume if it exists, e.g. runs/x/store.h5")
+    p.add_argument("--out", required=True, help="store file to write, or to resume if it exists, e.g. runs/x/store.h5 "
+                   "(with --shard: the directory of the sharded store, the same for every shard job)")
     configs.add_config_arguments(p, HarvestConfig, title="what to harvest (recorded in the store)")
     configs.add_config_arguments(p, CorpusConfig, title="corpus (recorded in the store)")
     run_group = p.add_argument_group("run")
@@ -60,7 +63,7 @@ def run(args) -> int:
     try:
         result = harvest(config, out, overwrite=args.overwrite, progress=not args.no_progress, notify=_notice)
     except KeyboardInterrupt:
-        print(interrupted_message(out), file=sys.stderr)
+        print(interrupted_message(store_file(config, out)), file=sys.stderr)
         return 130
     print(describe(result))
     return 0
