@@ -41,8 +41,18 @@ def map_to_residual(directions_FxD, hook: str, model):
     return d @ W
 
 
+class _Directions:
+    """What the three share: decode = codes·directions, residual directions through the write matrix."""
+
+    def decode(self, codes_NxF):
+        return jnp.asarray(codes_NxF, jnp.float32) @ self.directions_FxD
+
+    def residual_directions(self, model):
+        return map_to_residual(self.directions_FxD, self.hook, model)
+
+
 @dataclasses.dataclass
-class SNMFDictionary:
+class SNMFDictionary(_Directions):
     """Semi-NMF features Z (d×k) for one hook."""
 
     hook: str
@@ -62,15 +72,9 @@ class SNMFDictionary:
         """Nonnegative least-squares codes: argmin_{c ≥ 0} ‖x − c·Zᵀ‖²."""
         return nnls_encode(jnp.asarray(x_NxD), jnp.asarray(self.Z_DxK), n_iter=self.nnls_iters)
 
-    def decode(self, codes_NxF):
-        return jnp.asarray(codes_NxF, jnp.float32) @ self.directions_FxD
-
-    def residual_directions(self, model):
-        return map_to_residual(self.directions_FxD, self.hook, model)
-
 
 @dataclasses.dataclass
-class DiffMeansDictionary:
+class DiffMeansDictionary(_Directions):
     """One unit direction per label: unit(mean of the label's tokens − mean of all other tokens)."""
 
     hook: str
@@ -90,15 +94,9 @@ class DiffMeansDictionary:
     def encode(self, x_NxD):
         return jnp.maximum(jnp.asarray(x_NxD, jnp.float32) @ self.directions_FxD.T, 0.0)
 
-    def decode(self, codes_NxF):
-        return jnp.asarray(codes_NxF, jnp.float32) @ self.directions_FxD
-
-    def residual_directions(self, model):
-        return map_to_residual(self.directions_FxD, self.hook, model)
-
 
 @dataclasses.dataclass
-class PCADictionary:
+class PCADictionary(_Directions):
     """PCA axes C (k×d) with ± split codes (F = 2k) and the data mean μ."""
 
     hook: str
@@ -121,7 +119,4 @@ class PCADictionary:
         return jnp.concatenate([jnp.maximum(p, 0.0), jnp.maximum(-p, 0.0)], axis=1)
 
     def decode(self, codes_NxF):
-        return jnp.asarray(self.mean_D) + jnp.asarray(codes_NxF, jnp.float32) @ self.directions_FxD
-
-    def residual_directions(self, model):
-        return map_to_residual(self.directions_FxD, self.hook, model)
+        return jnp.asarray(self.mean_D) + super().decode(codes_NxF)

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.snmf.io import unit_columns
+from featureatlas.snmf.io import read_rows, unit_columns
 from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
 
 CHILD_FRACTION = 0.15
@@ -68,19 +68,19 @@ def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[L
     return levels
 
 
-def top_tokens_per_level(levels: list[Level], Yt_NxK, token_ids_N: np.ndarray, top: int = 10,
+def top_tokens_per_level(levels: list[Level], Yt_NxK, norms_K: np.ndarray, top: int = 10,
                          block: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per level: (token indices k_l×top, coefficients k_l×top) of the largest C_L entries.
 
-    Yt_NxK is level 0's Yᵀ (unit-Z scale), an ndarray or a streaming `YFile`; read by blocks.
+    Yt_NxK is level 0's Yᵀ as the solver returns it, an ndarray or a streaming `YFile`, read by
+    blocks; norms_K the norms of its Z's columns, which rescale it to the unit-Z scale.
     """
     n = Yt_NxK.shape[0]
     best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32))
             for lv in levels]
     for s in range(0, n, block):
         count = min(block, n - s)
-        C = Yt_NxK.read(s, count) if hasattr(Yt_NxK, "read") else np.asarray(Yt_NxK[s:s + count])
-        C_KxB = np.asarray(C, np.float32).T
+        C_KxB = (read_rows(Yt_NxK, s, count) * norms_K).T
         for li, lv in enumerate(levels):
             if lv.Y_KxKprev is not None:
                 C_KxB = lv.Y_KxKprev @ C_KxB
@@ -91,11 +91,10 @@ def top_tokens_per_level(levels: list[Level], Yt_NxK, token_ids_N: np.ndarray, t
     return best
 
 
-def hierarchy_json(levels: list[Level], tops, token_ids_N: np.ndarray, token_str=None,
-                   ranks=None) -> dict:
+def hierarchy_json(levels: list[Level], tops, token_ids_N: np.ndarray, token_str=None) -> dict:
     """The tree as JSON-ready data: levels from the finest (0) up, each feature with its
     top tokens and its children's ids at the level below."""
-    out = {"ranks": list(ranks or [lv.Z_DxK.shape[1] for lv in levels]),
+    out = {"ranks": [lv.Z_DxK.shape[1] for lv in levels],
            "rule": f"child f joins parent c if G[f,c] >= {CHILD_FRACTION}*max_f G[f,c], "
                    f"at most {MAX_CHILDREN} children; G = Y_l^T",
            "levels": []}

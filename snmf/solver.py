@@ -102,10 +102,9 @@ def check_finite(A_DxN: np.ndarray, *, col_offset: int = 0, what: str = "activat
 
 
 def _first_bad(bad_DxN: np.ndarray) -> tuple[int, int]:
-    cols = np.nonzero(bad_DxN.any(axis=0))[0]
-    col = int(cols[0])
-    dim = int(np.nonzero(bad_DxN[:, col])[0][0])
-    return dim, col
+    """(dimension, token column) of the first True in column order."""
+    col, dim = np.unravel_index(np.argmax(bad_DxN.T), bad_DxN.T.shape)
+    return int(dim), int(col)
 
 
 def check_informative(sq_norm: float, col_var_sum: float) -> None:
@@ -303,7 +302,12 @@ class SNMFFit:
     @property
     def rel_error(self) -> float:
         """‖A − ZY‖_F / ‖A‖_F."""
-        return math.sqrt(max(self.loss, 0.0) / self.sq_norm_A)
+        return relative_error(self.loss, self.sq_norm_A)
+
+
+def relative_error(loss: float, sq_norm_A: float) -> float:
+    """‖A − ZY‖_F / ‖A‖_F from the loss ‖A − ZY‖²_F and ‖A‖²_F."""
+    return math.sqrt(max(loss, 0.0) / sq_norm_A)
 
 
 def state_like(k: int, d: int, n: int) -> dict:
@@ -333,6 +337,8 @@ def fit_full_batch(
     on_iter(iteration, loss, best_loss, ‖A‖²) is called after every iteration (1-based), before
       that iteration's checkpoint.
     """
+    from tqdm import tqdm
+
     from featureatlas.snmf.init import initial_factors
 
     A_DxN = np.ascontiguousarray(A_DxN, dtype=np.float32)
@@ -353,24 +359,18 @@ def fit_full_batch(
     sq = jnp.asarray(sq_norm, jnp.float32)
     losses: list[float] = []
     it = start
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iters, initial=start, desc="snmf", unit="it")
-    while it < cfg.iters and int(state.bad_iters) < cfg.patience:
-        state = snmf_step(state, A, sq, m=m, tol=cfg.tol)
-        it += 1
-        loss = float(state.loss)
-        losses.append(loss)
-        if on_iter:
-            on_iter(it, loss, float(state.best_loss), sq_norm)
-        if bar is not None:
+    with tqdm(total=cfg.iters, initial=start, desc="snmf", unit="it", disable=not progress) as bar:
+        while it < cfg.iters and int(state.bad_iters) < cfg.patience:
+            state = snmf_step(state, A, sq, m=m, tol=cfg.tol)
+            it += 1
+            loss = float(state.loss)
+            losses.append(loss)
+            if on_iter:
+                on_iter(it, loss, float(state.best_loss), sq_norm)
             bar.update(1)
-            bar.set_postfix(rel_err=f"{math.sqrt(max(loss, 0) / sq_norm):.4f}")
-        if checkpoints is not None and it % checkpoint_every == 0:
-            checkpoints.save(it, state._asdict())
-    if bar is not None:
-        bar.close()
+            bar.set_postfix(rel_err=f"{relative_error(loss, sq_norm):.4f}")
+            if checkpoints is not None and it % checkpoint_every == 0:
+                checkpoints.save(it, state._asdict())
     if checkpoints is not None:
         checkpoints.save(it, state._asdict())
     # iters >= 1 and patience >= 1 (SNMFConfig.validate): at least one iteration ran, so a best state exists

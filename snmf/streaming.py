@@ -30,7 +30,6 @@ resuming redoes the pass.
 """
 from __future__ import annotations
 
-import math
 import os
 from functools import partial
 from typing import Callable, Iterator
@@ -44,7 +43,8 @@ from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.runs import atomic_write, recover_publish
 from featureatlas.snmf.init import make_initializer, sample_columns
 from featureatlas.snmf.solver import (SNMFConfig, SNMFFit, check_finite, check_informative, densify, gram_of_sparse,
-                                      multiplicative_update, row_scales, sparse_ZtA, winner_take_all, z_least_squares)
+                                      multiplicative_update, relative_error, row_scales, sparse_ZtA, winner_take_all,
+                                      z_least_squares)
 
 Y_FILES = 3  # the current Yᵀ, the best state's Yᵀ (with save_y), and the one a pass writes
 # The state between passes: numpy arrays of fixed dtypes, a pytree that orbax checkpoints as is.
@@ -193,6 +193,8 @@ def fit_streaming(
     saved after every pass (step = passes done, 0 after the initialization); when it holds a
     checkpoint the fit continues from it (the caller checks that it belongs to this problem).
     """
+    from tqdm import tqdm
+
     n, d = source.n, source.d
     cfg.validate(d, n)
     if chunk_size < 1 or mu_steps < 1:
@@ -211,23 +213,18 @@ def fit_streaming(
         if checkpoints is not None:
             checkpoints.save(0, st)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iters, initial=int(st["iteration"]), desc="snmf-stream", unit="pass")
     losses: list[float] = []
-    while int(st["iteration"]) < cfg.iters and int(st["bad_iters"]) < cfg.patience:
-        st = _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m)
-        losses.append(float(st["loss"]))
-        if on_iter:  # before the checkpoint: a kill in between only repeats this pass's record
-            on_iter(int(st["iteration"]), float(st["loss"]), float(st["best_loss"]), float(st["sq_norm"]))
-        if checkpoints is not None:
-            checkpoints.save(int(st["iteration"]), st)
-        if bar is not None:
+    with tqdm(total=cfg.iters, initial=int(st["iteration"]), desc="snmf-stream", unit="pass",
+              disable=not progress) as bar:
+        while int(st["iteration"]) < cfg.iters and int(st["bad_iters"]) < cfg.patience:
+            st = _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m)
+            losses.append(float(st["loss"]))
+            if on_iter:  # before the checkpoint: a kill in between only repeats this pass's record
+                on_iter(int(st["iteration"]), float(st["loss"]), float(st["best_loss"]), float(st["sq_norm"]))
+            if checkpoints is not None:
+                checkpoints.save(int(st["iteration"]), st)
             bar.update(1)
-            bar.set_postfix(rel_err=f"{math.sqrt(max(float(st['loss']), 0) / float(st['sq_norm'])):.4f}")
-    if bar is not None:
-        bar.close()
+            bar.set_postfix(rel_err=f"{relative_error(float(st['loss']), float(st['sq_norm'])):.4f}")
 
     if save_y and int(st["best_file"]) < 0:
         raise ConfigError("this streaming fit kept no best-state Y (it was started without --save-y); "

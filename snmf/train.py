@@ -27,7 +27,7 @@ from featureatlas.snmf import io
 from featureatlas.snmf.baselines import check_labels, check_pca_rank, fit_diffmeans, fit_pca
 from featureatlas.snmf.data import StoreColumns, load_matrix
 from featureatlas.snmf.hierarchy import check_ranks
-from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
+from featureatlas.snmf.solver import SNMFConfig, fit_full_batch, relative_error
 from featureatlas.snmf.streaming import fit_streaming, remove_y_files
 
 JOB = "train-snmf"
@@ -168,7 +168,7 @@ def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
 
     def on_iter(it, loss, best, sq_norm):
         run.metrics.append([{"iteration": it, "loss": loss, "best_loss": best,
-                             "rel_error": math.sqrt(max(loss, 0.0) / sq_norm), "time": round(time.time(), 3)}])
+                             "rel_error": relative_error(loss, sq_norm), "time": round(time.time(), 3)}])
 
     with run.checkpoints(keep=1) as ckpt:  # the full-batch state holds Y (k×n) twice: one copy on disk is enough
         run.metrics.truncate_after(ckpt.latest_step() or 0, key="iteration")
@@ -218,26 +218,15 @@ def _build_hierarchy(cfg: SNMFJobConfig, source, fit) -> tuple[dict, dict]:
     levels = fit_levels(fit.Z_DxK, list(cfg.hierarchy), cfg.snmf)
     _, norms = io.unit_columns(fit.Z_DxK)
     token_ids = source.token_ids()
-    tops = top_tokens_per_level(levels, _ScaledY(fit.Yt_NxK, norms), token_ids)
+    tops = top_tokens_per_level(levels, fit.Yt_NxK, norms)
     tok = _tokenizer(cfg, source)
     token_text = (lambda t: tok.decode([t])) if tok is not None else None
-    data = hierarchy_json(levels, tops, token_ids, token_text, cfg.hierarchy)
+    data = hierarchy_json(levels, tops, token_ids, token_text)
     tensors = {f"Z{i}_DxK": lv.Z_DxK for i, lv in enumerate(levels) if i > 0}
     tensors.update({f"Y{i}_KxKprev": lv.Y_KxKprev for i, lv in enumerate(levels) if i > 0})
     files = {"hierarchy.json": io.json_text(data),
              "hierarchy.safetensors": io.tensors_file(tensors, {"ranks": list(cfg.hierarchy)})}
     return {"ranks": list(cfg.hierarchy), "rel_errors": [lv.rel_error for lv in levels[1:]]}, files
-
-
-class _ScaledY:
-    """Level 0's Yᵀ in the unit-norm-Z scale, readable by row ranges (array or YFile)."""
-
-    def __init__(self, Yt, norms):
-        self.Yt, self.norms, self.shape = Yt, norms, Yt.shape
-
-    def read(self, start, count):
-        rows = self.Yt.read(start, count) if hasattr(self.Yt, "read") else np.asarray(self.Yt[start:start + count])
-        return rows * self.norms
 
 
 def pca_rel_error(source, dic) -> float:
