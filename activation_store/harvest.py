@@ -17,6 +17,7 @@ disk space, and only then the model load, the skeleton and the commits.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,6 +34,7 @@ from featureatlas.activation_store.errors import FeatureAtlasError
 from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.store import (DTYPES, FLOAT16_MAX, ActivationStore, StoreWriter, check_compatible,
                                                  check_free_space, create_store, store_lock)
+from featureatlas.activation_store.store_format import parse_shard, shard_name, shard_range
 
 
 class HarvestError(FeatureAtlasError, ValueError):
@@ -61,6 +63,8 @@ class HarvestConfig(Config):
     """contexts per committed chunk, a multiple of --batch-size (a killed harvest redoes at most one chunk)"""
     val_fraction: float = setting(0.05, ge=0.0, lt=1.0)
     """fraction of contexts held out for validation (chosen by a hash of the context index)"""
+    shard: str = ""
+    """this job's part of a sharded harvest, i/n: contexts [i·N/n, (i+1)·N/n) of the corpus's N go to --out/shard-<i>-of-<n>.h5, --out being the store's directory (read as one store); empty = the whole corpus into one file"""
 
     def validate(self) -> "HarvestConfig":
         super().validate()
@@ -68,6 +72,8 @@ class HarvestConfig(Config):
             raise HarvestError("give at least one hook to capture (e.g. --hooks resid_post.15)")
         if len(set(self.hooks)) != len(self.hooks):
             raise HarvestError(f"hooks listed twice: {list(self.hooks)}; give each hook once")
+        if self.shard:
+            parse_shard(self.shard)
         if self.commit_contexts % self.batch_size:
             raise HarvestError(f"commit_contexts ({self.commit_contexts}) must be a multiple of batch_size "
                                f"({self.batch_size}) so that a resumed run keeps the same batches; "
@@ -115,6 +121,32 @@ def store_identity(lm, config: HarvestConfig, corpus: PackedCorpus) -> dict:
         "commit_contexts": int(config.commit_contexts),
         "harvest_config": config.to_dict(),
     }
+
+
+def store_file(config: HarvestConfig, out) -> Path:
+    """The file a harvest writes: `out`, or with --shard i/n `out/shard-<i>-of-<n>.h5`."""
+    out = Path(out)
+    if not config.shard:
+        return out
+    if out.is_file() or out.suffix == ".h5":
+        raise HarvestError(f"--out {out} names a file, but with --shard --out is the directory that holds the "
+                           f"shards (e.g. --out {out.with_suffix('')}); every shard job gets the same --out")
+    return out / shard_name(*parse_shard(config.shard))
+
+
+def shard_of(corpus: PackedCorpus, shard: str) -> tuple[PackedCorpus, dict]:
+    """The contexts of shard `shard` ('i/n', empty = all) and the attributes that tie it to its harvest."""
+    if not shard:
+        return corpus, {}
+    index, count = parse_shard(shard)
+    a, b = shard_range(corpus.n_contexts, index, count)
+    if a == b:
+        raise HarvestError(f"--shard {shard}: the corpus packs into {corpus.n_contexts} contexts, fewer than the "
+                           f"{count} shards; harvest with fewer shards")
+    part = dataclasses.replace(corpus, tokens_NxT=corpus.tokens_NxT[a:b], n_valid_N=corpus.n_valid_N[a:b],
+                               doc_id_N=corpus.doc_id_N[a:b], label_N=corpus.label_N[a:b])
+    return part, {"shard": f"{index}/{count}", "context_offset": a, "sharded_contexts": corpus.n_contexts,
+                  "sharded_fingerprint": corpus.fingerprint}
 
 
 def batch_inputs(corpus: PackedCorpus, c0: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -202,7 +234,7 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
     receives notices for the user (e.g. when no token cap was given).
     """
     config.validate()
-    out = Path(out)
+    out = store_file(config, out)
     check_store_path(out)
     if lm is None:
         from featureatlas.activation_store.models.registry import load_config
@@ -224,12 +256,17 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
             elif config.model != lm.model_id:
                 config = config.replace(model=lm.model_id)  # record the model actually used
             corpus = build_corpus(config.corpus, lm.tokenizer, max_ctx=lm.config.max_ctx, documents=documents)
-            identity = store_identity(lm, config, corpus)
+            corpus, shard_attrs = shard_of(corpus, config.shard)
+            identity = {**store_identity(lm, config, corpus), **shard_attrs}
             if existing is not None:
                 expected = dict(identity)
                 # The model is identified by model_id + weights_hash, not by how it was named on the command line.
                 expected["harvest_config"] = {**identity["harvest_config"],
                                               "model": existing.harvest_config.get("model")}
+                # A setting added after the store was written, asked at its default, is no difference.
+                defaults = HarvestConfig().to_dict()
+                expected["harvest_config"] = {k: v for k, v in expected["harvest_config"].items()
+                                              if k in existing.harvest_config or v != defaults.get(k)}
                 check_compatible(existing.attrs, expected, out)
                 existing.close()
                 if existing.complete:

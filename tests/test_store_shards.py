@@ -157,3 +157,24 @@ def test_cli_sharded_harvest_then_train_sae_and_snmf_on_the_directory(tmp_path, 
     assert data["store_complete"] and data["contexts_used"] == ActivationStore.open(tmp_path / "store").n_contexts
     assert cli(["train-snmf", "--store", str(tmp_path / "store"), "--hook", "resid_post.1", "--k", "8",
                 "--iters", "3", "--out", str(tmp_path / "snmf")]) == 0
+
+
+def test_a_store_written_before_the_shard_setting_resumes(tmp_path, lm, corpus_path):
+    import h5py
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, index):
+        if name == "committed" and index == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        harvest(tiny_config(corpus_path), tmp_path / "s.h5", lm=lm, progress=False, on_phase=stop)
+    with h5py.File(tmp_path / "s.h5", "r+") as f:  # as an older featureatlas wrote it
+        settings = json.loads(f.attrs["harvest_config"])
+        settings.pop("shard")
+        f.attrs["harvest_config"] = json.dumps(settings)
+    assert harvest(tiny_config(corpus_path), tmp_path / "s.h5", lm=lm, progress=False).store.complete
+    with pytest.raises(HarvestError, match="names a file"):  # a one-file store is never resumed as a shard
+        harvest(tiny_config(corpus_path, shard="0/1"), tmp_path / "s.h5", lm=lm, progress=False)
