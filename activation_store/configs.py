@@ -202,6 +202,7 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
     target = parser.add_argument_group(title) if title else parser
     docs = field_docs(cls)
     hints = _hints(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or _meta(f, "cli") is False:
             continue
@@ -209,20 +210,18 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))  # `int | None`: an optional int
         flag = f"--{prefix}-{f.name.replace('_', '-')}" if prefix else flag_of(cls, f.name)
-        if defaults and f.name in defaults:
+        required = f.name not in defaults and f.default is _MISSING and f.default_factory is _MISSING
+        if f.name in defaults:
             default = defaults[f.name]
-        elif f.default is not _MISSING:
-            default = f.default
         elif f.default_factory is not _MISSING:
             default = f.default_factory()
         else:
-            default = None
-        shown = "required" if f.default is _MISSING and f.default_factory is _MISSING and not (
-            defaults and f.name in defaults) else f"default: {default!r}" if isinstance(default, str) else \
+            default = None if required else f.default
+        shown = "required" if required else f"default: {default!r}" if isinstance(default, str) else \
             f"default: {list(default) if isinstance(default, tuple) else default}"
         help_text = f"{docs.get(f.name, '')} ({shown})".strip().replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f"{prefix}_{f.name}" if prefix else f.name, "default": default,
-                                  "help": help_text}
+                                  "help": help_text, "required": required}
         if _meta(f, "choices"):
             kwargs["choices"] = list(_meta(f, "choices"))
         if tp is bool:
@@ -232,8 +231,6 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
             kwargs["type"] = _parse_scalar(_tuple_item(tp), flag)
         elif tp in (int, float, str):
             kwargs["type"] = _parse_scalar(tp, flag) if tp is not str else str
-        if "required" == shown:
-            kwargs["required"] = True
         target.add_argument(flag, **kwargs)
 
 
@@ -242,24 +239,15 @@ def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", *
     dest = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)  # noqa: E731
     values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
     values.update(overrides)
-    hints = _hints(cls)
-    for name, v in values.items():
-        if isinstance(v, list) and typing.get_origin(hints.get(name)) is tuple:
-            values[name] = tuple(v)
-    return cls.from_dict(values)
+    return cls.from_dict(values)  # from_dict turns the lists argparse gives into tuples
 
 
 def _leaves(value, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
+    """{dotted path: leaf} of nested mappings; a list of mappings is indexed like a mapping (`saes.0.k`)."""
     if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_leaves(v, f"{prefix}{i}."))
-        return out
+        value = dict(enumerate(value))
+    if isinstance(value, Mapping):
+        return {key: leaf for k, v in value.items() for key, leaf in _leaves(v, f"{prefix}{k}.").items()}
     return {prefix[:-1]: value}
 
 

@@ -28,6 +28,7 @@ iteration needs (an open HDF5 file) are created, used and closed on one thread; 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import threading
 import weakref
@@ -83,10 +84,8 @@ class _Worker:
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
-                try:
+                with contextlib.suppress(Exception):
                     close()  # a generator's finally blocks (closing files) run here, on this thread
-                except Exception:
-                    pass
             self.source = None
             _LIVE.discard(self)
 

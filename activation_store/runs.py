@@ -73,12 +73,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def _write_temp(directory: Path, name: str, data: bytes | str | Callable[[Path], None]) -> Path:
@@ -261,11 +258,6 @@ class Checkpoints:
         self.close()
 
 
-def has_checkpoints(directory: str | os.PathLike) -> bool:
-    d = Path(directory)
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
-
-
 # ---------------------------------------------------------------------------------------------
 # The run directory
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +318,7 @@ class Run:
             raise RunError(
                 f"{out} already holds a {job} run; pass --resume to continue it, --overwrite to replace it, "
                 "or choose another --out")
-        resuming = bool(resume and busy and not overwrite)
-        if resume and not busy:
-            resuming = False  # nothing to resume: a fresh start, as documented for every job
+        resuming = bool(resume and busy and not overwrite)  # nothing to resume: a fresh start, as documented
         if resuming and old is not None:
             strip = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
             diff = config_diff(strip(old), strip(settings), flags)
@@ -381,10 +371,6 @@ class Run:
         if self.main:
             atomic_write_json(self.dir / RESULTS, dict(results))
 
-    def results(self) -> dict:
-        path = self.dir / RESULTS
-        return read_json(path) if path.exists() else {}
-
 
 __all__ = ["Checkpoints", "MetricsLog", "Run", "atomic_write", "atomic_write_json", "check_output_path",
-           "fsync_dir", "has_checkpoints", "publish_files", "published", "read_json", "recover_publish"]
+           "fsync_dir", "publish_files", "published", "read_json", "recover_publish"]
