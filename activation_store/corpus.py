@@ -25,7 +25,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -186,10 +186,8 @@ def read_directory(root: Path, fallback_encoding: str | None = None) -> Document
         raise CorpusError(f"no .txt files under {root}: point --corpus at a directory of .txt files, "
                           "a .txt file, a .jsonl file, or 'bbc'")
     rel = [p.relative_to(root) for p in files]
-    label_names = tuple(sorted({r.parts[0] for r in rel if len(r.parts) > 1}))
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = np.array([index[r.parts[0]] if len(r.parts) > 1 else -1 for r in rel], np.int32)
-    return Documents(tuple(_read_text(p, fallback_encoding) for p in files), labels, label_names)
+    return _documents([_read_text(p, fallback_encoding) for p in files],
+                      [r.parts[0] if len(r.parts) > 1 else None for r in rel])
 
 
 def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label") -> Documents:
@@ -212,6 +210,11 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label")
         raw_labels.append(None if value is None else str(value))
     if not texts:
         raise CorpusError(f"{path} holds no JSON records: add lines like {{\"{text_field}\": \"...\"}}")
+    return _documents(texts, raw_labels)
+
+
+def _documents(texts: Sequence[str], raw_labels: Sequence[str | None]) -> Documents:
+    """Documents whose label names are the distinct labels, sorted; a None label is -1 (no label)."""
     label_names = tuple(sorted({v for v in raw_labels if v is not None}))
     index = {name: i for i, name in enumerate(label_names)}
     labels = np.array([-1 if v is None else index[v] for v in raw_labels], np.int32)
@@ -318,12 +321,9 @@ def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None,
     if config.max_documents is not None:
         order = order[:config.max_documents]
 
-    def stream() -> Iterator[tuple[int, int, list[int]]]:
-        for i in order:
-            yield int(i), int(documents.labels[i]), tokenizer.encode(documents.texts[i])
-
+    stream = ((int(i), int(documents.labels[i]), tokenizer.encode(documents.texts[i])) for i in order)  # lazy
     tokens, n_valid, doc_ids, labels = pack_documents(
-        stream(), context_length=T, bos_id=tokenizer.bos_id, pad_id=pad_token_id(tokenizer),
+        stream, context_length=T, bos_id=tokenizer.bos_id, pad_id=pad_token_id(tokenizer),
         min_tokens=config.min_tokens, max_contexts=config.max_contexts, max_tokens=config.max_tokens)
     if len(tokens) == 0:
         need = min(config.min_tokens, T - 1)

@@ -18,6 +18,7 @@ about zero (see `finalize`).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Iterator
 
 import jax
@@ -241,31 +242,23 @@ def evaluate_reconstruction(
     consumes the (finite) iterator to its end. Targets with norm above
     `massive_threshold` are left out of the *_excl_massive metrics (see `init`).
     """
-    batches: Iterator = iter(batches_iter)
     targets: Iterator | None = None if target_hook_batches is None else iter(target_hook_batches)
     stats = None
-    i = 0
-    while n_batches is None or i < n_batches:
-        try:
-            x_NxD = next(batches)
-        except StopIteration:
-            break
+    for i, x_NxD in enumerate(itertools.islice(batches_iter, n_batches)):  # islice(it, None): to the end
         x_NxD = jnp.asarray(x_NxD)
         codes_NxF = dictionary.encode(x_NxD)
         x_hat_NxD = dictionary.decode(codes_NxF)
-        if targets is None:
-            y_NxD = x_NxD
-        else:
-            try:
-                y_NxD = jnp.asarray(next(targets))
-            except StopIteration:
+        y_NxD = x_NxD
+        if targets is not None:
+            y_NxD = next(targets, None)
+            if y_NxD is None:
                 raise ValueError(f"target_hook_batches ran out after {i} batches; it must align with batches_iter")
+            y_NxD = jnp.asarray(y_NxD)
             if y_NxD.shape[0] != x_NxD.shape[0]:
                 raise ValueError(f"target batch {i} has {y_NxD.shape[0]} rows, input batch has {x_NxD.shape[0]}")
         if stats is None:
             stats = init(y_NxD.shape[1], codes_NxF.shape[1], massive_threshold)
         stats = update(stats, y_NxD, x_hat_NxD, codes_NxF)
-        i += 1
     if stats is None:
         raise ValueError("batches_iter yielded no batches")
     return finalize(stats)
@@ -324,10 +317,10 @@ def evaluate_dictionary(
     Returns one flat dict; `scalars()` drops density_F so the rest is JSON-writable.
     """
     from featureatlas.activation_store import massive
+    from featureatlas.eval.adapters import write_hook
     from featureatlas.eval.splice import contexts_from_store, splice_metrics
 
-    hook_in = dictionary.hook
-    hook_out = getattr(dictionary, "hook_out", hook_in) or hook_in
+    hook_in, hook_out = dictionary.hook, write_hook(dictionary)
     for hook in {hook_in, hook_out}:
         if hook not in store.hooks:
             raise ValueError(f"store {store.path} has no hook {hook!r} (it has {', '.join(store.hooks)}); "

@@ -32,6 +32,7 @@ import numpy as np
 
 from featureatlas.activation_store.models import replace
 from featureatlas.activation_store.models.config import HOOK_KINDS as _SITE_ORDER  # in block order
+from featureatlas.eval.adapters import write_hook
 
 
 def _site_rank(hook: str) -> tuple[int, int]:
@@ -52,8 +53,7 @@ def splice_fns(dictionary, *, error_term: bool = False) -> tuple[tuple[str, Call
     """(hook, fn) pairs to pass to `replace` so the dictionary's reconstruction replaces its
     output hook. error_term=True adds x - x_hat back (exactly the clean value up to rounding).
     Build once and reuse: each fn object is part of the model's compile key."""
-    hook_in = dictionary.hook
-    hook_out = getattr(dictionary, "hook_out", hook_in) or hook_in
+    hook_in, hook_out = dictionary.hook, write_hook(dictionary)
     if hook_out == hook_in:
         def splice(x_BxTxD):
             x_hat = reconstruct_BxTxD(dictionary, x_BxTxD)
@@ -125,7 +125,7 @@ def splice_metrics(
     if mask.shape != tokens.shape:
         raise ValueError(f"attention mask shape {mask.shape} != tokens shape {tokens.shape}")
     n, T = tokens.shape
-    hook_out = getattr(dictionary, "hook_out", dictionary.hook) or dictionary.hook
+    hook_out = write_hook(dictionary)
     positions = np.arange(1, T) if skip_bos else None
 
     variants = {
