@@ -354,6 +354,20 @@ def initial_state(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, source, optim
     return TrainState(step=jnp.zeros((), jnp.int32), saes=tuple(saes))
 
 
+def init_distributed(coordinator: str = "", num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Join a multi-process run through JAX's own runtime: `jax.distributed.initialize`, with CPU
+    collectives over gloo (so CPU processes, on one machine or several, train together; GPUs and TPUs
+    use their own collectives). Unset arguments come from the environment or the cluster."""
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ConfigError(f"--process-id {process_id} must be below --num-processes {num_processes}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator or None, num_processes, process_id)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"--distributed could not start ({err}); give --coordinator HOST:PORT --num-processes N "
+                          "--process-id I on every process, or run under SLURM, Open MPI or a Cloud TPU") from None
+
+
 def _is_main() -> bool:
     """Only process 0 writes files (metrics, saved SAEs); every process takes part in checkpoints."""
     return jax.process_index() == 0
@@ -617,4 +631,4 @@ def _run_eval(job: _Job, step: int, state: TrainState, saes=None) -> dict:
 
 
 __all__ = ["NonFiniteBatchError", "SAEState", "TrainResult", "TrainState", "TrainingDivergedError", "build_step",
-           "initial_state", "lr_schedule", "make_mesh", "resolve_configs", "train_saes"]
+           "init_distributed", "initial_state", "lr_schedule", "make_mesh", "resolve_configs", "train_saes"]

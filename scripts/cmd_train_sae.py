@@ -46,7 +46,13 @@ class TrainSAECommand(Config):
     mesh: str = setting("data=1,feature=1")
     """Device mesh: the batch split over data, the latents over feature (e.g. data=4,feature=2)."""
     distributed: bool = setting(False)
-    """Multi-host: call jax.distributed.initialize() (coordinator from the environment)."""
+    """Multi-host: join the other processes through jax.distributed (one command per process; the mesh spans every process's devices)"""
+    coordinator: str = setting("")
+    """With --distributed: HOST:PORT of process 0's coordinator; empty = from JAX_COORDINATOR_ADDRESS or the cluster (SLURM, Open MPI, Cloud TPU)"""
+    num_processes: int | None = setting(None, gt=0)
+    """With --distributed: how many processes take part (default: from the cluster)"""
+    process_id: int | None = setting(None, ge=0)
+    """With --distributed: this process's index, 0 .. num_processes-1 (default: from the cluster)"""
     eval: bool = setting(True)
     """Evaluate on the validation split (reconstruction metrics; the spliced CE score at the end)."""
     eval_tokens: int = setting(20_000, gt=0)
@@ -174,15 +180,13 @@ def run(args) -> int:
     """Check every setting and prepare --out (trainer), then read the store and train."""
     from featureatlas.activation_store import ActivationStore
     from featureatlas.saes.sources import StoreBatches
-    from featureatlas.saes.trainer import train_saes
+    from featureatlas.saes.trainer import init_distributed, train_saes
 
     data, feature = parse_mesh(args.mesh)
     tcfg = config_from_args(SAETrainConfig, args, mesh_data=data, mesh_feature=feature).validate()
     cfgs = sae_configs(args)
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
     store = ActivationStore.open(args.store)
     if not store.complete:
         print(f"[train-sae] warning: {args.store} is partial: {store.n_committed} of {store.n_planned} planned "

@@ -1,0 +1,75 @@
+"""Multi-host training on JAX's own distributed runtime, with CPU processes on this machine: two
+`train-sae --distributed` processes (2 CPU devices each, a data=2 x feature=2 mesh across them) each
+reading their own rows of every batch from a sharded store, give the SAE that one process with 4
+devices trains, bit for bit."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from featureatlas.activation_store.harvest import harvest
+from harvest_kill_helper import tiny_config, tiny_model
+
+TRAIN = ["train-sae", "--hook", "resid_post.0", "--arch", "topk", "--k", "4", "--width", "64", "--tokens", "4096",
+         "--batch-size", "64", "--mesh", "data=2,feature=2", "--log-every", "16", "--checkpoint-every", "32",
+         "--no-eval", "--no-progress"]
+
+
+def _cli(args, devices: int, **kw):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, "-m", "featureatlas.scripts.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mh")
+    rng = np.random.default_rng(0)
+    words = "a multi host run reads its own rows of every batch".split()
+    (root / "c.jsonl").write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, size=int(rng.integers(
+        5, 60))))}) for _ in range(40)))
+    lm = tiny_model()
+    for i in range(2):
+        harvest(tiny_config(root / "c.jsonl", dtype="float32", shard=f"{i}/2"), root / "store", lm=lm, progress=False)
+    return root / "store"
+
+
+def test_two_processes_train_the_sae_one_process_trains(store, tmp_path):
+    port = _free_port()
+    procs = [_cli([*TRAIN, "--store", store, "--out", tmp_path / "multi", "--distributed", "--coordinator",
+                   f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i], devices=2) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    single = _cli([*TRAIN, "--store", store, "--out", tmp_path / "single"], devices=4)
+    log = single.communicate(timeout=600)[0]
+    assert single.returncode == 0, log[-3000:]
+    a, b = load_file(tmp_path / "multi" / "weights.safetensors"), load_file(tmp_path / "single" / "weights.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    rows = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("multi", "single")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    # process 0 alone wrote the files; the checkpoints were written by both (orbax)
+    assert json.loads((tmp_path / "multi" / "config.json").read_text())["data"]["store_complete"]
+    assert (tmp_path / "multi" / "checkpoints").is_dir()
+
+
+def test_bad_distributed_arguments_are_refused_before_work(store, tmp_path):
+    p = _cli([*TRAIN, "--store", store, "--out", tmp_path / "x", "--distributed", "--coordinator", "127.0.0.1:1",
+              "--num-processes", 2, "--process-id", 2], devices=2)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 2 and "--process-id 2 must be below --num-processes 2" in out
+    assert "Traceback" not in out and not (tmp_path / "x").exists()
