@@ -43,6 +43,20 @@ def stores(tmp_path_factory, lm, corpus_path):
     return root / "whole.h5", root / "sharded"
 
 
+class _Stop(Exception):
+    pass
+
+
+def _harvest_one_commit(cfg, out, lm):
+    """A harvest stopped right after its first commit (a partial store, as after a kill)."""
+    def stop(name, index):
+        if name == "committed" and index == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        harvest(cfg, out, lm=lm, progress=False, on_phase=stop)
+
+
 def test_shards_read_as_the_unsharded_store(stores):
     whole, sharded = (ActivationStore.open(p) for p in stores)
     assert sorted(p.name for p in stores[1].iterdir() if p.suffix == ".h5") == [
@@ -95,16 +109,7 @@ def test_partial_and_missing_shards(tmp_path, stores, lm, corpus_path):
         ActivationStore.open(sharded)
     # a shard killed after its first commit contributes its committed contexts, with their own split
     cfg = tiny_config(corpus_path, dtype="float32", shard=f"1/{N_SHARDS}")
-
-    class Stop(Exception):
-        pass
-
-    def stop(name, index):
-        if name == "committed" and index == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        harvest(cfg, sharded, lm=lm, progress=False, on_phase=stop)
+    _harvest_one_commit(cfg, sharded, lm)
     partial, whole = ActivationStore.open(sharded), ActivationStore.open(stores[0])
     assert not partial.complete and partial.n_contexts < whole.n_contexts
     keep = np.concatenate([np.arange(p.first_context, p.first_context + p.n_committed) for p in partial.parts])
@@ -162,15 +167,7 @@ def test_cli_sharded_harvest_then_train_sae_and_snmf_on_the_directory(tmp_path, 
 def test_a_store_written_before_the_shard_setting_resumes(tmp_path, lm, corpus_path):
     import h5py
 
-    class Stop(Exception):
-        pass
-
-    def stop(name, index):
-        if name == "committed" and index == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        harvest(tiny_config(corpus_path), tmp_path / "s.h5", lm=lm, progress=False, on_phase=stop)
+    _harvest_one_commit(tiny_config(corpus_path), tmp_path / "s.h5", lm)
     with h5py.File(tmp_path / "s.h5", "r+") as f:  # as an older featureatlas wrote it
         settings = json.loads(f.attrs["harvest_config"])
         settings.pop("shard")
