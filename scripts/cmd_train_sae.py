@@ -44,7 +44,7 @@ class TrainSAECommand(Config):
     overwrite: bool = setting(False)
     """Replace a run already in --out (deleted only once every setting has been checked)."""
     mesh: str = setting("data=1,feature=1")
-    """Device mesh: the batch split over data, the latents over feature (e.g. data=4,feature=2)."""
+    """Device mesh: the batch split over data, the latents over feature (e.g. data=4,feature=2); 'all' = the batch split over every device of every process"""
     distributed: bool = setting(False)
     """Multi-host: join the other processes through jax.distributed (one command per process; the mesh spans every process's devices)"""
     coordinator: str = setting("")
@@ -85,6 +85,12 @@ def register(subparsers) -> None:
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
+    """(data, feature) sizes of --mesh; 'all' is data = jax.device_count() (call it after joining a
+    multi-process run, which adds the other processes' devices)."""
+    if text.strip() == "all":
+        import jax
+
+        return jax.device_count(), 1
     sizes = {"data": 1, "feature": 1}
     for part in filter(None, text.split(",")):
         key, _, val = part.partition("=")
@@ -182,11 +188,14 @@ def run(args) -> int:
     from featureatlas.saes.sources import StoreBatches
     from featureatlas.saes.trainer import init_distributed, train_saes
 
-    data, feature = parse_mesh(args.mesh)
+    data, feature = parse_mesh("data=1" if args.mesh.strip() == "all" else args.mesh)
     tcfg = config_from_args(SAETrainConfig, args, mesh_data=data, mesh_feature=feature).validate()
     cfgs = sae_configs(args)
     if args.distributed:
         init_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.mesh.strip() == "all":
+        data, feature = parse_mesh("all")
+        tcfg = tcfg.replace(mesh_data=data).validate()
     store = ActivationStore.open(args.store)
     if not store.complete:
         print(f"[train-sae] warning: {args.store} is partial: {store.n_committed} of {store.n_planned} planned "

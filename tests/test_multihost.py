@@ -73,3 +73,12 @@ def test_bad_distributed_arguments_are_refused_before_work(store, tmp_path):
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 2 and "--process-id 2 must be below --num-processes 2" in out
     assert "Traceback" not in out and not (tmp_path / "x").exists()
+
+
+def test_mesh_all_spans_every_device():
+    import jax
+
+    from featureatlas.scripts.cmd_train_sae import parse_mesh
+
+    assert parse_mesh("all") == (jax.device_count(), 1)
+    assert parse_mesh("data=2,feature=4") == (2, 4)
