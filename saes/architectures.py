@@ -117,6 +117,11 @@ def _sum_to(x, shape):
     return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
 
 
+def _d_theta(scale, z, theta, bandwidth, g):
+    """The pseudo-derivative −(scale/ε) K((z − θ)/ε) · g, summed to θ's shape."""
+    return _sum_to(-(scale / bandwidth) * _rect((z - theta) / bandwidth) * g, theta.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def jumprelu(z, theta, bandwidth):
     """z · H(z − θ); ∂/∂z = H(z − θ), ∂/∂θ ≈ −(θ/ε) K((z − θ)/ε)."""
@@ -129,8 +134,7 @@ def _jumprelu_fwd(z, theta, bandwidth):
 
 def _jumprelu_bwd(bandwidth, res, g):
     z, theta = res
-    d_theta = -(theta / bandwidth) * _rect((z - theta) / bandwidth) * g
-    return jnp.where(z > theta, g, 0.0), _sum_to(d_theta, theta.shape)
+    return jnp.where(z > theta, g, 0.0), _d_theta(theta, z, theta, bandwidth, g)
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
@@ -148,8 +152,7 @@ def _heaviside_fwd(z, theta, bandwidth):
 
 def _heaviside_bwd(bandwidth, res, g):
     z, theta = res
-    d_theta = -(1.0 / bandwidth) * _rect((z - theta) / bandwidth) * g
-    return jnp.zeros_like(z), _sum_to(d_theta, theta.shape)
+    return jnp.zeros_like(z), _d_theta(1.0, z, theta, bandwidth, g)
 
 
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
@@ -189,18 +192,17 @@ def _low_matmul_bwd(transpose_b, dtype, res, g):
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
 
 
-def _mm(a, b_T, dtype):
-    """a @ b_Tᵀ computed in `dtype` with float32 accumulation (forward and backward)."""
+def _mm(a, b_T, dtype, transpose_b: bool = True):
+    """a @ b_Tᵀ (or a @ b_T when not transpose_b) computed in `dtype` with float32 accumulation (forward and
+    backward)."""
     if jnp.dtype(dtype) == jnp.float32:
-        return _dot(a, b_T, _NT, dtype)
-    return _low_matmul(a, b_T, True, jnp.dtype(dtype))
+        return _dot(a, b_T, _NT if transpose_b else _NN, dtype)
+    return _low_matmul(a, b_T, transpose_b, jnp.dtype(dtype))
 
 
 def _mm_n(a, b, dtype):
     """a @ b computed in `dtype` with float32 accumulation (forward and backward)."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return _dot(a, b, _NN, dtype)
-    return _low_matmul(a, b, False, jnp.dtype(dtype))
+    return _mm(a, b, dtype, transpose_b=False)
 
 
 def _zeros_F(F: int):
@@ -310,7 +312,8 @@ class Architecture:
     enc_init_scale = 1.0
 
     def selection(self, cfg: SAEConfig) -> "Architecture":
-        """The record that chooses the active latents (Matryoshka: its base)."""
+        """The record that chooses the active latents, and so owns the sparsity coefficient, the buffers
+        (update_buffers), the saved tensors (to_saved) and the saved form (Matryoshka: its base)."""
         return self
 
     def saved_form(self, cfg: SAEConfig) -> SavedForm:
@@ -320,10 +323,6 @@ class Architecture:
         if self.uses_k and not 0 < cfg.k <= cfg.width:
             raise ConfigError(f"k={cfg.k} must be in 1..width={cfg.width} for {cfg.architecture}; "
                               "lower --k or raise --width")
-
-    def sparsity_coef(self, cfg: SAEConfig) -> float:
-        field = self.selection(cfg).sparsity_field
-        return float(getattr(cfg, field)) if field else 0.0
 
     def init_params(self, cfg: SAEConfig, enc_FxD, x_sample_NxD, centre_D) -> dict:
         return {"b_enc": _zeros_F(cfg.width)}
@@ -517,7 +516,8 @@ class BatchTopK(TopK):
 
 class Matryoshka(TopK):
     """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): the latents [0, p_i) of each nested
-    prefix reconstruct on their own; latents are chosen by the base architecture (topk or batchtopk)."""
+    prefix reconstruct on their own; latents are chosen by the base architecture (topk or batchtopk), whose
+    buffers and saved tensors it has (`selection`)."""
 
     name = "matryoshka"
     bases = ("batchtopk", "topk")
@@ -550,12 +550,6 @@ class Matryoshka(TopK):
         recons_MxBxE = jnp.cumsum(parts.reshape(m, B, E), axis=0) + params["b_dec"]
         mse_each = jnp.sum((recons_MxBxE - y[None]) ** 2, axis=(1, 2)) / (B * E)
         return jnp.mean(mse_each), recons_MxBxE[-1], {"mse_full": mse_each[-1]}
-
-    def update_buffers(self, cfg, buffers, stats) -> dict:
-        return self.selection(cfg).update_buffers(cfg, buffers, stats)
-
-    def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
-        return self.selection(cfg).to_saved(cfg, p, buffers, centre_proj_F, s_out)
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),
@@ -673,14 +667,16 @@ def _centred_sq(y_BxE, kept_B=None):
 
 
 def sparsity_coef(cfg: SAEConfig) -> float:
-    return architecture(cfg).sparsity_coef(cfg)
+    """The sparsity coefficient (L1 or L0) of `cfg`'s architecture; 0 when it has none."""
+    field = architecture(cfg).selection(cfg).sparsity_field
+    return float(getattr(cfg, field)) if field else 0.0
 
 
 def update_buffers(cfg: SAEConfig, buffers: dict, stats: dict, n_tokens: int) -> dict:
     """Dead tracking (tokens since each latent fired) and the architecture's own buffers."""
     out = dict(buffers)
     out["since_fired"] = jnp.where(stats["fired_F"] > 0, 0.0, buffers["since_fired"] + n_tokens)
-    return architecture(cfg).update_buffers(cfg, out, stats)
+    return architecture(cfg).selection(cfg).update_buffers(cfg, out, stats)
 
 
 def project_decoder_grad(params: dict, grads: dict) -> dict:
@@ -705,5 +701,5 @@ def to_saved(cfg: SAEConfig, params: dict, buffers: dict, s_in: float, s_out: fl
     centre = np.asarray(buffers["b_in"], np.float64) if cfg.is_transcoder else p["b_dec"]
     centre_proj_F = enc_FxD @ centre  # (c @ W'): what the input centring subtracts from every latent
     out = {"W_enc": (enc_FxD.T * s_in / s_out), "W_dec": dec, "b_dec": p["b_dec"] / s_out}
-    out.update(architecture(cfg).to_saved(cfg, p, buffers, centre_proj_F, s_out))
+    out.update(architecture(cfg).selection(cfg).to_saved(cfg, p, buffers, centre_proj_F, s_out))
     return {k: np.asarray(v).astype(np.float32) for k, v in out.items()}

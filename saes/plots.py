@@ -205,9 +205,7 @@ def _summary_row(d: Path) -> dict:
     """The last eval row of an SAE directory (else its last train row), with its architecture."""
     train, evals = read_metrics(d)
     row = dict((evals or train or [{}])[-1])
-    cfile = d / "config.json"
-    if cfile.exists():
-        row.setdefault("architecture", json.loads(cfile.read_text()).get("architecture", ""))
+    row.setdefault("architecture", _config(d).get("architecture", ""))
     row.setdefault("sae", d.name)
     return row
 

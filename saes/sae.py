@@ -31,33 +31,20 @@ def param_names(config: SAEConfig) -> tuple[str, ...]:
     return saved_form(config).param_names
 
 
-def inference_mode(config: SAEConfig) -> str:
-    """relu | topk | jumprelu | gated: how a saved SAE encodes (its saes.architectures.SavedForm)."""
-    return saved_form(config).name
-
-
-def encode_raw(params: dict, x_NxD: jax.Array, *, mode: str, k: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("mode", "k"))
+def _encode_jit(params, x_NxD, mode, k):
     """Codes of a saved SAE (formulas in the module docstring)."""
     return SAVED_FORMS[mode].encode(params, x_NxD.astype(params["W_enc"].dtype), k)
 
 
-def decode_raw(params: dict, codes_NxF: jax.Array) -> jax.Array:
+@jax.jit
+def _decode_jit(params, codes_NxF):
     return codes_NxF.astype(params["W_dec"].dtype) @ params["W_dec"] + params["b_dec"]
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "k"))
-def _encode_jit(params, x_NxD, mode, k):
-    return encode_raw(params, x_NxD, mode=mode, k=k)
-
-
-@jax.jit
-def _decode_jit(params, codes_NxF):
-    return decode_raw(params, codes_NxF)
-
-
-@functools.partial(jax.jit, static_argnames=("mode", "k"))
 def _reconstruct_jit(params, x_NxD, mode, k):
-    return decode_raw(params, encode_raw(params, x_NxD, mode=mode, k=k))
+    return _decode_jit(params, _encode_jit(params, x_NxD, mode, k))
 
 
 class SAE:
@@ -100,7 +87,8 @@ class SAE:
 
     @property
     def mode(self) -> str:
-        return inference_mode(self.config)
+        """relu | topk | jumprelu | gated: how a saved SAE encodes (its saes.architectures.SavedForm)."""
+        return saved_form(self.config).name
 
     def encode(self, x_NxD) -> jax.Array:
         return _encode_jit(self.params, jnp.asarray(x_NxD), self.mode, self.config.k)
