@@ -220,7 +220,7 @@ def not_a_store(path) -> NotAStoreError | None:
         found = sorted(p.name for p in path.glob("*.h5"))[:5]
         hint = f" (it holds {', '.join(found)})" if found else ""
         return NotAStoreError(f"{path} is a directory, not an activation store file; pass the store's .h5 file "
-                              f"path{hint}")
+                              f"path{hint}, or a sharded store's directory (of shard-<i>-of-<n>.h5 files)")
     if path.exists() and not path.is_file():
         return NotAStoreError(f"{path} is not a regular file; pass the .h5 file written by `featureatlas harvest`")
     if path.is_file() and path.stat().st_size == 0:
