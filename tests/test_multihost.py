@@ -1,12 +1,13 @@
 """Multi-host training on JAX's own distributed runtime, with CPU processes on this machine: two
 `train-sae --distributed` processes (2 CPU devices each, a data=2 x feature=2 mesh across them) each
-reading their own rows of every batch from a sharded store, give the SAE that one process with 4
-devices trains, bit for bit."""
+reading their own rows of every batch from a sharded store, killed after their first checkpoint and
+resumed, give the SAE that one uninterrupted process with 4 devices trains, bit for bit."""
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from safetensors.numpy import load_file
 from featureatlas.activation_store.harvest import harvest
 from harvest_kill_helper import tiny_config, tiny_model
 
-TRAIN = ["train-sae", "--hook", "resid_post.0", "--arch", "topk", "--k", "4", "--width", "64", "--tokens", "4096",
-         "--batch-size", "64", "--mesh", "data=2,feature=2", "--log-every", "16", "--checkpoint-every", "32",
+STEPS = 256
+TRAIN = ["train-sae", "--hook", "resid_post.0", "--arch", "topk", "--k", "4", "--width", "64", "--tokens", 64 * STEPS,
+         "--batch-size", "64", "--mesh", "data=2,feature=2", "--log-every", "16", "--checkpoint-every", "16",
          "--no-eval", "--no-progress"]
 
 
@@ -46,25 +48,42 @@ def store(tmp_path_factory):
     return root / "store"
 
 
-def test_two_processes_train_the_sae_one_process_trains(store, tmp_path):
-    port = _free_port()
-    procs = [_cli([*TRAIN, "--store", store, "--out", tmp_path / "multi", "--distributed", "--coordinator",
-                   f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i], devices=2) for i in range(2)]
+def _kill_after_first_checkpoint(procs, ckpt_dir: Path, timeout: float = 300.0) -> None:
+    """SIGKILL every process once a checkpoint is on disk (a job killed mid-run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+        assert all(p.poll() is None for p in procs), "a process ended before its first checkpoint"
+        time.sleep(0.02)
+    for p in procs:
+        p.kill()
+        p.communicate()
+
+
+def test_two_processes_killed_then_resumed_train_the_sae_one_process_trains(store, tmp_path):
+    multi = tmp_path / "multi"
+
+    def launch(*extra):
+        port = _free_port()
+        return [_cli([*TRAIN, "--store", store, "--out", multi, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                      "--num-processes", 2, "--process-id", i, *extra], devices=2) for i in range(2)]
+
+    _kill_after_first_checkpoint(launch(), multi / "checkpoints")
+    assert not (multi / "weights.safetensors").exists(), "the run finished before it was killed"
+    procs = launch("--resume")
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     single = _cli([*TRAIN, "--store", store, "--out", tmp_path / "single"], devices=4)
     log = single.communicate(timeout=600)[0]
     assert single.returncode == 0, log[-3000:]
-    a, b = load_file(tmp_path / "multi" / "weights.safetensors"), load_file(tmp_path / "single" / "weights.safetensors")
+    a, b = load_file(multi / "weights.safetensors"), load_file(tmp_path / "single" / "weights.safetensors")
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
-    rows = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("multi", "single")]
-    assert rows[0] == rows[1] and len(rows[0]) == 4
-    # process 0 alone wrote the files; the checkpoints were written by both (orbax)
-    assert json.loads((tmp_path / "multi" / "config.json").read_text())["data"]["store_complete"]
-    assert (tmp_path / "multi" / "checkpoints").is_dir()
+    rows = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+            for d in (multi, tmp_path / "single")]
+    assert rows[0] == rows[1] and len(rows[0]) == STEPS // 16
+    # process 0 alone wrote the files; both processes wrote the checkpoints (orbax)
+    assert json.loads((multi / "config.json").read_text())["data"]["store_complete"]
 
 
 def test_bad_distributed_arguments_are_refused_before_work(store, tmp_path):
