@@ -51,18 +51,13 @@ def fit_diffmeans(source, hook: str, *, label_names=(), chunk_size: int = 65536)
         keep = lab >= 0
         np.add.at(sums_LxD, lab[keep], X[keep])
         counts_L += np.bincount(lab[keep], minlength=L)
-    n = source.n
-    directions, norms, names = [], [], []
-    for ell in present:
-        c = counts_L[ell]
-        diff = sums_LxD[ell] / c - (total_D - sums_LxD[ell]) / (n - c)
-        norm = float(np.linalg.norm(diff))
-        directions.append(diff / norm if norm > 0 else diff)
-        norms.append(norm)
-        names.append(label_names[ell] if ell < len(label_names) else str(int(ell)))
-    return DiffMeansDictionary(hook, np.asarray(directions, np.float32), np.asarray(norms, np.float32),
-                               tuple(names), {"labels": [int(x) for x in present],
-                                              "label_counts": [int(counts_L[x]) for x in present]})
+    c_P = counts_L[present][:, None]
+    diff_PxD = sums_LxD[present] / c_P - (total_D - sums_LxD[present]) / (source.n - c_P)
+    norms_P = np.array([np.linalg.norm(diff) for diff in diff_PxD])
+    directions = diff_PxD / np.where(norms_P > 0, norms_P, 1.0)[:, None]
+    names = tuple(label_names[ell] if ell < len(label_names) else str(int(ell)) for ell in present)
+    return DiffMeansDictionary(hook, directions.astype(np.float32), norms_P.astype(np.float32), names,
+                               {"labels": present.tolist(), "label_counts": counts_L[present].tolist()})
 
 
 def fit_pca(source, hook: str, k: int, *, chunk_size: int | None = None, seed: int = 0) -> PCADictionary:

@@ -84,9 +84,7 @@ def json_text(obj) -> str:
 
 
 def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.generic, np.ndarray)):
         return x.tolist()
     raise TypeError(f"not JSON serializable: {type(x)}")
 

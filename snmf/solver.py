@@ -42,6 +42,7 @@ import numpy as np
 
 from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError, FeatureAtlasError
+from featureatlas.snmf.init import initial_factors
 
 RIDGE = 1e-6  # step 1's Tikhonov term (the authors' value)
 MU_EPS = 1e-6  # step 4's denominator guard (the authors' value)
@@ -339,8 +340,6 @@ def fit_full_batch(
     """
     from tqdm import tqdm
 
-    from featureatlas.snmf.init import initial_factors
-
     A_DxN = np.ascontiguousarray(A_DxN, dtype=np.float32)
     d, n = A_DxN.shape
     cfg.validate(d, n)
@@ -381,8 +380,6 @@ def fit_full_batch(
 
 def time_steps(A_DxN: np.ndarray, cfg: SNMFConfig, n_steps: int = 10) -> float:
     """Best wall time of one `snmf_step` in seconds (for the benchmark)."""
-    from featureatlas.snmf.init import initial_factors
-
     A = jnp.asarray(A_DxN, jnp.float32)
     Z0, Y0 = initial_factors(np.asarray(A_DxN), dataclasses.replace(cfg, init="random"))
     state = initial_state(Z0.T, np.asarray(Y0, np.float32))
