@@ -27,10 +27,13 @@ _TOP_NAMES = {"wte.weight": "embed", "wpe.weight": "pos_embed", "ln_f.weight": "
 
 
 def layer_norm(x, w_D, b_D, eps: float):
-    """(x - mean) / sqrt(var + eps) · w + b (Ba et al. 2016)."""
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mu
-    return xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps) * w_D + b_D
+    """(x - mean) / sqrt(var + eps) · w + b (Ba et al. 2016), computed in float32 and cast to x's dtype
+    once at the end (what torch's layer_norm does for bfloat16 input)."""
+    x32 = x.astype(jnp.float32)
+    mu = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mu
+    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps) * w_D + b_D
+    return y.astype(x.dtype)
 
 
 def position_context(cfg: ModelConfig, pos_BxT):
@@ -68,8 +71,11 @@ def attn_proj(p, o_BxTxHE):
 
 
 def mlp_hidden(p, cfg: ModelConfig, h_BxTxD):
-    """gelu_new(h W_up + b_up): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z³))) (Hendrycks & Gimpel 2016)."""
-    return jax.nn.gelu(h_BxTxD @ p["w_up"] + p["b_up"], approximate=True)
+    """gelu_new(h W_up + b_up): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z³))) (Hendrycks & Gimpel 2016),
+    computed in float32 and rounded once to h's dtype (transformers' gelu_new rounds after every op in
+    bfloat16, its fused GELUTanh once, as here)."""
+    z = h_BxTxD @ p["w_up"] + p["b_up"]
+    return jax.nn.gelu(z.astype(jnp.float32), approximate=True).astype(z.dtype)
 
 
 def mlp_proj(p, m_BxTxF):

@@ -17,8 +17,11 @@ from .config import ModelConfig
 
 
 def rms_norm(x, w_D, eps: float):
-    """x / sqrt(mean(x²) + eps) · w (Zhang & Sennrich 2019), computed in fp32."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w_D
+    """x / sqrt(mean(x²) + eps) · w (Zhang & Sennrich 2019). The normalisation runs in float32 and is
+    cast back to x's dtype before the weight multiplies it (as transformers' LlamaRMSNorm does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * w_D
 
 
 def position_context(cfg: ModelConfig, pos_BxT):
@@ -32,8 +35,8 @@ def position_context(cfg: ModelConfig, pos_BxT):
 
 def rope(x_BxTxHxE, ctx):
     """Rotate the pairs (x_j, x_{j+E/2}) by theta_j: the HF layout, where each head's first half
-    holds the 'real' and the second half the 'imaginary' parts."""
-    cos, sin = ctx
+    holds the 'real' and the second half the 'imaginary' parts. cos/sin (float32) are cast to x's dtype."""
+    cos, sin = (c.astype(x_BxTxHxE.dtype) for c in ctx)
     half = x_BxTxHxE.shape[-1] // 2
     x1, x2 = x_BxTxHxE[..., :half], x_BxTxHxE[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -73,10 +76,12 @@ def attn_proj(p, o_BxTxHE):
 
 
 def mlp_hidden(p, cfg: ModelConfig, h_BxTxD):
-    """SwiGLU (Shazeer 2020): silu(h W_gate) ⊙ (h W_up), the input of the down projection."""
+    """SwiGLU (Shazeer 2020): silu(h W_gate) ⊙ (h W_up), the input of the down projection. silu runs in
+    float32 and is rounded once to h's dtype (what torch's silu kernel does for bfloat16)."""
     gu_BxTx2F = h_BxTxD @ p["w_gate_up"]
     F = cfg.d_mlp
-    return jax.nn.silu(gu_BxTx2F[..., :F]) * gu_BxTx2F[..., F:]
+    gate = jax.nn.silu(gu_BxTx2F[..., :F].astype(jnp.float32)).astype(gu_BxTx2F.dtype)
+    return gate * gu_BxTx2F[..., F:]
 
 
 def mlp_proj(p, m_BxTxF):

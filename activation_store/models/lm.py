@@ -17,8 +17,8 @@ mlp_hidden.L (after the nonlinearity / gate product: the input of the down proje
 mlp_out.L (= mlp_hidden.L @ write_matrix("mlp_hidden.L"), + b_down for GPT-2), resid_post.L (= resid_mid + mlp_out
 = resid_pre.(L+1)). Width: d_mlp for mlp_hidden, d_model otherwise (`hook_dim`).
 
-forward(params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), stop_at=None)
-    -> (logits_BxTxV | None, {hook: acts_BxTxd})
+forward(params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), stop_at=None,
+        compute_dtype="float32") -> (logits_BxTxV | None, {hook: acts_BxTxd})
   * attention_mask_BxT: 1 = real token, 0 = padding, left or right. Positions are counted from
     the first real token, so a padded row equals the same sequence run alone. Values captured at
     padded positions are finite but meaningless.
@@ -30,6 +30,11 @@ forward(params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), st
     replace-fns/number of positions); input shapes as usual for jax.jit. Edit vectors and
     strengths are traced, so sweeping them does not recompile. forward may also be called inside
     your own jax.jit / grad / vmap (tokens as tracers; then only shapes are validated).
+  * compute_dtype: "float32" (default) or "bfloat16", which runs the pass the way transformers runs a
+    bfloat16 model (bfloat16 weights, activations and matmul outputs; norm statistics and the attention
+    softmax in float32; see transformer.py). Logits and captured hooks always come back float32. Pass
+    `lm.params_in("bfloat16")` (cast once, cached) to skip the cast of float32 params inside each call.
+    On accelerators bfloat16 is the fast path for harvesting; on CPU it is slower than float32.
   * Speed (fp32, 2-core CPU): harvest batches of 16-32 x 128 tokens keep the matmuls ~85-90% as
     fast as a bare matmul chain; see scripts/bench_lm.py.
 
@@ -60,6 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import transformer
+from featureatlas.activation_store.errors import ConfigError
+
 from .config import ModelConfig
 from .edits import Edit
 from .generate import GenPlan, Sampling, generate_core
@@ -97,6 +104,7 @@ class LanguageModel:
         self.hook_names: tuple[str, ...] = config.hook_names()
         self._compiled: OrderedDict = OrderedDict()
         self._W_U = None
+        self._params_in: tuple | None = None  # (source params, dtype, cast copy)
 
     def __repr__(self) -> str:
         c = self.config
@@ -154,6 +162,19 @@ class LanguageModel:
             self._W_U = (src, transformer.unembed_matrix_DxV(self.params))
         return self._W_U[1]
 
+    def params_in(self, compute_dtype: str):
+        """`params` cast to a compute dtype (float32: params itself); the cast copy of the current params
+        is kept, so a harvest casts once instead of inside every forward call."""
+        compute_dtype = check_compute_dtype(compute_dtype)
+        if jnp.dtype(compute_dtype) == jnp.float32 and all(
+                a.dtype == jnp.float32 for a in jax.tree.leaves(self.params)):
+            return self.params
+        cached = self._params_in
+        if cached is None or cached[0] is not self.params or cached[1] != compute_dtype:
+            cached = self._params_in = (self.params, compute_dtype,
+                                        transformer.cast_params(self.params, compute_dtype))
+        return cached[2]
+
     def unembed(self, x_D):
         """final_norm(x) @ W_U for a residual-stream vector [D] or batch [..., D] -> logits [..., V]."""
         x = jnp.asarray(x_D, jnp.float32)
@@ -165,8 +186,10 @@ class LanguageModel:
 
     # ---- forward ------------------------------------------------------------------------
 
-    def forward(self, params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), stop_at=None):
-        """(logits_BxTxV | None, {hook: acts_BxTxd}); see the module docstring."""
+    def forward(self, params, tokens_BxT, *, attention_mask_BxT=None, capture=(), edits=(), stop_at=None,
+                compute_dtype: str = "float32"):
+        """(logits_BxTxV | None, {hook: acts_BxTxd}), float32; see the module docstring."""
+        compute_dtype = check_compute_dtype(compute_dtype)
         tokens_BxT, mask_BxT = self._check_tokens(tokens_BxT, attention_mask_BxT)
         capture = self._check_capture(capture)
         edits = self._check_edits(edits)
@@ -181,8 +204,9 @@ class LanguageModel:
         else:
             n_layers, want_logits = self.config.n_layers, True
         sites = transformer.Sites(capture, tuple(e.static_key() for e in edits))
-        fn = self._compiled_fn(("forward", sites, n_layers, want_logits), lambda: jax.jit(
-            functools.partial(transformer.forward, self.config, sites, n_layers, want_logits)))
+        fn = self._compiled_fn(("forward", sites, n_layers, want_logits, compute_dtype), lambda: jax.jit(
+            functools.partial(transformer.forward, self.config, sites, n_layers, want_logits,
+                              compute_dtype=compute_dtype), **transformer.JIT_OPTIONS[compute_dtype]))
         return fn(params, tokens_BxT, mask_BxT, [e.dynamic_args() for e in edits])
 
     # ---- generation ---------------------------------------------------------------------
@@ -306,6 +330,18 @@ class LanguageModel:
             if e.vector is not None and e.vector.shape != (d,):
                 raise ValueError(f"{e.kind} edit at {e.hook} needs a vector of width {d}, got {e.vector.shape}")
         return edits
+
+
+def check_compute_dtype(compute_dtype) -> str:
+    """The compute dtype's name ("float32" or "bfloat16"; numpy/jax dtypes accepted), else ConfigError."""
+    try:
+        name = jnp.dtype(compute_dtype).name
+    except TypeError:
+        name = None
+    if name not in transformer.COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(transformer.COMPUTE_DTYPES)}, "
+                          f"got {compute_dtype!r}")
+    return name
 
 
 def _is_flat_token_list(x) -> bool:

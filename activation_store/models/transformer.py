@@ -7,6 +7,15 @@ A pre-norm block (what both GPT-2 and Llama compute), with the six hook sites in
   resid_post = resid_mid + mlp_out                 (= resid_pre of the next layer)
 The architecture module (llama.py / gpt2.py) supplies norms, projections and positions.
 
+Compute dtype: every function here follows the dtype of its inputs, so the one code path runs in
+float32 (the default) or, given bfloat16 params, in bfloat16 the way Hugging Face transformers runs a
+bfloat16 model: weights, activations and matmul outputs bfloat16 (the matmuls themselves accumulate in
+float32 on every backend), while the statistics of RMSNorm/LayerNorm and the attention softmax are
+computed in float32 and cast back (transformers' LlamaRMSNorm and eager attention do the same).
+`forward(..., compute_dtype)` casts the params (a no-op when they already have that dtype) and returns
+captured hooks and logits as float32, so callers never see bfloat16. In float32 every cast below is the
+identity and the computation is exactly what it was before the dtype existed.
+
 Padding: positions come from the attention mask (pos = cumsum(mask) - 1), so a left- or
 right-padded row computes exactly what the unpadded sequence computes; padded keys are
 masked out. Each query may always attend to itself, so padded rows stay finite (their values
@@ -25,6 +34,22 @@ from .edits import apply_edit
 
 ARCHS = {"llama": llama, "gpt2": gpt2}
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+"""Forward-pass compute dtypes (`forward(..., compute_dtype)`); float32 is the default everywhere."""
+
+JIT_OPTIONS = {"float32": {}, "bfloat16": {"compiler_options": {"xla_allow_excess_precision": False}}}
+"""jax.jit options per compute dtype. XLA may otherwise keep a fused chain of bfloat16 ops in float32 and
+round only its end (e.g. the residual add feeding RMSNorm); with excess precision off every op rounds
+where the program says, as torch does op by op. Measured on SmolLM2-135M (tests/test_bf16_forward.py):
+layer 0 then equals transformers' bfloat16 forward to ~1e-4 relative instead of ~4e-3 (the size of
+bfloat16 rounding itself), and the numbers no longer depend on the backend's fusion decisions."""
+
+
+def cast_params(params, compute_dtype: str):
+    """The params pytree in the compute dtype (arrays already in it are returned as they are)."""
+    dtype = jnp.dtype(compute_dtype)
+    return jax.tree.map(lambda a: a if a.dtype == dtype else a.astype(dtype), params)
+
 
 def position_ids(mask_BxT):
     """Token position counted from the first real token: cumsum(mask) - 1 (0 on left padding)."""
@@ -41,7 +66,9 @@ def self_attention_mask(mask_BxT):
 
 def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
     """softmax(q kᵀ / sqrt(E)) v per head (Vaswani et al. 2017), grouped-query: query head h
-    reads key/value head h // (H/K) (Ainslie et al. 2023) without materialising repeated keys."""
+    reads key/value head h // (H/K) (Ainslie et al. 2023) without materialising repeated keys.
+    Scores and mixing run in q's dtype; the softmax runs in float32 and its weights are cast back
+    (transformers' eager attention: softmax(..., dtype=float32).to(query.dtype))."""
     B, T, H, E = q_BxTxHxE.shape
     S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
     G = H // K
@@ -52,7 +79,8 @@ def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
     v_BKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3).reshape(B * K, S, E)
     s_BxKxTxGxS = jnp.einsum("nqe,nse->nqs", q_BKxTGxE, k_BKxSxE).reshape(B, K, T, G, S)
     s_BxKxTxGxS = jnp.where(keep_BxTxS[:, None, :, None, :], s_BxKxTxGxS, -jnp.inf)
-    w_BKxTGxS = jax.nn.softmax(s_BxKxTxGxS, axis=-1).reshape(B * K, T * G, S)
+    w_BKxTGxS = jax.nn.softmax(s_BxKxTxGxS.astype(jnp.float32), axis=-1).astype(q_BxTxHxE.dtype)
+    w_BKxTGxS = w_BKxTGxS.reshape(B * K, T * G, S)
     o_BxKxTxGxE = jnp.einsum("nqs,nse->nqe", w_BKxTGxS, v_BKxSxE).reshape(B, K, T, G, E)
     return o_BxKxTxGxE.transpose(0, 2, 1, 3, 4).reshape(B, T, H * E)
 
@@ -78,7 +106,8 @@ def make_site(sites: Sites, edit_args: list[dict], pos_BxT):
         name = f"{kind}.{layer}"
         for i in by_hook.get(name, ()):
             _, ekind, fn, _ = sites.edits[i]
-            x = apply_edit(ekind, fn, edit_args[i], x, pos_BxT)
+            # edit vectors are float32: round the edited value back to the stream's dtype
+            x = apply_edit(ekind, fn, edit_args[i], x, pos_BxT).astype(x.dtype)
         if name in wanted:
             captured[name] = x
         return x
@@ -121,12 +150,14 @@ def logits_from_resid(cfg: ModelConfig, params, x_BxTxD):
 
 
 def forward(cfg: ModelConfig, sites: Sites, n_layers: int, want_logits: bool,
-            params, tokens_BxT, mask_BxT, edit_args):
-    """The whole forward pass as one pure function (jitted by LanguageModel per static structure)."""
+            params, tokens_BxT, mask_BxT, edit_args, compute_dtype: str = "float32"):
+    """The whole forward pass as one pure function (jitted by LanguageModel per static structure).
+    Runs in `compute_dtype` (see the module docstring); logits and captured hooks come back float32."""
+    params = cast_params(params, compute_dtype)
     pos_BxT = position_ids(mask_BxT)
     keep_BxTxS = self_attention_mask(mask_BxT)
     site, captured = make_site(sites, edit_args, pos_BxT)
     x_BxTxD = run_layers(cfg, params, tokens_BxT, pos_BxT, site,
                          lambda layer, q, k, v: attention(q, k, v, keep_BxTxS), n_layers)
-    logits = logits_from_resid(cfg, params, x_BxTxD) if want_logits else None
-    return logits, dict(captured)
+    logits = logits_from_resid(cfg, params, x_BxTxD).astype(jnp.float32) if want_logits else None
+    return logits, {h: a.astype(jnp.float32) for h, a in captured.items()}
