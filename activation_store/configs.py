@@ -87,10 +87,6 @@ def flags_of(*classes: type) -> dict[str, str]:
     return {f.name: flag_of(c, f.name) for c in classes for f in dataclasses.fields(c) if _meta(f, "cli") is not False}
 
 
-def _is_config(tp) -> bool:
-    return isinstance(tp, type) and issubclass(tp, Config)
-
-
 def _tuple_item(tp):
     """The item type of tuple[X, ...] / list[X], else None."""
     origin = typing.get_origin(tp)
@@ -141,9 +137,9 @@ class Config:
             if name not in fields:
                 continue
             tp = hints.get(name)
-            if _is_config(tp) and isinstance(value, Mapping):
+            if isinstance(tp, type) and issubclass(tp, Config) and isinstance(value, Mapping):
                 value = tp.from_dict(value, where=f"{where or cls.__name__}.{name}")
-            elif _tuple_item(tp) is not None and isinstance(value, list) and typing.get_origin(tp) is tuple:
+            elif isinstance(value, list) and typing.get_origin(tp) is tuple:
                 value = tuple(value)
             kwargs[name] = value
         return cls(**kwargs)

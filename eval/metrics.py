@@ -33,6 +33,9 @@ LOG10_DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)
 # Guards the per-token ratios cos(x, x_hat) and ||x_hat|| / ||x|| against x = 0.
 _NORM_EPS = 1e-12
 
+# The running float totals that each batch adds to (`_batch_sums` computes them).
+_SUMS = ("sse", "kept_sse", "sum_rel_err", "sum_sq_x", "sum_cos", "sum_norm_ratio", "sum_l0", "sum_l1")
+
 
 def init(d: int, n_features: int, massive_threshold: float | None = None) -> dict:
     """Empty running totals for inputs of width `d` and `n_features` latents.
@@ -45,18 +48,11 @@ def init(d: int, n_features: int, massive_threshold: float | None = None) -> dic
         "n": 0,
         "mean_D": np.zeros(d, np.float64),
         "m2": 0.0,
-        "sse": 0.0,
         "massive_threshold": massive_threshold,
         "n_kept": 0,
         "kept_mean_D": np.zeros(d, np.float64),
         "kept_m2": 0.0,
-        "kept_sse": 0.0,
-        "sum_rel_err": 0.0,
-        "sum_sq_x": 0.0,
-        "sum_cos": 0.0,
-        "sum_norm_ratio": 0.0,
-        "sum_l0": 0.0,
-        "sum_l1": 0.0,
+        **dict.fromkeys(_SUMS, 0.0),
         "fires_F": np.zeros(n_features, np.int64),
     }
 
@@ -142,7 +138,7 @@ def update(stats: dict, x_NxD, x_hat_NxD, codes_NxF) -> dict:
     out["kept_mean_D"], out["kept_m2"] = _merge_moments(stats["n_kept"], stats["kept_mean_D"], stats["kept_m2"],
                                                         n_kept_b, b["kept_mean_D"], b["kept_m2"])
     out["fires_F"] = stats["fires_F"] + np.asarray(b["fires_F"], np.int64)
-    for key in ("sse", "kept_sse", "sum_rel_err", "sum_sq_x", "sum_cos", "sum_norm_ratio", "sum_l0", "sum_l1"):
+    for key in _SUMS:
         out[key] = stats[key] + float(b[key])
     return out
 
