@@ -14,8 +14,6 @@ Every section reports the machine's matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb, run_json, timed
 
 T = 128
 
@@ -76,9 +74,8 @@ def cache_rate(store, dic, cfg, tmp: Path, name: str) -> dict:
     warm = synthetic_store(tmp / f"{name}-warm.h5", dic.hook, store.dim(dic.hook), cfg.contexts_per_chunk * T * 2)
     build_cache(warm, dic, cfg, tmp / f"{name}-warm", dictionary_id=name, progress=False)  # compile
     enc = encode_only_rate(store, dic, cfg)
-    t0 = time.perf_counter()
-    build_cache(store, dic, cfg, tmp / name, dictionary_id=name, progress=False)
-    rate = store.n_contexts * T / (time.perf_counter() - t0)
+    _, seconds = timed(lambda: build_cache(store, dic, cfg, tmp / name, dictionary_id=name, progress=False))
+    rate = store.n_contexts * T / seconds
     return {"cache_tokens_per_s": round(rate, 1), "encode_only_tokens_per_s": round(enc, 1),
             "cache_over_encode": round(rate / enc, 3)}
 
@@ -92,7 +89,7 @@ def memory_child(store_path: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_cache(store, topk_sae("resid_post.15"), CacheConfig(), Path(tmp) / "c", dictionary_id="sae",
                     progress=False)
-    print(json.dumps({"n_tokens": store.n_contexts * T, "peak_rss_mb": round(peak_rss_mb(), 1)}))
+    emit({"n_tokens": store.n_contexts * T, "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 def main() -> None:
@@ -120,16 +117,13 @@ def main() -> None:
         for n in (args.memory_tokens, 10 * args.memory_tokens):
             path = Path(tmp) / f"mem{n}.h5"
             synthetic_store(path, "resid_post.15", 576, n).close()
-            r = subprocess.run([sys.executable, "-m", "featureatlas.scripts.bench_describe", "--memory-child",
-                                str(path)], capture_output=True, text=True, check=True)
-            mem.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            mem.append(run_json([sys.executable, "-m", "featureatlas.scripts.bench_describe", "--memory-child",
+                                 str(path)]))
             path.unlink()
     out["memory"] = {"small": mem[0], "large": mem[1],
                      "rss_growth": round(mem[1]["peak_rss_mb"] / mem[0]["peak_rss_mb"] - 1, 3)}
     if not args.no_tokenchange:
-        r = subprocess.run([sys.executable, "-m", "featureatlas.scripts.bench_tokenchange"], capture_output=True,
-                           text=True, check=True)
-        out["tokenchange"] = json.loads(r.stdout.strip().splitlines()[-1])
+        out["tokenchange"] = run_json([sys.executable, "-m", "featureatlas.scripts.bench_tokenchange"])
     out["matmul_gflops_after"] = round(matmul_gflops(), 1)
     emit(out)
 

@@ -27,19 +27,12 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from featureatlas.activation_store.models import add, load_model
 from featureatlas.eval import steering as st
-from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb, timed
 
 
 def naive_calibration(lm, hook: str, V, targets, prompts, lo=1.0, hi=1000.0, band=0.1, iters=20):
@@ -145,9 +138,8 @@ def section_cost(lm, args) -> dict:
     evals = tuple(args.cost_evaluations.split(","))
     cfg = EvaluateConfig(evaluations=evals, judges=("embedding",), max_features=args.cost_features)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        res = evaluate(load_subjects(args.describe), cfg, {}, f"{tmp}/eval", progress=False, load_model=lambda: lm)
-        wall = time.perf_counter() - t0
+        res, wall = timed(lambda: evaluate(load_subjects(args.describe), cfg, {}, f"{tmp}/eval", progress=False,
+                                           load_model=lambda: lm))
     per_eval: dict[str, float] = {}
     per_method: dict[str, dict] = {}
     for r in res["summary"]:

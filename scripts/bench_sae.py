@@ -56,12 +56,6 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 HOOK = "bench"
 
 
-def step_flops(arch: str, B: int, D: int, F: int, k: int) -> float:
-    from featureatlas.saes.architectures import ARCHITECTURES
-
-    return ARCHITECTURES[arch].train_flops(B, D, F, k)
-
-
 def make_setup(arch: str, d_in: int, width: int, batch: int, k: int, dtype: str, abstract: bool = False):
     """(cfg, step_fn, optimizers, state, batch_shapes) of a one-SAE trainer step on synthetic sizes;
     abstract: the state as shapes only (nothing allocated; for lowering at sizes that do not fit)."""
@@ -146,40 +140,34 @@ def op_timings(cfg, optimizers, params, opt_state, x, dtype_name: str, repeats: 
 
         jselect = jax.jit(select)
         out["selection"] = _timed(jselect, pre, repeats=repeats)
-        rows, feats, by_feat, valid, values = jselect(pre)
-
-        def entries(rows, feats, by_feat, valid):
-            return sparse.Entries(rows, feats, static["n_rows"], static["k"], by_feat, valid, impl)
-
+        arrays = jselect(pre)  # (rows, feats, by_feat, valid, values)
         exact = dtype == jnp.float32
 
-        def preacts(rows, feats, by_feat, valid, values, x, W, b):
-            e = entries(rows, feats, by_feat, valid)
-            x_c = x - params["b_dec"]
-            return sparse.selected_preacts(e, x_c, W, b, dtype, values if exact else None)
+        def entries(a):
+            rows, feats, by_feat, valid, _ = a
+            return sparse.Entries(rows, feats, static["n_rows"], static["k"], by_feat, valid, impl)
+
+        def preacts(a, x, W, b):
+            return sparse.selected_preacts(entries(a), x - params["b_dec"], W, b, dtype, a[4] if exact else None)
 
         @jax.jit
-        def decode(rows, feats, by_feat, valid, values, x, p):
-            e = entries(rows, feats, by_feat, valid)
-            vals = jax.nn.relu(preacts(rows, feats, by_feat, valid, values, x, p["enc_FxD"], p["b_enc"]))
-            return sparse.decode(e, vals, p["dec_FxE"], dtype)
+        def decode(a, x, p):
+            vals = jax.nn.relu(preacts(a, x, p["enc_FxD"], p["b_enc"]))
+            return sparse.decode(entries(a), vals, p["dec_FxE"], dtype)
 
-        arrays = (rows, feats, by_feat, valid, values)
-        out["decode"] = _timed(decode, *arrays, x, params, repeats=repeats)
+        out["decode"] = _timed(decode, arrays, x, params, repeats=repeats)
 
         @jax.jit
-        def backward(rows, feats, by_feat, valid, values, x, p, g_BxE):
-            e = entries(rows, feats, by_feat, valid)
-            pre_N, pre_vjp = jax.vjp(lambda W, b: preacts(rows, feats, by_feat, valid, values, x, W, b),
-                                     p["enc_FxD"], p["b_enc"])
+        def backward(a, x, p, g_BxE):
+            pre_N, pre_vjp = jax.vjp(lambda W, b: preacts(a, x, W, b), p["enc_FxD"], p["b_enc"])
             vals = jax.nn.relu(pre_N)
-            _, dec_vjp = jax.vjp(lambda v, W: sparse.decode(e, v, W, dtype), vals, p["dec_FxE"])
+            _, dec_vjp = jax.vjp(lambda v, W: sparse.decode(entries(a), v, W, dtype), vals, p["dec_FxE"])
             d_vals, d_dec = dec_vjp(g_BxE)
             d_enc, d_b = pre_vjp(d_vals * (pre_N > 0))
             return d_dec, d_enc, d_b
 
         g = jax.random.normal(jax.random.key(5), (x.shape[0], cfg.d_out), jnp.float32) * 1e-3
-        out["backward"] = _timed(backward, *arrays, x, params, g, repeats=repeats)
+        out["backward"] = _timed(backward, arrays, x, params, g, repeats=repeats)
     return {k: round(v * 1e3, 2) for k, v in out.items()}
 
 
@@ -189,6 +177,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
     import numpy as np
 
     from featureatlas.saes import sparse
+    from featureatlas.saes.architectures import ARCHITECTURES
     from featureatlas.saes.trainer import make_mesh, state_shardings
     from featureatlas.scripts.benchlib import peak_rss_mb
 
@@ -219,7 +208,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
             "arch": arch,
             "impl": used if arch in TOPK_FAMILY else "dense",
             "tokens_per_s": round(batch / dt, 1),
-            "gflops": round(step_flops(arch, batch, d_in, width, k) / dt / 1e9, 2),
+            "gflops": round(ARCHITECTURES[arch].train_flops(batch, d_in, width, k) / dt / 1e9, 2),
             "step_ms": round(dt * 1e3, 2),
             "best_step_ms": round(min(times) * 1e3, 2),
             "step_cpu_ms": round(float(np.median(cpu)) * 1e3, 2),
@@ -268,17 +257,16 @@ def main(argv=None) -> int:
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = {n: getattr(args, n) if getattr(args, n) is not None else v for n, v in PRESETS[args.preset].items()}
+    from featureatlas.scripts.benchlib import emit, machine, matmul_gflops
+
     if args.child:
         job = json.loads(args.child)
         res = run_one(job["arch"], job["impl"], sizes["d_in"], sizes["width"], sizes["batch"], sizes["k"],
                       args.dtype, args.steps, args.warmup, job["ops"])
-        print(json.dumps(res), flush=True)
+        emit(res)
         return 0
 
-    import jax
-
     from featureatlas.saes.architectures import ARCHITECTURES
-    from featureatlas.scripts.benchlib import emit, matmul_gflops
 
     archs = [a for a in args.archs.split(",") if a] or list(ARCHITECTURES)
     unknown = [a for a in archs if a not in ARCHITECTURES]
@@ -293,9 +281,7 @@ def main(argv=None) -> int:
     def report(gf_after: float, complete: bool) -> dict:
         result = {
             "benchmark": "sae_train_step",
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__,
+            **machine(),
             "preset": args.preset,
             "dtype": args.dtype,
             "matmul_gflops": round(gf, 1),

@@ -13,20 +13,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
+from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb, run_json, timed
 
 D, N, K, P = 1536, 20_000, 100, 0.01
 T = 129  # context length: BOS + 128 tokens
@@ -108,25 +104,19 @@ def main() -> None:
     if args.passes < 2:
         ap.error("--passes must be at least 2")
     if args.streaming_child:
-        print(json.dumps(streaming_child(args.streaming_child, args.chunk_size, args.passes)))
+        emit(streaming_child(args.streaming_child, args.chunk_size, args.passes))
         return
 
     tokens = args.tokens or (200_000 if args.quick else 2_000_000)
     result = {"d": D, "n": N, "k": K, "p": P, "matmul_gflops": round(matmul_gflops(), 1)}
     result.update(bench_full_batch(args.steps))
     result["authors_pytorch_ms_per_iter"] = 380
-    tmpdir = tempfile.mkdtemp(prefix="snmf_bench_", dir=args.tmp)
-    try:
+    with tempfile.TemporaryDirectory(prefix="snmf_bench_", dir=args.tmp, ignore_cleanup_errors=True) as tmpdir:
         store = os.path.join(tmpdir, "bench.h5")
-        t0 = time.perf_counter()
-        write_bench_store(store, tokens)
-        result["store_write_s"] = round(time.perf_counter() - t0, 1)
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--streaming-child", store,
-                              "--chunk-size", str(args.chunk_size), "--passes", str(args.passes)],
-                             check=True, capture_output=True, text=True)
-        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        _, write_s = timed(lambda: write_bench_store(store, tokens))
+        result["store_write_s"] = round(write_s, 1)
+        result.update(run_json([sys.executable, os.path.abspath(__file__), "--streaming-child", store,
+                                "--chunk-size", str(args.chunk_size), "--passes", str(args.passes)]))
     result["chunk_size"] = args.chunk_size
     result["matmul_gflops_after"] = round(matmul_gflops(), 1)
     emit(result)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,30 +19,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from featureatlas.activation_store.corpus import CorpusConfig  # noqa: E402
-from featureatlas.activation_store.harvest import HarvestConfig, harvest  # noqa: E402
-from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb  # noqa: E402
+from featureatlas.activation_store.corpus import CorpusConfig
+from featureatlas.activation_store.harvest import HarvestConfig, harvest
+from featureatlas.activation_store.models import load_model
+from featureatlas.scripts.benchlib import (emit, llama_flops_per_token, matmul_gflops, peak_rss_mb,
+                                          smollm2_shaped_random, timed)
 
 HOOKS = ("resid_post.15", "mlp_hidden.15")
-
-
-def forward_flops_per_token(cfg, n_layers: int, T: int) -> float:
-    """Matmul FLOPs per token of `n_layers` Llama blocks: 2·(QKV + O projections + gate/up/down)
-    plus 2·2·H·E·T for scores and the weighted sum over all T keys (the dense masked attention)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    proj = cfg.d_model * (q + 2 * kv) + q * cfg.d_model
-    mlp = 3 * cfg.d_model * cfg.d_mlp
-    attn = 2 * q * T
-    return 2.0 * n_layers * (proj + mlp + attn)
-
-
-def smollm2_shaped_random():
-    from featureatlas.activation_store.models import random_model
-
-    return random_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536,
-                        vocab_size=49152, max_ctx=8192, rope_base=100000.0)
 
 
 def main() -> None:
@@ -56,14 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     matmul = matmul_start = matmul_gflops()
-    t0 = time.perf_counter()
-    if args.random_weights:
-        lm, model = smollm2_shaped_random(), "random-smollm2-shape"
-    else:
-        from featureatlas.activation_store.models import load_model
-
-        lm, model = load_model("smollm2-135m"), "smollm2-135m"
-    load_s = time.perf_counter() - t0
+    model = "random-smollm2-shape" if args.random_weights else "smollm2-135m"
+    lm, load_s = timed(smollm2_shaped_random if args.random_weights else lambda: load_model(model))
     T, B = 128, args.batch_size
 
     # Warm-up: compile the exact forward the harvest runs, then time the bare forward.
@@ -76,17 +52,10 @@ def main() -> None:
         _, caps = lm.forward(lm.params, tokens, attention_mask_BxT=mask, capture=HOOKS, stop_at="capture")
         return jax.block_until_ready(caps)
 
-    t0 = time.perf_counter()
-    forward()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - t0)
-    forward_tps = B * T / min(times)
+    _, compile_s = timed(forward)
+    forward_tps = B * T / min(timed(forward)[1] for _ in range(2))
     n_layers = 1 + max(int(h.split(".")[1]) for h in HOOKS)
-    forward_gflops = forward_flops_per_token(lm.config, n_layers, T) * forward_tps / 1e9
+    forward_gflops = llama_flops_per_token(lm.config, n_layers, T) * forward_tps / 1e9
 
     cfg = HarvestConfig(model=model, hooks=HOOKS, corpus=CorpusConfig(source="bbc", context_length=T,
                                                                         max_tokens=args.tokens),

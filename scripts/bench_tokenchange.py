@@ -15,14 +15,13 @@ than the paper's 32 x 32 (--n-seq / --seq-len). Prints one JSON object on the la
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from featureatlas.activation_store.models import clamp, load_model
 from featureatlas.eval.adapters import NeuronDictionary
 from featureatlas.eval.outputs import TokenChangeConfig, token_change
-from featureatlas.scripts.benchlib import emit, matmul_gflops, peak_rss_mb
+from featureatlas.scripts.benchlib import emit, llama_flops_per_token, matmul_gflops, peak_rss_mb, timed
 
 
 def naive_token_change(lm, dic, toks, features, c: float, top: int):
@@ -39,12 +38,6 @@ def naive_token_change(lm, dic, toks, features, c: float, top: int):
             if sign > 0:
                 up.append(np.argsort(-delta)[:top])
     return np.array(up)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -103,10 +96,9 @@ def main() -> None:
 def _flop_ratio(cfg, layer: int) -> float:
     """Matmul FLOPs per token of the naive way (all layers + unembedding) over the batched way (the
     layers after the edit only, no per-token unembedding): the CPU-bound limit of the speed-up."""
-    D, F, H, K, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    per_layer = 2 * (D * (H + 2 * K) * E + H * E * D + 3 * D * F)
-    naive = cfg.n_layers * per_layer + 2 * D * cfg.vocab_size
-    after = (cfg.n_layers - layer - 1) * per_layer + 2 * F * D  # + the edited layer's down projection
+    naive = llama_flops_per_token(cfg, cfg.n_layers) + 2 * cfg.d_model * cfg.vocab_size
+    # + the edited layer's down projection
+    after = llama_flops_per_token(cfg, cfg.n_layers - layer - 1) + 2 * cfg.d_mlp * cfg.d_model
     return naive / after
 
 

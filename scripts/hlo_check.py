@@ -26,6 +26,7 @@ Usage: python -m featureatlas.scripts.hlo_check [--preset small] [--archs topk,b
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -36,17 +37,11 @@ _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*(?:->\s*.*)?\
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _NO_MEMORY = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "iota"}
+FINDINGS = ("while_loop", "full_width_sort", "full_width_topk", "bf16_scatter", "materialised_BkD")
 
 
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(shape)]
-
-
-def _size(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 def parse_hlo(text: str) -> list[dict]:
@@ -92,7 +87,7 @@ def analyse(text: str, B: int, F: int, k: int, D: int) -> dict:
         is_topk = op == "topk" or "topk" in target.lower()
         if is_sort or is_topk:
             arrays = operand_arrays(i) if is_topk else _arrays(i["shape"])
-            n = max((_size(d) for _, d in arrays), default=0)
+            n = max((math.prod(d) for _, d in arrays), default=0)
             desc = f"{i['name']}: {', '.join(f'{t}{list(d)}' for t, d in arrays[:2])}"
             out["sorts" if is_sort else "topks"].append(desc)
             if n >= B * F:
@@ -103,7 +98,7 @@ def analyse(text: str, B: int, F: int, k: int, D: int) -> dict:
             if any(t == "bf16" for t, _ in arrays):
                 out["bf16_scatters"].append(out["scatters"][-1])
         if not i["fused"] and op not in _NO_MEMORY:
-            n = sum(_size(d) for _, d in _arrays(i["shape"]))
+            n = sum(math.prod(d) for _, d in _arrays(i["shape"]))
             unfused.append((n, f"{i['name']} ({op}): {i['shape'].split('{')[0]}"))
             if n >= B * k * D:
                 out["materialised_BkD"].append(unfused[-1][1])
@@ -130,10 +125,8 @@ def check_step(arch: str, dtype: str, impl: str, d_in: int, width: int, batch: i
     if compile_step:
         res["compiled"] = analyse(lowered.compile().as_text(), batch, width, k, d_in)
     stages = [res["lowered"]] + ([res["compiled"]] if compile_step else [])
-    res["while_loop"] = any(s["while_loops"] for s in stages)
-    res["full_width_sort"] = any(s["full_width_sorts"] for s in stages)
-    res["full_width_topk"] = any(s["full_width_topks"] for s in stages)
-    res["bf16_scatter"] = any(s["bf16_scatters"] for s in stages)
+    for flag in FINDINGS[:-1]:  # either stage; materialised_BkD: the compiled step only
+        res[flag] = any(s[flag + "s"] for s in stages)
     res["materialised_BkD"] = bool(compile_step and res["compiled"]["materialised_BkD"])
     return res
 
@@ -151,9 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="also write the JSON object to this file")
     args = p.parse_args(argv)
 
-    import jax
-
-    from featureatlas.scripts.benchlib import emit
+    from featureatlas.scripts.benchlib import emit, machine
 
     results = []
     for preset in args.preset.split(","):
@@ -162,17 +153,10 @@ def main(argv=None) -> int:
             for dtype in args.dtypes.split(","):
                 r = check_step(arch, dtype, args.impl, s["d_in"], s["width"], s["batch"], s["k"], args.compile)
                 r["preset"] = preset
-                flags = {f: r[f] for f in ("while_loop", "full_width_sort", "full_width_topk", "bf16_scatter",
-                                           "materialised_BkD")}
+                flags = {f: r[f] for f in FINDINGS}
                 print(f"{preset:>8} {arch:>10} {dtype:>9} {r['impl']:>6}: {flags}", file=sys.stderr, flush=True)
                 results.append(r)
-    result = {"check": "sae_step_hlo", "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-              "jax": jax.__version__, "results": results}
-    if args.out:
-        from featureatlas.activation_store.runs import atomic_write_json
-
-        atomic_write_json(args.out, result)
-    emit(result)
+    emit({"check": "sae_step_hlo", **machine(), "results": results}, args.out)
     return 0
 
 
