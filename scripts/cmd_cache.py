@@ -50,8 +50,7 @@ def register(subparsers) -> None:
 def corpus_config(args) -> CorpusConfig:
     """The corpus flags; the ones it shares a name with the cache's (max_contexts, seed) keep the harvest defaults."""
     d = CorpusConfig()
-    return config_from_args(CorpusConfig, args, max_contexts=d.max_contexts, seed=d.seed,
-                            shuffle_documents=d.shuffle_documents)
+    return config_from_args(CorpusConfig, args, max_contexts=d.max_contexts, seed=d.seed)
 
 
 def store_from_corpus(job: CacheJob, corpus, hook: str, progress: bool):

@@ -34,6 +34,7 @@ def build(job: CatalogJob):
     from featureatlas.activation_store.errors import ConfigError
     from featureatlas.eval.catalog import write_catalog
     from featureatlas.eval.describe import load_describe_run
+    from featureatlas.eval.schema import DICTIONARY_FIELDS
 
     runs = [load_describe_run(d) for d in job.describe]
     infos = [info for info, _ in runs]
@@ -43,9 +44,8 @@ def build(job: CatalogJob):
     models = {i["model_id"] for i in infos}
     if len(models) != 1:
         raise ConfigError(f"the describe runs come from different models {sorted(models)}; make one catalog per model")
-    keep = ("name", "kind", "hook", "hook_out", "n_features", "path")
     meta = {"model_id": models.pop(), "store": infos[0].get("store"),
-            "dictionaries": [{k: i[k] for k in keep if k in i} for i in infos]}
+            "dictionaries": [{k: i[k] for k in DICTIONARY_FIELDS if k in i} for i in infos]}
     return write_catalog(job.out, itertools.chain.from_iterable(recs for _, recs in runs), meta)
 
 

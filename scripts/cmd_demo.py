@@ -48,14 +48,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _stage(name: str, argv: list[str]) -> None:
+def run_stage(name: str, argv: list[str], job: str = "demo") -> None:
+    """Run `featureatlas <argv>` as stage `name` of `job`, timed; a failing stage stops the job."""
     from featureatlas.scripts.cli import main
 
-    print(f"\n=== demo: {name} ===\n$ featureatlas {' '.join(argv)}", flush=True)
+    print(f"\n=== {job}: {name} ===\n$ featureatlas {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
     code = main(argv)
     if code:
-        raise SystemExit(f"demo stage '{name}' failed with exit code {code}")
+        raise SystemExit(f"{job} stage '{name}' failed with exit code {code}")
     print(f"=== {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
 
 
@@ -84,43 +85,41 @@ def run(args) -> int:
     resid, mlp = f"resid_post.{args.layer}", f"mlp_hidden.{args.layer}"
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     quiet = ["--no-progress"] if args.no_progress else []
+    sae_dir, snmf_dir = out / f"sae_topk_{resid}", out / f"snmf_{mlp}"
     if "harvest" in stages:
-        _stage("harvest", ["harvest", "--model", args.model, "--corpus", "bbc", "--hooks", resid, mlp,
-                           "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store),
-                           *quiet])
-        _stage("store info", ["store", "info", str(store)])
+        run_stage("harvest", ["harvest", "--model", args.model, "--corpus", "bbc", "--hooks", resid, mlp,
+                              "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store),
+                              *quiet])
+        run_stage("store info", ["store", "info", str(store)])
     if "sae" in stages:
-        sae_dir = out / f"sae_topk_{resid}"
-        _stage("train SAE", ["train-sae", "--store", str(store), "--hook", resid, "--arch", "topk",
-                             "--k", "32", "--width", "4608", "--tokens", str(args.sae_tokens),
-                             "--out", str(sae_dir), *(["--resume"] if sae_dir.exists() else []), *quiet])
+        run_stage("train SAE", ["train-sae", "--store", str(store), "--hook", resid, "--arch", "topk",
+                                "--k", "32", "--width", "4608", "--tokens", str(args.sae_tokens),
+                                "--out", str(sae_dir), *(["--resume"] if sae_dir.exists() else []), *quiet])
         _report_fvu(sae_dir)
     if "snmf" in stages:
-        snmf_dir = out / f"snmf_{mlp}"
-        _stage("fit SNMF", ["train-snmf", "--store", str(store), "--hook", mlp, "--k", "100",
-                            "--max-tokens", str(args.snmf_tokens), "--out", str(snmf_dir),
-                            *(["--resume"] if snmf_dir.exists() else []), *quiet])
-    sae_dir, snmf_dir = out / f"sae_topk_{resid}", out / f"snmf_{mlp}"
+        run_stage("fit SNMF", ["train-snmf", "--store", str(store), "--hook", mlp, "--k", "100",
+                               "--max-tokens", str(args.snmf_tokens), "--out", str(snmf_dir),
+                               *(["--resume"] if snmf_dir.exists() else []), *quiet])
     dics = {"sae-topk": (sae_dir, out / "cache_sae", out / "describe_sae"),
             "snmf": (snmf_dir, out / "cache_snmf", out / "describe_snmf")}
     if "cache" in stages:
         for name, (dic_dir, cache_dir, _) in dics.items():
-            _stage(f"cache {name}", ["cache", "--store", str(store), "--dictionary", str(dic_dir),
-                                     "--out", str(cache_dir), *(["--resume"] if cache_dir.exists() else []), *quiet])
+            run_stage(f"cache {name}", ["cache", "--store", str(store), "--dictionary", str(dic_dir),
+                                        "--out", str(cache_dir), *(["--resume"] if cache_dir.exists() else []), *quiet])
     if "describe" in stages:
         _describe(args, store, dics)
     evaluated = out / "evaluate"
     if "evaluate" in stages:
-        _stage("evaluate", ["evaluate", "--describe", *(str(d) for _, _, d in dics.values()), "--out", str(evaluated),
-                            "--evaluations", "cheap", "embedding", "input", "output", "--judges", "embedding",
-                            "--resume", *quiet])
+        run_stage("evaluate", ["evaluate", "--describe", *(str(d) for _, _, d in dics.values()),
+                               "--out", str(evaluated), "--evaluations", "cheap", "embedding", "input", "output",
+                               "--judges", "embedding", "--resume", *quiet])
         print(f"report: {evaluated / 'report.md'}")
     if "catalog" in stages:
         catalog = out / "catalog"
         # with scores when the evaluate stage ran (its per-dictionary records are describe-run shaped)
         sources = [evaluated / name if (evaluated / name / "records.jsonl").exists() else d
                    for name, (_, _, d) in dics.items()]
-        _stage("catalog", ["catalog", "--describe", *(str(d) for d in sources), "--out", str(catalog)])
+        run_stage("catalog", ["catalog", "--describe", *(str(d) for d in sources), "--out", str(catalog)])
         _table(dics)
         print(f"\nopen the catalog: file://{(catalog / 'index.html').resolve()}")
     print(f"\ndemo finished: artifacts in {out}/")

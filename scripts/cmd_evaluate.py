@@ -28,31 +28,24 @@ class EvaluateJob(RunOptions):
     """Also run the synthetic ground-truth suite (planted features) and put its calibration in the report."""
 
 
-def protocol_configs() -> dict:
-    """{evaluation: its config class} (the flags of each protocol)."""
-    from featureatlas.eval.evaluate import protocol_classes
-
-    return protocol_classes()
-
-
 def register(subparsers) -> None:
-    from featureatlas.eval.evaluate import EvaluateConfig
+    from featureatlas.eval.evaluate import EvaluateConfig, protocol_classes
 
     p = subparsers.add_parser("evaluate", help="score descriptions, steer with features, write a report",
                               description=__doc__.split("\n\n")[0])
     add_config_arguments(p, EvaluateJob)
     add_config_arguments(p, EvaluateConfig, title="what to evaluate")
-    for name, cls in protocol_configs().items():  # flags --<name>-<field>, e.g. --output-targets
+    for name, cls in protocol_classes().items():  # flags --<name>-<field>, e.g. --output-targets
         add_config_arguments(p, cls, title=f"{name} protocol", prefix=name)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from featureatlas.eval.evaluate import EvaluateConfig, evaluate, load_subjects
+    from featureatlas.eval.evaluate import EvaluateConfig, evaluate, load_subjects, protocol_classes
 
     job = config_from_args(EvaluateJob, args).validate()
     cfg = config_from_args(EvaluateConfig, args).validate()
-    protocols = {name: config_from_args(cls, args, prefix=name).validate() for name, cls in protocol_configs().items()}
+    protocols = {name: config_from_args(cls, args, prefix=name).validate() for name, cls in protocol_classes().items()}
     subjects = load_subjects(job.describe)
     results = evaluate(subjects, cfg, protocols, job.out, resume=job.resume, overwrite=job.overwrite,
                        flags=flags_of(EvaluateJob), progress=job.progress, calibrate=job.calibrate)

@@ -28,17 +28,7 @@ import numpy as np
 METHODS = ("maxact", "vocabproj", "tokenchange", "ensemble-raw", "ensemble-concat")
 INPUT_CENTRIC, OUTPUT_CENTRIC = ("maxact",), ("vocabproj", "tokenchange")
 ENSEMBLES = ("ensemble-raw", "ensemble-concat")
-
-
-def _cli(*argv: str) -> None:
-    from featureatlas.scripts.cli import main
-
-    print("$ featureatlas " + " ".join(argv), flush=True)
-    t0 = time.perf_counter()
-    code = main(list(argv))
-    if code:
-        raise SystemExit(f"stage failed with exit code {code}: featureatlas {' '.join(argv)}")
-    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+JOB = "reproduce"
 
 
 def diffmeans_of_snmf(store_path: Path, snmf_dir: Path, out: Path, top_fraction: float = 0.01) -> None:
@@ -56,7 +46,7 @@ def diffmeans_of_snmf(store_path: Path, snmf_dir: Path, out: Path, top_fraction:
     snmf = load_dictionary(snmf_dir)
     hook, T = snmf.hook, store.context_length
     rows = np.concatenate([c * T + np.arange(1, int(store.n_valid[c])) for c in range(store.n_contexts)])
-    codes, sums_x, total_x = [], None, None
+    codes, total_x = [], None
     for i in range(0, len(rows), 8192):
         x = np.asarray(store.read_rows(hook, rows[i:i + 8192]), np.float64)
         codes.append(np.asarray(snmf.encode(x), np.float32))
@@ -92,50 +82,44 @@ def verdict(better: dict | None, worse: dict | None) -> str:
         "not reproduced (lower mean, CIs overlap)"
 
 
-def pooled(summary: list[dict], evaluation: str, methods, judge_kind: str = "embedding", kinds=None) -> dict | None:
-    """Mean and bootstrap CI over every (dictionary, feature) value of the given description methods."""
+def _mean_ci(vals: list) -> dict | None:
+    """Mean and bootstrap 95% CI of `vals` (None when empty)."""
     from featureatlas.eval.judges import bootstrap_ci
 
-    vals = [v for r in summary if r["evaluation"] == evaluation and r["method"] in methods
-            and (r["judge"] or "").startswith(judge_kind) and (kinds is None or r["kind"] in kinds)
-            for v in r["values"]]
     if not vals:
         return None
     lo, hi = bootstrap_ci(vals, seed=0)
     return {"mean": float(np.mean(vals)), "ci": [lo, hi], "n": len(vals)}
+
+
+def pooled(summary: list[dict], evaluation: str, methods, judge_kind: str = "embedding", kinds=None) -> dict | None:
+    """Mean and bootstrap CI over every (dictionary, feature) value of the given description methods."""
+    return _mean_ci([v for r in summary if r["evaluation"] == evaluation and r["method"] in methods
+                     and (r["judge"] or "").startswith(judge_kind) and (kinds is None or r["kind"] in kinds)
+                     for v in r["values"]])
 
 
 def steering_of(summary: list[dict], kind: str) -> dict | None:
-    from featureatlas.eval.judges import bootstrap_ci
-
-    vals = [v for r in summary if r["evaluation"] == "steering" and r["kind"] == kind for v in r["values"]]
-    if not vals:
-        return None
-    lo, hi = bootstrap_ci(vals, seed=0)
-    return {"mean": float(np.mean(vals)), "ci": [lo, hi], "n": len(vals)}
+    return _mean_ci([v for r in summary if r["evaluation"] == "steering" and r["kind"] == kind for v in r["values"]])
 
 
 def findings(summary: list[dict]) -> list[dict]:
-    out = []
     o_out, o_in = pooled(summary, "output", OUTPUT_CENTRIC), pooled(summary, "output", INPUT_CENTRIC)
     i_in, i_out = pooled(summary, "input", INPUT_CENTRIC), pooled(summary, "input", OUTPUT_CENTRIC)
     e_out, e_in = pooled(summary, "output", ENSEMBLES), pooled(summary, "input", ENSEMBLES)
     best_single_out = max((x for x in (o_out, o_in) if x), key=lambda x: x["mean"], default=None)
     best_single_in = max((x for x in (i_in, i_out) if x), key=lambda x: x["mean"], default=None)
-    out.append({"finding": "output-centric descriptions (VocabProj, TokenChange) beat input-centric (MaxAct) on the "
-                "output evaluation", "better": o_out, "worse": o_in, "verdict": verdict(o_out, o_in)})
-    out.append({"finding": "input-centric descriptions (MaxAct) beat output-centric ones on the input evaluation",
-                "better": i_in, "worse": i_out, "verdict": verdict(i_in, i_out)})
-    out.append({"finding": "ensembles beat the best single method on the output evaluation", "better": e_out,
-                "worse": best_single_out, "verdict": verdict(e_out, best_single_out)})
-    out.append({"finding": "ensembles beat the best single method on the input evaluation", "better": e_in,
-                "worse": best_single_in, "verdict": verdict(e_in, best_single_in)})
     snmf, sae, dm = steering_of(summary, "snmf"), steering_of(summary, "sae"), steering_of(summary, "diffmeans")
-    out.append({"finding": "SNMF features steer at least as well as SAE features", "better": snmf, "worse": sae,
-                "verdict": verdict(snmf, sae)})
-    out.append({"finding": "SAE features steer at least as well as DiffMeans directions", "better": sae, "worse": dm,
-                "verdict": verdict(sae, dm)})
-    return out
+    claims = [  # (the paper's finding, its better side, its worse side)
+        ("output-centric descriptions (VocabProj, TokenChange) beat input-centric (MaxAct) on the output evaluation",
+         o_out, o_in),
+        ("input-centric descriptions (MaxAct) beat output-centric ones on the input evaluation", i_in, i_out),
+        ("ensembles beat the best single method on the output evaluation", e_out, best_single_out),
+        ("ensembles beat the best single method on the input evaluation", e_in, best_single_in),
+        ("SNMF features steer at least as well as SAE features", snmf, sae),
+        ("SAE features steer at least as well as DiffMeans directions", sae, dm),
+    ]
+    return [{"finding": f, "better": b, "worse": w, "verdict": verdict(b, w)} for f, b, w in claims]
 
 
 def _fmt(x: dict | None) -> str:
@@ -161,6 +145,8 @@ def write_verdicts(out: Path, rows: list[dict], report: dict, seconds: float) ->
 
 
 def main(argv=None) -> int:
+    from featureatlas.scripts.cmd_demo import run_stage
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--demo", default="", help="a finished `featureatlas demo` directory to reuse (store, SAE, SNMF)")
@@ -179,7 +165,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     demo = Path(args.demo) if args.demo else out / "demo"
     if not (demo / "store.h5").exists() or not (demo / "snmf_mlp_hidden.15" / "config.json").exists():
-        _cli("demo", "--out", str(demo), "--stages", "harvest,sae,snmf", "--no-progress")
+        run_stage("demo", ["demo", "--out", str(demo), "--stages", "harvest,sae,snmf", "--no-progress"], JOB)
     store = demo / "store.h5"
     diffmeans_of_snmf(store, demo / "snmf_mlp_hidden.15", out / "diffmeans_mlp_hidden.15")
     dictionaries = {"sae": demo / "sae_topk_resid_post.15", "snmf": demo / "snmf_mlp_hidden.15",
@@ -188,25 +174,23 @@ def main(argv=None) -> int:
     for name, spec in dictionaries.items():
         cache, desc = out / f"cache_{name}", out / f"describe_{name}"
         if not (cache / "cache.h5").exists():
-            _cli("cache", "--store", str(store), "--dictionary", str(spec), "--out", str(cache), "--resume",
-                 "--no-progress")
+            run_stage(f"cache {name}", ["cache", "--store", str(store), "--dictionary", str(spec), "--out", str(cache),
+                                        "--resume", "--no-progress"], JOB)
         if not (desc / "records.jsonl").exists():
-            _cli("describe", "--cache", str(cache), "--dictionary", str(spec), "--name", name, "--out", str(desc),
-                 "--sample", str(args.features), "--methods", *METHODS, "--explainer", "template", "--resume",
-                 "--no-progress")
+            run_stage(f"describe {name}", ["describe", "--cache", str(cache), "--dictionary", str(spec), "--name", name,
+                                           "--out", str(desc), "--sample", str(args.features), "--methods", *METHODS,
+                                           "--explainer", "template", "--resume", "--no-progress"], JOB)
         describe_dirs.append(str(desc))
     judges = ["embedding"] + (["openai"] if args.base_url and args.api_model else [])
     extra = ["--base-url", args.base_url, "--api-model", args.api_model] if "openai" in judges else []
-    _cli("evaluate", "--describe", *describe_dirs, "--out", str(out / "eval"), "--evaluations", *args.evaluations,
-         "--judges", *judges, *extra, "--steering-targets", *args.steering_targets,
-         "--steering-features", args.steering_features, "--steering-n-samples", args.steering_samples,
-         "--steering-capability-sequences", "4", "--steering-n-new", args.steering_tokens,
-         "--calibrate", "--resume", "--no-progress")
+    run_stage("evaluate", ["evaluate", "--describe", *describe_dirs, "--out", str(out / "eval"), "--evaluations",
+                           *args.evaluations, "--judges", *judges, *extra, "--steering-targets", *args.steering_targets,
+                           "--steering-features", args.steering_features, "--steering-n-samples", args.steering_samples,
+                           "--steering-capability-sequences", "4", "--steering-n-new", args.steering_tokens,
+                           "--calibrate", "--resume", "--no-progress"], JOB)
     report = json.loads((out / "eval" / "report.json").read_text())
     summary = report["summary"]
-    for r in summary:  # the report's JSON leaves out per-feature values; read them from the evaluate results
-        r["values"] = []
-    _attach_values(out / "eval", summary)
+    _attach_values(out / "eval", summary)  # the report's JSON leaves out per-feature values
     rows = findings(summary)
     write_verdicts(out, rows, report, time.perf_counter() - t0)
     print((out / "reproduce.md").read_text())
