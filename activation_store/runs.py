@@ -139,10 +139,9 @@ def recover_publish(directory: str | os.PathLike) -> None:
         fsync_dir(directory)
         journal.unlink(missing_ok=True)
         fsync_dir(directory)
-    if directory.is_dir():
+    if directory.is_dir() and os.access(directory, os.W_OK):
         for stale in directory.glob(".*.tmp"):
-            if os.access(directory, os.W_OK):
-                stale.unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)
 
 
 def publish_files(directory: str | os.PathLike, files: Mapping[str, bytes | str | Callable[[Path], None]]) -> None:

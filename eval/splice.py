@@ -139,11 +139,8 @@ def splice_metrics(
     count = 0
     bs = max(1, min(batch_size, n))
     for lo in range(0, n, bs):
-        tok_b, mask_b = tokens[lo:lo + bs], mask[lo:lo + bs]
-        if tok_b.shape[0] < bs:  # pad to a fixed batch so nothing recompiles; padded rows count nowhere
-            pad = bs - tok_b.shape[0]
-            tok_b = np.concatenate([tok_b, np.zeros((pad, T), np.int32)])
-            mask_b = np.concatenate([mask_b, np.zeros((pad, T), np.int32)])
+        pad = ((0, max(0, lo + bs - n)), (0, 0))  # a fixed batch so nothing recompiles; padded rows count nowhere
+        tok_b, mask_b = np.pad(tokens[lo:lo + bs], pad), np.pad(mask[lo:lo + bs], pad)
         valid_b = _valid_predictions(mask_b)
         tok_j, mask_j, valid_j = jnp.asarray(tok_b), jnp.asarray(mask_b), jnp.asarray(valid_b)
         logits_clean, _ = lm.forward(lm.params, tok_j, attention_mask_BxT=mask_j)

@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"featureatlas.scripts.{name}")
-        except ModuleNotFoundError as err:  # a command not built yet
-            if err.name == f"featureatlas.scripts.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"featureatlas.scripts.{name}").register(subparsers)
     return parser
 
 
