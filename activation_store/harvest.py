@@ -57,6 +57,8 @@ class HarvestConfig(Config):
     """the text and how it is packed into contexts"""
     dtype: str = setting("float16", choices=DTYPES)
     """storage dtype of the activations (float32 for models whose activations exceed float16's range)"""
+    compute_dtype: str = setting("float32", choices=("float32", "bfloat16"))
+    """dtype of the model's forward pass: bfloat16 runs it as transformers runs a bfloat16 model (norm statistics and softmax in float32), the fast choice on a GPU/TPU, slower than float32 on CPU; rows are stored in --dtype either way"""
     batch_size: int = setting(16, gt=0)
     """contexts per forward pass"""
     commit_contexts: int = setting(64, gt=0)
@@ -300,10 +302,12 @@ def _forward_rows(lm, config: HarvestConfig, corpus: PackedCorpus, start: int, t
     thread). timing["stall_s"] collects the time spent suspended at `yield`, i.e. waiting for room."""
     N, T, B = corpus.n_contexts, corpus.context_length, config.batch_size
     hooks = tuple(config.hooks)
+    params = lm.params_in(config.compute_dtype)  # cast once, not inside every forward
 
     def dispatch(c0):
         tokens, mask, n_real = batch_inputs(corpus, c0, B)
-        _, caps = lm.forward(lm.params, tokens, attention_mask_BxT=mask, capture=hooks, stop_at="capture")
+        _, caps = lm.forward(params, tokens, attention_mask_BxT=mask, capture=hooks, stop_at="capture",
+                             compute_dtype=config.compute_dtype)
         return c0, caps, mask, n_real
 
     starts = list(range(start, N, B))
