@@ -219,13 +219,6 @@ def _mse(recon_BxE, y_BxE):
     return jnp.sum((recon_BxE - y_BxE) ** 2) / (B * E)
 
 
-def topk_entries(pre_BxF, k: int, impl: str | None = None):
-    """Row-wise top k of the pre-activations as `sparse.Entries` (k per row) and their values [B·k]."""
-    impl = impl or sparse.impl()
-    vals_BxK, idx_BxK = topk.top_k(pre_BxF, k, sparse.topk_method(impl))
-    return sparse.row_entries(idx_BxK, impl), vals_BxK.reshape(-1)
-
-
 BATCHTOPK_BISECTION_STEPS = 40
 
 
@@ -453,9 +446,10 @@ class TopK(Architecture):
     uses_auxk = True
 
     def select(self, cfg, pre_BxF, impl):
-        """(entries, values_N, stats): the active entries (saes.sparse.Entries) and their pre-activations."""
-        entries, values = topk_entries(pre_BxF, cfg.k, impl)
-        return entries, values, {}
+        """(entries, values_N, stats): the active entries (saes.sparse.Entries) and their pre-activations;
+        here each row's top k (k entries per row, values [B·k])."""
+        vals_BxK, idx_BxK = topk.top_k(pre_BxF, cfg.k, sparse.topk_method(impl))
+        return sparse.row_entries(idx_BxK, impl), vals_BxK.reshape(-1), {}
 
     def reconstruct(self, cfg, params, entries, vals, y, dtype):
         """(mse, recon_BxE, stats) from the active entries."""
@@ -603,8 +597,7 @@ def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.
         enc = enc / jnp.maximum(jnp.linalg.norm(enc, axis=1, keepdims=True), 1e-12)
     else:
         enc = jnp.array(dec, copy=True)  # a distinct buffer: the two are trained separately
-    if arch.selection(cfg).enc_init_scale != 1.0:
-        enc = enc * arch.selection(cfg).enc_init_scale
+    enc = enc * arch.selection(cfg).enc_init_scale
     params = {"enc_FxD": enc, "dec_FxE": dec, "b_dec": jnp.asarray(b_dec_E, jnp.float32)}
     centre = b_in_D if cfg.is_transcoder else b_dec_E
     params.update(arch.init_params(cfg, enc, x_sample_NxD, centre))
