@@ -69,7 +69,7 @@ def panels(train: Sequence[dict], evals: Sequence[dict], config: dict | None = N
     config = config or {}
     has = lambda rows, k: any(k in r for r in rows)  # noqa: E731
     out_scale = float(config.get("output_scale") or 0.0)
-    excl_in_training = bool((config.get("train") or config.get("train_config") or {}).get("exclude_massive"))
+    excl_in_training = bool((config.get("train") or {}).get("exclude_massive"))
     # Train FVU goes to the panel of its token rule.
     train_fvu_all = "fvu" if has(train, "fvu") and not excl_in_training else None
     train_fvu_excl = ("fvu_excl_massive" if has(train, "fvu_excl_massive")
