@@ -34,7 +34,7 @@ from featureatlas.activation_store.configs import Config, setting
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.activation_store.runs import MetricsLog, Run
 from featureatlas.eval.catalog import json_line
-from featureatlas.eval.schema import DESCRIPTION_METHODS
+from featureatlas.eval.schema import DESCRIPTION_METHODS, catalog_meta
 
 RESULTS_LOG, GENERATIONS_LOG, REPORT = "results.jsonl", "generations.jsonl", "report"
 
@@ -661,14 +661,10 @@ def evaluate(subjects: list[Subject], cfg: EvaluateConfig, protocols: Mapping[st
         kinds = {s.name: s.info.get("kind", "") for s in subjects}
         for s in subjects:
             records = list(merged_records(s, scores))
-            info = {k: v for k, v in s.info.items()}
             run.publish({"records.jsonl": "".join(json_line(r) + "\n" for r in records),
-                         "dictionary.json": json.dumps(info, indent=1)}, subdir=s.name)
-        keep = ("name", "kind", "hook", "hook_out", "n_features", "path")
-        meta = {"model_id": model_id, "store": subjects[0].info.get("store"),
-                "dictionaries": [{k: s.info[k] for k in keep if k in s.info} for s in subjects]}
+                         "dictionary.json": json.dumps(s.info, indent=1)}, subdir=s.name)
         catalog = write_catalog(run.dir / "catalog", itertools.chain.from_iterable(
-            merged_records(s, scores) for s in subjects), meta)
+            merged_records(s, scores) for s in subjects), catalog_meta(model_id, [s.info for s in subjects]))
         from featureatlas.eval.report import summary_rows, write_report
 
         summary = summary_rows([r for r in rows if r["evaluation"] != "probing"], kinds, cfg.bootstrap)

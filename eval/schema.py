@@ -45,7 +45,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from featureatlas.activation_store.errors import FeatureAtlasError
 
@@ -350,6 +350,12 @@ def validate_record(rec: Any) -> dict:
 
 META_FIELDS = ("schema", "model_id", "store", "dictionaries", "created", "n_features", "n_dead", "neuronpedia")
 DICTIONARY_FIELDS = ("name", "kind", "hook", "hook_out", "n_features", "path")
+
+
+def catalog_meta(model_id: str, infos: Sequence[Mapping]) -> dict:
+    """The catalog metadata of dictionaries described by `infos` (their describe runs' dictionary.json)."""
+    return {"model_id": model_id, "store": infos[0].get("store"),
+            "dictionaries": [{k: i[k] for k in DICTIONARY_FIELDS if k in i} for i in infos]}
 
 
 def validate_meta(meta: Any) -> dict:

@@ -34,7 +34,7 @@ def build(job: CatalogJob):
     from featureatlas.activation_store.errors import ConfigError
     from featureatlas.eval.catalog import write_catalog
     from featureatlas.eval.describe import load_describe_run
-    from featureatlas.eval.schema import DICTIONARY_FIELDS
+    from featureatlas.eval.schema import catalog_meta
 
     runs = [load_describe_run(d) for d in job.describe]
     infos = [info for info, _ in runs]
@@ -44,9 +44,8 @@ def build(job: CatalogJob):
     models = {i["model_id"] for i in infos}
     if len(models) != 1:
         raise ConfigError(f"the describe runs come from different models {sorted(models)}; make one catalog per model")
-    meta = {"model_id": models.pop(), "store": infos[0].get("store"),
-            "dictionaries": [{k: i[k] for k in DICTIONARY_FIELDS if k in i} for i in infos]}
-    return write_catalog(job.out, itertools.chain.from_iterable(recs for _, recs in runs), meta)
+    return write_catalog(job.out, itertools.chain.from_iterable(recs for _, recs in runs),
+                         catalog_meta(models.pop(), infos))
 
 
 def run(args) -> int:
