@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The accelerator checks of issue 11 in one go, for a GPU machine without network that already has a
-# CUDA build of jax: the HLO check of the TopK/BatchTopK steps and the SAE training benchmark at both
-# presets (small, gemma2b) and both dtypes (float32, bfloat16), in under 8 minutes.
+# CUDA build of jax: the HLO check of the TopK/BatchTopK steps, the SAE training benchmark at both
+# presets (small, gemma2b) and both dtypes (float32, bfloat16), and the harvest forward (bench_lm,
+# SmolLM2-135M shape, batch 256x128) in both compute dtypes, beside transformers' bf16 forward of the
+# same shape when torch with CUDA is installed, in under 8 minutes.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        (default ./gpu_results; PYTHON=... picks the interpreter)
 #
 # Writes into OUT_DIR: devices.txt, hlo_check.json, bench_<preset>_<dtype>.json (each rewritten after
-# every architecture, so a stage cut short keeps what it measured), and log.txt. The only install it
-# may do is `pip install --no-deps -e .` when featureatlas is not importable yet.
+# every architecture, so a stage cut short keeps what it measured), lm_<dtype>.json, lm_hf_bf16.json,
+# and log.txt. The only install it may do is `pip install --no-deps -e .` when featureatlas is not
+# importable yet.
 set -uo pipefail
 
 OUT="${1:-./gpu_results}"
@@ -63,13 +66,49 @@ for dtype in float32 bfloat16; do
     --archs topk,batchtopk,relu --legacy topk --steps 10 --warmup 2 --timeout 75 \
     --out "$OUT/bench_gemma2b_${dtype}.json"
 done
+# 3. Harvest forward: ours in float32 and bfloat16, then transformers' bf16 at the same shape (random
+#    weights, the 16 layers a resid_post.15 harvest runs, sdpa attention) when torch sees a GPU.
+for dtype in float32 bfloat16; do
+  stage 40 "$PY" -m featureatlas.scripts.bench_lm --batch 256 --ctx 128 --steps 10 --dtype "$dtype" \
+    --out "$OUT/lm_${dtype}.json"
+done
+if "$PY" -c "import sys, torch, transformers; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  stage 40 "$PY" - "$OUT/lm_hf_bf16.json" <<'PYEOF'
+import json, sys, time
+import torch
+from transformers import LlamaConfig, LlamaModel
+cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=True)
+cfg._attn_implementation = "sdpa"
+torch.set_default_dtype(torch.bfloat16)  # as from_pretrained(dtype=torch.bfloat16) builds it
+model = LlamaModel(cfg).cuda().eval()
+ids = torch.randint(3, cfg.vocab_size, (256, 128), device="cuda")
+times = []
+with torch.no_grad():
+    for i in range(13):
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        model(input_ids=ids)
+        torch.cuda.synchronize(); times.append(time.perf_counter() - t0)
+best = min(times[3:])
+r = {"benchmark": "hf_lm_forward", "dtype": "bfloat16", "batch": 256, "ctx": 128, "layers": 16,
+     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+     "tokens_per_s": round(256 * 128 / best, 1), "best_s": round(best, 5)}
+json.dump(r, open(sys.argv[1], "w"))
+print(json.dumps(r))
+PYEOF
+else
+  say "skipped transformers' bf16 forward: no torch + transformers with CUDA here"
+fi
+
+# 2b. The small SAE preset, with what time is left.
 for dtype in float32 bfloat16; do
   stage 55 "$PY" -m featureatlas.scripts.bench_sae --preset small --dtype "$dtype" \
     --archs topk,batchtopk --legacy topk --no-ops --steps 10 --warmup 2 --timeout 50 \
     --out "$OUT/bench_small_${dtype}.json"
 done
 
-# 3. One line per result.
+# 4. One line per result.
 "$PY" - "$OUT" <<'EOF' | tee -a "$LOG"
 import glob, json, os, sys
 out = sys.argv[1]
@@ -84,6 +123,15 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
         else:
             print(f"  {x['arch']:>10} {x['impl']:>6}: {x['tokens_per_s']:>10.0f} tok/s {x['step_ms']:>8.2f} ms "
                   f"ops {x.get('ops_ms', {})}")
+for path in sorted(glob.glob(os.path.join(out, "lm_*.json"))):
+    r = json.load(open(path))
+    if "per_batch" in r:
+        b = next(iter(r["per_batch"].values()))
+        print(f"{os.path.basename(path)}: {r['device']} {r['dtype']} {r['tokens_per_s']:.0f} tok/s "
+              f"(median {b['tokens_per_s_median']:.0f}, first call {b['first_call_s']} s) "
+              f"matmul efficiency {r['matmul_efficiency']} of {r['machine_matmul_gflops']} GFLOP/s fp32")
+    else:
+        print(f"{os.path.basename(path)}: {r['device']} transformers {r['dtype']} {r['tokens_per_s']:.0f} tok/s")
 path = os.path.join(out, "hlo_check.json")
 if os.path.exists(path):
     for x in json.load(open(path))["results"]:
