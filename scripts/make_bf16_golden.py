@@ -28,6 +28,7 @@ positions (middle and last), 4 significant digits (bfloat16 keeps ~3).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -50,11 +51,8 @@ SIG = 4  # significant digits written
 
 def _gguf_importable() -> None:
     """Make `import gguf` work in this Python, from the project's .venv if need be (gguf alone)."""
-    try:
-        import gguf  # noqa: F401
+    if importlib.util.find_spec("gguf") is not None:
         return
-    except ImportError:
-        pass
     site = next((ROOT / ".venv/lib").glob("python3*/site-packages"))
     shim = Path(tempfile.mkdtemp(prefix="gguf_shim_"))
     for entry in [site / "gguf", *site.glob("gguf-*.dist-info")]:
