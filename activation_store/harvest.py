@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -335,7 +335,7 @@ def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, p
          notify: Callable[[str], None] | None) -> HarvestResult:
     from tqdm.auto import tqdm
 
-    N, T, C = corpus.n_contexts, corpus.context_length, config.commit_contexts
+    N, C = corpus.n_contexts, config.commit_contexts
     start = writer.n_committed
     hooks = tuple(config.hooks)
     done_tokens = int(corpus.n_valid_N[:start].sum())

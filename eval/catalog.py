@@ -97,7 +97,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from featureatlas.activation_store.models.config import to_transformerlens
-from featureatlas.activation_store.runs import (atomic_write, atomic_write_json, check_output_path, fsync_dir,
+from featureatlas.activation_store.runs import (atomic_write, check_output_path, fsync_dir,
                                                 publish_files, read_json, recover_publish)
 from featureatlas.eval.schema import (CATALOG_SCHEMA_VERSION, SCHEMA_VERSION, SchemaError, validate_meta,
                                       validate_record)

@@ -5,7 +5,6 @@ PyTorch Llama forward (scripts/make_golden.py), independent of our dequantize/un
 """
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
