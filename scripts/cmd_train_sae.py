@@ -192,6 +192,9 @@ def run(args) -> int:
     tcfg = config_from_args(SAETrainConfig, args, mesh_data=data, mesh_feature=feature).validate()
     cfgs = sae_configs(args)
     if args.distributed:
+        print(f"[train-sae] joining the multi-process run (process {args.process_id} of {args.num_processes}, "
+              f"coordinator {args.coordinator or 'from the environment'}); this waits until every process has "
+              "started", file=sys.stderr)
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.mesh.strip() == "all":
         data, feature = parse_mesh("all")
