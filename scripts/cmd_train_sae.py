@@ -192,9 +192,11 @@ def run(args) -> int:
     tcfg = config_from_args(SAETrainConfig, args, mesh_data=data, mesh_feature=feature).validate()
     cfgs = sae_configs(args)
     if args.distributed:
-        print(f"[train-sae] joining the multi-process run (process {args.process_id} of {args.num_processes}, "
-              f"coordinator {args.coordinator or 'from the environment'}); this waits until every process has "
-              "started", file=sys.stderr)
+        given = args.process_id is not None and args.num_processes is not None
+        who = f"process {args.process_id} of {args.num_processes}" if given else "process numbers from the cluster"
+        print(f"[train-sae] joining the multi-process run ({who}, coordinator "
+              f"{args.coordinator or 'from the environment'}); this waits until every process has started",
+              file=sys.stderr)
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.mesh.strip() == "all":
         data, feature = parse_mesh("all")
