@@ -19,18 +19,9 @@ import time
 import jax
 import numpy as np
 
-from featureatlas.activation_store.models import random_model
 from featureatlas.activation_store.models.transformer import COMPUTE_DTYPES
-from featureatlas.scripts.benchlib import emit, machine, matmul_gflops, peak_rss_mb
-
-
-def flops_per_token(cfg, n_layers: int, T: int) -> float:
-    """Matmul FLOPs per token through n_layers: projections 2·(D·(H+2K)·E + H·E·D + 3·D·F) plus
-    attention scores and mixing 2·2·T·H·E (the full T x T square is computed, then masked)."""
-    D, F, H, K, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    proj = 2 * (D * (H + 2 * K) * E + H * E * D + 3 * D * F)
-    attn = 4 * T * H * E
-    return float(n_layers * (proj + attn))
+from featureatlas.scripts.benchlib import (emit, llama_flops_per_token, machine, matmul_gflops, peak_rss_mb,
+                                          smollm2_shaped_random)
 
 
 def main() -> None:
@@ -42,10 +33,9 @@ def main() -> None:
     ap.add_argument("--out", default="", help="also write the JSON result to this file")
     args = ap.parse_args()
 
-    lm = random_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536,
-                      vocab_size=49152, max_ctx=8192, rope_base=100000.0, seed=0)
+    lm = smollm2_shaped_random()
     hooks = ("resid_post.15", "mlp_hidden.15")
-    fpt = flops_per_token(lm.config, 16, args.ctx)
+    fpt = llama_flops_per_token(lm.config, 16, args.ctx)
     result = {"benchmark": "lm_harvest_forward", "model": "smollm2-135m-shape (random)", "ctx": args.ctx,
               "dtype": args.dtype, **machine(), "hooks": list(hooks), "mflop_per_token": round(fpt / 1e6, 1),
               "per_batch": {}}
