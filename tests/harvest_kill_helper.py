@@ -2,6 +2,7 @@
 
     python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 PHASE COMMIT_INDEX
     python tests/harvest_kill_helper.py CORPUS.jsonl OUT.h5 after SECONDS   # SECONDS after the first commit
+    python tests/harvest_kill_helper.py CORPUS.jsonl OUT_DIR PHASE COMMIT_INDEX i/n   # shard i of n into OUT_DIR
 
 PHASE is one of the harvest's on_phase names ("created", "hook_written", "rows_flushed",
 "committed"); the process dies the first time that phase is reached for COMMIT_INDEX.
@@ -59,7 +60,7 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main(corpus_path, out, phase, arg) -> None:
+def main(corpus_path, out, phase, arg, shard="") -> None:
     on_phase = None
     if phase == "after":
         delay = float(arg)
@@ -71,8 +72,8 @@ def main(corpus_path, out, phase, arg) -> None:
         def on_phase(name, index):
             if name == phase and index == int(arg):
                 die()
-    harvest(tiny_config(corpus_path), out, lm=tiny_model(), progress=False, on_phase=on_phase)
+    harvest(tiny_config(corpus_path, shard=shard), out, lm=tiny_model(), progress=False, on_phase=on_phase)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

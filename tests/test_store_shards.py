@@ -2,6 +2,7 @@
 equal to the store one unsharded harvest writes (rows, tokens, split, batches, stats, training)."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,25 @@ def test_shards_read_as_the_unsharded_store(stores):
     assert sharded.verify() == []
     summary = sharded.summary()
     assert summary["shards"] == N_SHARDS and summary["contexts"] == whole.n_contexts
+
+
+@pytest.mark.parametrize("phase,arg", [("hook_written", 1), ("rows_flushed", 2)])
+def test_sigkilled_shard_resumes_to_the_same_bytes(tmp_path, corpus_path, lm, phase, arg):
+    import hashlib
+    import subprocess
+    import sys
+
+    helper = Path(__file__).with_name("harvest_kill_helper.py")
+    name = f"shard-00001-of-{N_SHARDS:05d}.h5"
+    proc = subprocess.run([sys.executable, str(helper), str(corpus_path), str(tmp_path / "s"), phase, str(arg),
+                           f"1/{N_SHARDS}"], cwd=helper.parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr  # really killed
+    assert ActivationStore.open(tmp_path / "s" / name).n_contexts == arg * 8
+    # the float16 reference shard, written uninterrupted
+    harvest(tiny_config(corpus_path, shard=f"1/{N_SHARDS}"), tmp_path / "ref", lm=lm, progress=False)
+    harvest(tiny_config(corpus_path, shard=f"1/{N_SHARDS}"), tmp_path / "s", lm=lm, progress=False)
+    sha = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tmp_path / "s", tmp_path / "ref")]
+    assert sha[0] == sha[1]
 
 
 def test_one_shard_alone_is_a_store_with_the_corpus_split(stores):
