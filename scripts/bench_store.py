@@ -5,8 +5,9 @@
 SmolLM2-135M at context 128 capturing resid_post.15 and mlp_hidden.15 in float16 over BBC News:
 harvest tokens/s (after a warm-up batch that compiles), the share of harvest time the writer thread
 spends writing, the bare forward's tokens/s and effective GFLOP/s next to this machine's fp32 matmul
-GFLOP/s, and the shuffled reader's tokens/s and MB/s (stored bytes) for resid_post.15.
-Prints one JSON object on its last line.
+GFLOP/s, and the shuffled reader's tokens/s and MB/s (stored bytes) for resid_post.15, from the one
+store file and from the same harvest written as `--shards` shard files (`harvest --shard i/n`) and read
+as one store. Prints one JSON object on its last line.
 """
 from __future__ import annotations
 
@@ -22,10 +23,24 @@ import numpy as np
 from featureatlas.activation_store.corpus import CorpusConfig
 from featureatlas.activation_store.harvest import HarvestConfig, harvest
 from featureatlas.activation_store.models import load_model
+from featureatlas.activation_store.store import ActivationStore
 from featureatlas.scripts.benchlib import (emit, llama_flops_per_token, matmul_gflops, peak_rss_mb,
                                           smollm2_shaped_random, timed)
 
 HOOKS = ("resid_post.15", "mlp_hidden.15")
+
+
+def reader_speed(store, batch: int, n_batches: int) -> tuple[float, float]:
+    """(rows/s, stored MB/s) of `n_batches` shuffled batches of HOOKS[0], after one that opens the reader."""
+    hook = HOOKS[0]
+    with store.batches(hook, batch, seed=0) as it:
+        np.asarray(next(it))  # the first batch pays for opening and the first shuffle buffer
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            np.asarray(next(it))
+        seconds = time.perf_counter() - t0
+    rows = batch * n_batches
+    return rows / seconds, rows * store.dim(hook) * np.dtype(store.dtype).itemsize / seconds / 2**20
 
 
 def main() -> None:
@@ -35,6 +50,8 @@ def main() -> None:
     p.add_argument("--reader-batch", type=int, default=4096)
     p.add_argument("--reader-batches", type=int, default=40)
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model (no weights needed)")
+    p.add_argument("--shards", type=int, default=2, help="also harvest in this many shards and time their reader "
+                   "(0 = skip)")
     args = p.parse_args()
 
     matmul = matmul_start = matmul_gflops()
@@ -66,18 +83,14 @@ def main() -> None:
         store = result.store
         harvest_tps = result.tokens_per_s
 
-        hook = HOOKS[0]
-        it = store.batches(hook, args.reader_batch, seed=0)
-        np.asarray(next(it))  # the first batch pays for opening and the first shuffle buffer
-        t0 = time.perf_counter()
-        for _ in range(args.reader_batches):
-            np.asarray(next(it))
-        reader_s = time.perf_counter() - t0
-        it.close()
-        rows = args.reader_batch * args.reader_batches
-        reader_tps = rows / reader_s
-        reader_mbps = rows * store.dim(hook) * np.dtype(store.dtype).itemsize / reader_s / 2**20
+        reader_tps, reader_mbps = reader_speed(store, args.reader_batch, args.reader_batches)
         size_mb = path.stat().st_size / 2**20
+        sharded = {}
+        if args.shards > 0:
+            for i in range(args.shards):
+                harvest(cfg.replace(shard=f"{i}/{args.shards}"), Path(tmp) / "sharded", lm=lm, progress=False)
+            tps, _ = reader_speed(ActivationStore.open(Path(tmp) / "sharded"), args.reader_batch, args.reader_batches)
+            sharded = {"shards": args.shards, "sharded_reader_tokens_per_s": round(tps, 1)}
 
     # The machine is shared: measure the matmul rate again at the end and keep the better one.
     matmul_end = matmul_gflops()
@@ -99,6 +112,7 @@ def main() -> None:
         "reader_tokens_per_s": round(reader_tps, 1),
         "reader_mb_per_s": round(reader_mbps, 1),
         "reader_batch": args.reader_batch,
+        **sharded,
         "store_mb": round(size_mb, 2),
         "load_s": round(load_s, 2),
         "compile_s": round(compile_s, 2),
