@@ -373,6 +373,14 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
+def _barrier(name: str) -> None:
+    """Wait until every process of a multi-host run reaches this point (no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _to_host(tree):
     """Numpy copy of a (possibly multi-host sharded) pytree."""
     if jax.process_count() > 1:
@@ -484,7 +492,9 @@ def train_saes(
     dirs = [out] if len(cfgs) == 1 else [out / n for n in names]
     run = Run.prepare(out, JOB, run_settings(cfgs, tcfg, source), resume=resume, overwrite=overwrite, flags=FLAGS,
                       ignore=RESUMABLE_KEYS, legacy_settings=legacy_settings, main=_is_main())
+    _barrier("featureatlas: every process checked --out")  # before process 0 writes run.json into it
     with run.active():
+        _barrier("featureatlas: run directory ready")
         if tcfg.exclude_massive:
             source.exclude_massive()
         cfgs = measure_scales(cfgs, source)

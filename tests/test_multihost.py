@@ -52,11 +52,14 @@ def _kill_after_first_checkpoint(procs, ckpt_dir: Path, timeout: float = 300.0) 
     """SIGKILL every process once a checkpoint is on disk (a job killed mid-run)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
-        assert all(p.poll() is None for p in procs), "a process ended before its first checkpoint"
+        if any(p.poll() is not None for p in procs):
+            break
         time.sleep(0.02)
+    ended = [p.poll() is not None for p in procs]
     for p in procs:
         p.kill()
-        p.communicate()
+    logs = [p.communicate()[0][-3000:] for p in procs]
+    assert not any(ended), "a process ended before its first checkpoint:\n" + "\n".join(logs)
 
 
 def test_two_processes_killed_then_resumed_train_the_sae_one_process_trains(store, tmp_path):
