@@ -101,8 +101,7 @@ class ActivationStore:
             return cls._open_shards(path)
         if not path.exists():
             raise StoreNotFoundError(f"no activation store at {path}: run `featureatlas harvest ... --out {path}` first")
-        problem = not_a_store(path)
-        if problem is not None:
+        if (problem := not_a_store(path)) is not None:
             raise problem
         if not os.access(path, os.R_OK):
             raise StoreError(f"store {path} is not readable (permission denied); fix its permissions")
@@ -117,15 +116,13 @@ class ActivationStore:
             raise corrupted(path, str(err)) from None
         try:
             with f:
-                foreign = foreign_hdf5(path, f)
-                if foreign is not None:
+                if (foreign := foreign_hdf5(path, f)) is not None:
                     raise foreign
                 attrs = decode_attrs(f.attrs)
                 if attrs.get("format_version") != FORMAT_VERSION:
                     raise StoreError(f"store {path} has format version {attrs.get('format_version')}, "
                                      f"this featureatlas reads version {FORMAT_VERSION}; harvest it again")
-                problems = layout_problems(f, attrs)
-                if problems:
+                if problems := layout_problems(f, attrs):
                     raise corrupted(path, "; ".join(problems))
                 arrays = [f[name][()] for name in ("tokens", "n_valid", "doc_id", "label")]
                 n_committed = int(f["n_committed"][()])
@@ -179,9 +176,6 @@ class ActivationStore:
         self.check_hook(hook)
         return stacked_rows(self._handles(), [p.n_committed * self.context_length for p in self.parts], hook,
                             self._shard_block(hook))
-
-    def _files(self) -> list[tuple[str, int]]:
-        return [(str(p.path), p.n_committed * self.context_length) for p in self.parts]
 
     def close(self) -> None:
         with self._lock:
@@ -244,13 +238,10 @@ class ActivationStore:
         """Boolean [n_contexts]: the committed contexts in `split` ("train", "val" or "all")."""
         val = np.concatenate([val_context_mask(p.n_committed, self.val_fraction, p.first_context)
                               for p in self.parts])
-        if split == "train":
-            return ~val
-        if split == "val":
-            return val
-        if split == "all":
-            return np.ones(self.n_committed, bool)
-        raise StoreError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        splits = {"train": ~val, "val": val, "all": np.ones(self.n_committed, bool)}
+        if split not in splits:
+            raise StoreError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        return splits[split]
 
     def token_rows(self, split: str = "train", exclude_bos: bool = True) -> np.ndarray:
         """Sorted int64 row indices (ctx·T + t) of the real tokens of `split`."""
@@ -288,27 +279,18 @@ class ActivationStore:
 
     def iter_chunks(self, hook: str, chunk_size: int, split: str = "train", exclude_bos: bool = True,
                     dtype=np.float32) -> Iterator[np.ndarray]:
-        """The rows of `split` in store order, as arrays of `chunk_size` rows (the last may be shorter)."""
+        """The rows of `split` in store order, as arrays of `chunk_size` rows (the last may be shorter);
+        each block of rows is read from the file once."""
         ds = self._acts(hook)
         if chunk_size < 1:
             raise StoreError(f"chunk_size must be positive, got {chunk_size}")
         rows = self.token_rows(split, exclude_bos)
-        R, limit = int(ds.chunks[0]), self.n_committed * self.context_length
-        pending, n_pending = [], 0
-        starts = np.searchsorted(rows, np.arange(0, limit + R, R))
-        for b in range(-(-limit // R)):
-            sel = rows[starts[b]:starts[b + 1]]
-            if not sel.size:
-                continue
-            block = ds[b * R:min((b + 1) * R, limit)]
-            pending.append(block[sel - b * R])
-            n_pending += sel.size
-            while n_pending >= chunk_size:
-                cat = np.concatenate(pending)
-                yield cat[:chunk_size].astype(dtype, copy=False)
-                pending, n_pending = [cat[chunk_size:]], n_pending - chunk_size
-        if n_pending:
-            yield np.concatenate(pending).astype(dtype, copy=False)
+        R, limit, cache = int(ds.chunks[0]), self.n_committed * self.context_length, {}
+        for i in range(0, rows.size, chunk_size):
+            sel = rows[i:i + chunk_size]
+            yield gather_rows(ds, sel, R, limit, cache).astype(dtype, copy=False)
+            last = int(sel[-1]) // R  # the next chunk starts in this block or a later one
+            cache = {last: cache[last]}
 
     def _hook_list(self, hooks: str | Sequence[str]) -> tuple[str, ...]:
         hook_list = (hooks,) if isinstance(hooks, str) else tuple(dict.fromkeys(hooks))
@@ -317,19 +299,6 @@ class ActivationStore:
         for h in hook_list:
             self.check_hook(h)
         return hook_list
-
-    def shuffle_plan(self, hooks: str | Sequence[str], *, shuffle: bool = True, seed: int = 0, split: str = "train",
-                     exclude_bos: bool = True, rows=None, shuffle_buffer_rows: int = 1 << 16) -> ShufflePlan:
-        """The row order `batches` follows (see activation_store.shuffle); blocks are chunks of the
-        widest-chunked of `hooks`, so each block is whole chunks of every hook."""
-        hook_list = self._hook_list(hooks)
-        selection = self.select_rows(split, exclude_bos, rows)
-        if selection.size == 0:
-            raise StoreError(f"split {split!r} of {self.path} has no rows (n_committed={self.n_committed}); "
-                             "harvest more contexts or use split='all'")
-        R = max(self.block_rows(h) for h in hook_list)
-        n_blocks = -(-(self.n_committed * self.context_length) // R)
-        return ShufflePlan(selection, R, n_blocks, max(1, shuffle_buffer_rows // R), shuffle, seed)
 
     def batches(self, hooks: str | Sequence[str], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                 start_step: int = 0, split: str = "train", exclude_bos: bool = True, sharding=None,
@@ -350,17 +319,19 @@ class ActivationStore:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
         if start_step < 0:
             raise StoreError(f"start_step must be >= 0, got {start_step}")
-        plan = self.shuffle_plan(hook_list, shuffle=shuffle, seed=seed, split=split, exclude_bos=exclude_bos,
-                                 rows=rows, shuffle_buffer_rows=shuffle_buffer_rows)
-        limit = self.n_committed * self.context_length
-        files = self._files()
+        selection = self.select_rows(split, exclude_bos, rows)
+        if selection.size == 0:
+            raise StoreError(f"split {split!r} of {self.path} has no rows (n_committed={self.n_committed}); "
+                             "harvest more contexts or use split='all'")
+        # Blocks are chunks of the widest-chunked hook, so each block is whole chunks of every hook.
+        R, limit = max(self.block_rows(h) for h in hook_list), self.n_committed * self.context_length
+        plan = ShufflePlan(selection, R, -(-limit // R), max(1, shuffle_buffer_rows // R), shuffle, seed)
+        files = [(str(p.path), p.n_committed * self.context_length) for p in self.parts]
         blocks = {h: self._shard_block(h) for h in hook_list}
 
         def produce():
             batches = read_batches(files, blocks, plan, batch_size, start_step, sharding, dtype, limit)
-            if not isinstance(hooks, str):
-                return batches
-            return _only(batches, hooks)
+            return _only(batches, hooks) if isinstance(hooks, str) else batches
 
         return Prefetcher(produce, prefetch, name=f"store-batches-{hook_list[0]}")
 
@@ -424,10 +395,8 @@ class ActivationStore:
         a, T, N = self._attrs, self.context_length, self.n_committed
         if not 0 <= N <= self.n_planned:
             problems.append(f"n_committed={N} outside [0, {self.n_planned}]")
-        f = h5py.File(self.path, "r", locking=False)
-        with f:
-            tokens, n_valid = f["tokens"][()], f["n_valid"][()]
-            doc_ids, labels = f["doc_id"][()], f["label"][()]
+        with h5py.File(self.path, "r", locking=False) as f:
+            tokens, n_valid, doc_ids, labels = (f[name][()] for name in ("tokens", "n_valid", "doc_id", "label"))
             fp = corpus_fingerprint(tokens, n_valid, doc_ids, labels, self.label_names, a.get("tokenizer", ""))
             if fp != a.get("corpus_fingerprint"):
                 problems.append("tokens/n_valid/doc_id/label do not match corpus_fingerprint")
@@ -462,20 +431,12 @@ class ActivationStore:
         """What `featureatlas store info` prints."""
         train = self.context_split("train")
         return {
-            "path": str(self.path),
-            "model_id": self.model_id,
-            "weights_hash": self.weights_hash,
-            "tokenizer": self._attrs.get("tokenizer", ""),
-            "hooks": {h: self.dim(h) for h in self.hooks},
-            "dtype": self.dtype,
-            "context_length": self.context_length,
-            "contexts": self.n_committed,
-            "contexts_planned": self.n_planned,
-            "committed_fraction": self.n_committed / self.n_planned,
-            "tokens": int(self.n_valid.sum()),
-            "train_contexts": int(train.sum()),
-            "val_contexts": int((~train).sum()),
-            "val_fraction": self.val_fraction,
+            "path": str(self.path), "model_id": self.model_id, "weights_hash": self.weights_hash,
+            "tokenizer": self._attrs.get("tokenizer", ""), "hooks": {h: self.dim(h) for h in self.hooks},
+            "dtype": self.dtype, "context_length": self.context_length,
+            "contexts": self.n_committed, "contexts_planned": self.n_planned,
+            "committed_fraction": self.n_committed / self.n_planned, "tokens": int(self.n_valid.sum()),
+            "train_contexts": int(train.sum()), "val_contexts": int((~train).sum()), "val_fraction": self.val_fraction,
             "documents": int(np.unique(self.doc_ids).size),
             "labels": {name: int((self.labels == i).sum()) for i, name in enumerate(self.label_names)},
             "corpus_fingerprint": self.fingerprint,
