@@ -238,12 +238,12 @@ def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", *
     return cls.from_dict(values)  # from_dict turns the lists argparse gives into tuples
 
 
-def _leaves(value, prefix: str = "") -> dict[str, Any]:
+def leaves(value, prefix: str = "") -> dict[str, Any]:
     """{dotted path: leaf} of nested mappings; a list of mappings is indexed like a mapping (`saes.0.k`)."""
     if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         value = dict(enumerate(value))
     if isinstance(value, Mapping):
-        return {key: leaf for k, v in value.items() for key, leaf in _leaves(v, f"{prefix}{k}.").items()}
+        return {key: leaf for k, v in value.items() for key, leaf in leaves(v, f"{prefix}{k}.").items()}
     return {prefix[:-1]: value}
 
 
@@ -252,7 +252,7 @@ def config_diff(old: Mapping, new: Mapping, flags: Mapping[str, str] | None = No
 
     A key is a dotted path (`saes.0.k`); its flag is looked up by the last path component in `flags`.
     """
-    a, b = _leaves(dict(old)), _leaves(dict(new))
+    a, b = leaves(dict(old)), leaves(dict(new))
     lines = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")

@@ -86,9 +86,7 @@ def gather_rows(ds, rows: np.ndarray, R: int, limit: int, cache: dict) -> np.nda
         return out
     blocks = rows // R
     order = np.argsort(blocks, kind="stable")
-    sorted_blocks = blocks[order]
-    cuts = np.flatnonzero(np.diff(sorted_blocks)) + 1
-    for idx in np.split(order, cuts):
+    for idx in np.split(order, np.flatnonzero(np.diff(blocks[order])) + 1):
         b = int(blocks[idx[0]])
         if b not in cache:
             cache[b] = ds[b * R:min((b + 1) * R, limit)]
@@ -111,13 +109,8 @@ def local_batch_slice(sharding, batch_size: int, dim: int) -> slice | None:
 
     if sharding is None or jax.process_count() == 1:
         return None
-    index_map = sharding.addressable_devices_indices_map((batch_size, dim))
-    starts, stops = [], []
-    for index in index_map.values():
-        s = index[0]
-        starts.append(s.start or 0)
-        stops.append(batch_size if s.stop is None else s.stop)
-    return slice(min(starts), max(stops))
+    slices = [index[0] for index in sharding.addressable_devices_indices_map((batch_size, dim)).values()]
+    return slice(min(s.start or 0 for s in slices), max(batch_size if s.stop is None else s.stop for s in slices))
 
 
 def place(x: np.ndarray, sharding, local: slice | None, batch_size: int):
@@ -126,9 +119,7 @@ def place(x: np.ndarray, sharding, local: slice | None, batch_size: int):
 
     if local is not None:
         return jax.make_array_from_process_local_data(sharding, x, (batch_size, x.shape[1]))
-    if sharding is not None:
-        return jax.device_put(x, sharding)
-    return jax.device_put(x)
+    return jax.device_put(x, sharding)  # sharding None: the default device
 
 
 class StackedRows:

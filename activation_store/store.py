@@ -6,20 +6,15 @@ The public names live here; the code is split by concern:
     store_reader   ActivationStore (metadata, rows, aligned shuffled batches, sample, stats, verify)
     shuffle        ShufflePlan (the row order) and the block-wise batch reads
 """
-from featureatlas.activation_store.prefetch import Prefetcher
-from featureatlas.activation_store.shuffle import ShufflePlan, local_batch_slice
-from featureatlas.activation_store.store_format import (CHUNK_TARGET_BYTES, DTYPES, FLOAT16_MAX, FORMAT, FORMAT_VERSION,
-                                                        IDENTITY_KEYS, NotAStoreError, StoreCorruptedError, StoreError,
-                                                        StoreMismatchError, check_compatible, chunk_contexts, crc32,
-                                                        row_mask, splitmix64, val_context_mask)
+from featureatlas.activation_store.store_format import (DTYPES, FLOAT16_MAX, NotAStoreError, StoreCorruptedError,
+                                                        StoreError, StoreMismatchError, check_compatible,
+                                                        val_context_mask)
 from featureatlas.activation_store.store_reader import ActivationStore, StoreNotFoundError, stats_path
 from featureatlas.activation_store.store_writer import (DiskFullError, StoreBusyError, StoreWriter, check_free_space,
                                                         create_store, store_lock, write_store)
 
 __all__ = [
-    "ActivationStore", "CHUNK_TARGET_BYTES", "DTYPES", "DiskFullError", "FLOAT16_MAX", "FORMAT",
-    "FORMAT_VERSION", "IDENTITY_KEYS", "NotAStoreError", "Prefetcher", "ShufflePlan", "StoreBusyError",
-    "StoreCorruptedError", "StoreError", "StoreMismatchError", "StoreNotFoundError", "StoreWriter",
-    "check_compatible", "check_free_space", "chunk_contexts", "crc32", "create_store", "local_batch_slice",
-    "row_mask", "splitmix64", "stats_path", "store_lock", "val_context_mask", "write_store",
+    "ActivationStore", "DTYPES", "DiskFullError", "FLOAT16_MAX", "NotAStoreError", "StoreBusyError",
+    "StoreCorruptedError", "StoreError", "StoreMismatchError", "StoreNotFoundError", "StoreWriter", "check_compatible",
+    "check_free_space", "create_store", "stats_path", "store_lock", "val_context_mask", "write_store",
 ]

@@ -40,6 +40,7 @@ from typing import Mapping
 import h5py
 import numpy as np
 
+from featureatlas.activation_store.configs import leaves
 from featureatlas.activation_store.errors import FeatureAtlasError
 
 FORMAT = "featureatlas-activation-store"
@@ -101,11 +102,7 @@ def shard_range(n_contexts: int, index: int, count: int) -> tuple[int, int]:
 def shard_files(directory: Path) -> list[Path]:
     """The shard files of a sharded store directory, in shard order; StoreError if the set is not
     complete (naming the missing shards and how to write them) or mixes shard counts."""
-    found = {}
-    for p in directory.iterdir():
-        m = SHARD_FILE.fullmatch(p.name)
-        if m:
-            found[(int(m[1]), int(m[2]))] = p
+    found = {(int(m[1]), int(m[2])): p for p in directory.iterdir() if (m := SHARD_FILE.fullmatch(p.name))}
     counts = sorted({n for _, n in found})
     if len(counts) > 1:
         raise StoreError(f"{directory} mixes shards of {counts} harvests (shard-*-of-<n>.h5 with different n); "
@@ -146,15 +143,13 @@ def val_context_mask(n_contexts: int, val_fraction: float, first: int = 0) -> np
 def row_mask(n_valid_N: np.ndarray, context_length: int, contexts_N: np.ndarray, exclude_bos: bool) -> np.ndarray:
     """Boolean [N, T]: real (non-padding) positions of the chosen contexts, BOS dropped if asked."""
     t = np.arange(context_length)[None, :]
-    start = 1 if exclude_bos else 0
-    return (t >= start) & (t < n_valid_N[:, None]) & contexts_N[:, None]
+    return (t >= (1 if exclude_bos else 0)) & (t < n_valid_N[:, None]) & contexts_N[:, None]
 
 
 def chunk_contexts(context_length: int, dim: int, itemsize: int, n_contexts: int,
                    chunk_bytes: int = CHUNK_TARGET_BYTES) -> int:
     """Contexts per HDF5 chunk: the largest power of two whose chunk stays within `chunk_bytes`."""
-    per_context = context_length * dim * itemsize
-    k = max(1, chunk_bytes // per_context)
+    k = max(1, chunk_bytes // (context_length * dim * itemsize))
     return int(min(2 ** int(math.log2(k)), n_contexts))
 
 
@@ -282,8 +277,8 @@ def check_compatible(stored: Mapping, expected: Mapping, path) -> None:
             diffs.append(f"{key}: store has {have!r}, this run asks for {want!r}")
             named.add(key)
     if "harvest_config" in expected:
-        have = _flatten(stored.get("harvest_config") or {})
-        want = _flatten(json.loads(_canonical(expected["harvest_config"])))
+        have = leaves(stored.get("harvest_config") or {})
+        want = leaves(json.loads(_canonical(expected["harvest_config"])))
         for sub in sorted(set(have) | set(want)):
             if sub.rsplit(".", 1)[-1] in named or _canonical(have.get(sub)) == _canonical(want.get(sub)):
                 continue
@@ -293,16 +288,6 @@ def check_compatible(stored: Mapping, expected: Mapping, path) -> None:
             f"store {path} was harvested with different settings, refusing to append:\n  "
             + "\n  ".join(diffs) + "\nUse the original settings to resume, --overwrite to start again, "
             "or --out for a new file.")
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _canonical(value) -> str:

@@ -133,21 +133,11 @@ def create_store(
     hooks = list(dims)
     itemsize = np.dtype(dtype).itemsize
     n_commits = -(-N // commit_contexts)
-    root = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_id": "",
-        "weights_hash": "",
-        "tokenizer": tokenizer,
-        "hooks": hooks,
-        "dims": {h: int(dims[h]) for h in hooks},
-        "context_length": int(T),
-        "dtype": dtype,
-        "bos_id": -1 if bos_id is None else int(bos_id),
-        "label_names": list(label_names),
-        "val_fraction": float(val_fraction),
-        "n_contexts": int(N),
-        "n_tokens": int(np.asarray(n_valid_N).sum()),
+    root = {  # in this order in the file
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model_id": "", "weights_hash": "", "tokenizer": tokenizer,
+        "hooks": hooks, "dims": {h: int(dims[h]) for h in hooks}, "context_length": int(T), "dtype": dtype,
+        "bos_id": -1 if bos_id is None else int(bos_id), "label_names": list(label_names),
+        "val_fraction": float(val_fraction), "n_contexts": int(N), "n_tokens": int(np.asarray(n_valid_N).sum()),
         "commit_contexts": int(commit_contexts),
         "corpus_fingerprint": corpus_fingerprint(tokens_NxT, n_valid_N, doc_id_N, label_N, label_names, tokenizer),
         "harvest_config": {},
