@@ -82,12 +82,6 @@ class HarvestConfig(Config):
                                "change --commit-contexts or --batch-size")
         return self
 
-    def check_model(self, model_config, model_id: str) -> None:
-        """Hooks and context length against the model's config (ConfigError/CorpusError naming the fix)."""
-        for hook in self.hooks:
-            model_config.check_hook(hook, model_id)
-        check_context_length(self.corpus, model_config.max_ctx)
-
 
 @dataclass
 class HarvestResult:
@@ -108,20 +102,12 @@ class HarvestResult:
 def store_identity(lm, config: HarvestConfig, corpus: PackedCorpus) -> dict:
     """Root attributes a resumed harvest must agree with (plus descriptive ones)."""
     return {
-        "model_id": lm.model_id,
-        "weights_hash": lm.weights_hash,
-        "model_config": lm.config.to_dict(),
-        "tokenizer": corpus.tokenizer_name,
-        "hooks": list(config.hooks),
-        "dims": {h: int(lm.hook_dim(h)) for h in config.hooks},
-        "context_length": corpus.context_length,
-        "dtype": config.dtype,
-        "corpus_fingerprint": corpus.fingerprint,
-        "corpus_source": config.corpus.source,
-        "n_documents": corpus.n_documents,
-        "val_fraction": float(config.val_fraction),
-        "commit_contexts": int(config.commit_contexts),
-        "harvest_config": config.to_dict(),
+        "model_id": lm.model_id, "weights_hash": lm.weights_hash, "model_config": lm.config.to_dict(),
+        "tokenizer": corpus.tokenizer_name, "hooks": list(config.hooks),
+        "dims": {h: int(lm.hook_dim(h)) for h in config.hooks}, "context_length": corpus.context_length,
+        "dtype": config.dtype, "corpus_fingerprint": corpus.fingerprint, "corpus_source": config.corpus.source,
+        "n_documents": corpus.n_documents, "val_fraction": float(config.val_fraction),
+        "commit_contexts": int(config.commit_contexts), "harvest_config": config.to_dict(),
     }
 
 
@@ -244,8 +230,10 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
         model_config, model_name = load_config(config.model), config.model
     else:
         model_config, model_name = lm.config, lm.model_id
-    if model_config is not None:
-        config.check_model(model_config, model_name)
+    if model_config is not None:  # hooks and context length against the model (errors naming the fix)
+        for hook in config.hooks:
+            model_config.check_hook(hook, model_name)
+        check_context_length(config.corpus, model_config.max_ctx)
     documents = read_documents(config.corpus)
     created = _make_parents(out.parent)
     try:
@@ -261,14 +249,12 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
             corpus, shard_attrs = shard_of(corpus, config.shard)
             identity = {**store_identity(lm, config, corpus), **shard_attrs}
             if existing is not None:
-                expected = dict(identity)
                 # The model is identified by model_id + weights_hash, not by how it was named on the command line.
-                expected["harvest_config"] = {**identity["harvest_config"],
-                                              "model": existing.harvest_config.get("model")}
+                old, defaults = existing.harvest_config, HarvestConfig().to_dict()
+                asked = {**identity["harvest_config"], "model": old.get("model")}
                 # A setting added after the store was written, asked at its default, is no difference.
-                defaults = HarvestConfig().to_dict()
-                expected["harvest_config"] = {k: v for k, v in expected["harvest_config"].items()
-                                              if k in existing.harvest_config or v != defaults.get(k)}
+                expected = {**identity, "harvest_config": {k: v for k, v in asked.items()
+                                                           if k in old or v != defaults.get(k)}}
                 check_compatible(existing.attrs, expected, out)
                 existing.close()
                 if existing.complete:
@@ -346,8 +332,7 @@ def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, p
                desc=f"harvest {','.join(hooks)}", smoothing=0.1)
     timing = {"stall_s": 0.0}
     write_s, t_start, t_first, seen_tokens = 0.0, time.perf_counter(), 0.0, 0
-    block: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
-    block_c0, block_n = None, 0
+    block, block_n = [], 0  # the batches ({hook: rows}) gathered for the next commit, and their contexts
     try:
         with Prefetcher(lambda: _forward_rows(lm, config, corpus, start, timing), depth=2,
                         name="harvest-forward") as batches:
@@ -361,21 +346,18 @@ def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, p
                     announce(_whole_corpus_notice(corpus, remaining, rate))
                     announce = None
                 seen_tokens += tokens
-                block_c0 = c0 if block_c0 is None else block_c0
-                for h in hooks:
-                    block[h].append(rows[h])
-                block_n += n_real
-                if block_n == C or block_c0 + block_n == N:
+                block.append(rows)
+                block_n, c1 = block_n + n_real, c0 + n_real
+                if block_n == C or c1 == N:
                     t0 = time.perf_counter()
-                    writer.commit(block_c0, block_c0 + block_n, {h: np.concatenate(block[h]) for h in hooks})
+                    writer.commit(c1 - block_n, c1, {h: np.concatenate([b[h] for b in block]) for h in hooks})
                     write_s += time.perf_counter() - t0
-                    block, block_c0, block_n = {h: [] for h in hooks}, None, 0
+                    block, block_n = [], 0
                 bar.update(tokens)
     finally:
         bar.close()
-    wall = time.perf_counter() - t_start
-    return HarvestResult(store=None, new_contexts=N - start, new_tokens=remaining, wall_s=wall, write_s=write_s,
-                         stall_s=timing["stall_s"])
+    return HarvestResult(store=None, new_contexts=N - start, new_tokens=remaining,
+                         wall_s=time.perf_counter() - t_start, write_s=write_s, stall_s=timing["stall_s"])
 
 
 def describe(result: HarvestResult) -> str:
