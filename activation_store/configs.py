@@ -223,8 +223,7 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _tuple_item(tp) is not None:
-            kwargs["nargs"] = "+"
-            kwargs["type"] = _parse_scalar(_tuple_item(tp), flag)
+            kwargs.update(nargs="+", type=_parse_scalar(_tuple_item(tp), flag))
         elif tp in (int, float, str):
             kwargs["type"] = _parse_scalar(tp, flag) if tp is not str else str
         target.add_argument(flag, **kwargs)

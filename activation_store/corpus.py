@@ -315,8 +315,7 @@ def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None,
     config.validate()
     check_context_length(config, max_ctx)
     T = config.context_length
-    if documents is None:
-        documents = read_documents(config)
+    documents = read_documents(config) if documents is None else documents
     order = document_order(len(documents.texts), config.shuffle_documents, config.seed)
     if config.max_documents is not None:
         order = order[:config.max_documents]

@@ -275,11 +275,8 @@ class Run:
     """A job's output directory. Create with `Run.prepare` (no disk change), then `begin()`."""
 
     def __init__(self, out: Path, job: str, settings: dict, resuming: bool, overwrite: bool, main: bool):
-        self.dir = out
-        self.job = job
-        self.settings = settings
-        self.resuming = resuming
-        self.overwrite = overwrite
+        self.dir, self.job, self.settings = out, job, settings
+        self.resuming, self.overwrite = resuming, overwrite
         self.main = main  # process 0 of a multi-host run writes the shared files
         self.metrics = MetricsLog(out / METRICS, enabled=main)
         self._created = False

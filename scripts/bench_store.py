@@ -80,10 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = Path(tmp) / "store.h5"
         result = harvest(cfg, path, lm=lm, progress=False)
-        store = result.store
-        harvest_tps = result.tokens_per_s
-
-        reader_tps, reader_mbps = reader_speed(store, args.reader_batch, args.reader_batches)
+        reader_tps, reader_mbps = reader_speed(result.store, args.reader_batch, args.reader_batches)
         size_mb = path.stat().st_size / 2**20
         sharded = {}
         if args.shards > 0:
@@ -97,7 +94,7 @@ def main() -> None:
     matmul = max(matmul, matmul_end)
     emit({
         "model": model,
-        "harvest_tokens_per_s": round(harvest_tps, 1),
+        "harvest_tokens_per_s": round(result.tokens_per_s, 1),
         "harvest_tokens": result.new_tokens,
         "harvest_wall_s": round(result.wall_s, 2),
         "write_share": round(result.write_s / result.wall_s, 4),
