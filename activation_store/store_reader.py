@@ -76,10 +76,8 @@ class ActivationStore:
         self.dtype = str(attrs["dtype"])
         self.label_names = tuple(attrs.get("label_names") or ())
         self.val_fraction = float(attrs["val_fraction"])
-        self.tokens = tokens[:n_committed]
-        self.n_valid = n_valid[:n_committed]
-        self.doc_ids = doc_ids[:n_committed]
-        self.labels = labels[:n_committed]
+        committed = (a[:n_committed] for a in (tokens, n_valid, doc_ids, labels))
+        self.tokens, self.n_valid, self.doc_ids, self.labels = committed
         self._stats: dict[str, tuple[np.ndarray, float]] = {}
         self._h5: list[h5py.File] = []
         self._lock = threading.Lock()
@@ -155,8 +153,7 @@ class ActivationStore:
                      harvest_config={k: v for k, v in (first.get("harvest_config") or {}).items() if k != "shard"})
         arrays = [np.concatenate([getattr(s, name) for s in shards]) for name in ("tokens", "n_valid", "doc_ids",
                                                                                   "labels")]
-        parts = [p for s in shards for p in s.parts]
-        return cls(directory, attrs, *arrays, sum(s.n_committed for s in shards), parts)
+        return cls(directory, attrs, *arrays, sum(s.n_committed for s in shards), [p for s in shards for p in s.parts])
 
     def _handles(self) -> list[h5py.File]:
         with self._lock:

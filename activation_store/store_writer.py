@@ -77,12 +77,9 @@ def store_lock(path):
                     "finish or stop it, then run the command again") from None
             raise
         # The holder we waited on may have removed the lock file after we opened it: retry on the new one.
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
     try:
         yield lock_path
@@ -272,11 +269,10 @@ def write_store(
     n_valid = np.full(N, T, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
     if dtype is None:
         dtype = "float16" if all(np.asarray(a).dtype == np.float16 for a in acts.values()) else "float32"
-    dims = {}
     for hook, a in acts.items():
         if np.ndim(a) != 2 or np.shape(a)[0] != N * T:
             raise StoreError(f"acts[{hook!r}] must have shape [n_ctx*T={N * T}, d], got {np.shape(a)}")
-        dims[hook] = int(np.shape(a)[1])
+    dims = {hook: int(np.shape(a)[1]) for hook, a in acts.items()}
     path = Path(path)
     create_store(path, tokens_NxT=tokens, n_valid_N=n_valid, doc_id_N=doc_ids, label_N=labels,
                  label_names=label_names, dims=dims, dtype=dtype, attrs=dict(attrs or {}),
