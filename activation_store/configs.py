@@ -43,9 +43,7 @@ def setting(default: Any = _MISSING, *, flag: str | None = None, choices: Sequen
     """A dataclass field with its command-line flag, choices and allowed range declared once."""
     meta = {"flag": flag, "choices": tuple(choices) if choices is not None else None, "gt": gt, "ge": ge, "le": le,
             "lt": lt, "cli": cli}
-    if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 @lru_cache(maxsize=None)

@@ -278,10 +278,8 @@ def pack_documents(
             if max_tokens is not None and total + len(piece) + 1 > max_tokens:
                 max_contexts = len(rows)  # a later, shorter piece must not sneak in after the cap
                 break
-            row = np.full(context_length, pad_id, np.int32)
-            row[0] = bos_id
-            row[1:1 + len(piece)] = piece
-            rows.append(row)
+            rows.append(np.full(context_length, pad_id, np.int32))
+            rows[-1][:1 + len(piece)] = [bos_id, *piece]
             n_valid.append(len(piece) + 1)
             doc_ids.append(doc_id)
             labels.append(label)
