@@ -140,15 +140,13 @@ def shard_of(corpus: PackedCorpus, shard: str) -> tuple[PackedCorpus, dict]:
 def batch_inputs(corpus: PackedCorpus, c0: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens_BxT, mask_BxT, n_real) for contexts [c0, c0+B); missing rows are BOS-only dummies so
     every batch has the same shape (one compiled function)."""
-    T = corpus.context_length
     tokens = corpus.tokens_NxT[c0:c0 + batch_size]
     n_valid = corpus.n_valid_N[c0:c0 + batch_size]
     n_real = tokens.shape[0]
     if n_real < batch_size:
-        filler = np.repeat(tokens[:1, :], batch_size - n_real, axis=0)
-        tokens = np.concatenate([tokens, filler])
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1, :], batch_size - n_real, axis=0)])
         n_valid = np.concatenate([n_valid, np.ones(batch_size - n_real, np.int32)])
-    mask = (np.arange(T)[None, :] < n_valid[:, None]).astype(np.int32)
+    mask = (np.arange(corpus.context_length)[None, :] < n_valid[:, None]).astype(np.int32)
     return tokens, mask, n_real
 
 

@@ -29,6 +29,7 @@ so the split is fixed by the file and independent of the reader.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -161,9 +162,7 @@ def encode_attr(key: str, value):
     """Root attributes are plain scalars and strings; lists and dicts are stored as JSON text."""
     if key in JSON_ATTRS or isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
-    if value is None:
-        return ""
-    return value
+    return "" if value is None else value
 
 
 def decode_attrs(raw: Mapping) -> dict:
@@ -180,10 +179,8 @@ def decode_attrs(raw: Mapping) -> dict:
 
 
 def fsync_h5(f: h5py.File) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError, TypeError):  # a non-POSIX driver: the flush is all we can do
         os.fsync(f.id.get_vfd_handle())
-    except (OSError, ValueError, TypeError):  # a non-POSIX driver: the flush is all we can do
-        pass
 
 
 def corrupted(path, detail: str) -> StoreCorruptedError:
@@ -194,7 +191,7 @@ def corrupted(path, detail: str) -> StoreCorruptedError:
 
 def has_hdf5_signature(path) -> bool:
     """True if the file starts with the HDF5 signature (at offset 0 or a user-block offset 512·2^k)."""
-    try:
+    with contextlib.suppress(OSError):
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
             offset = 0
@@ -203,8 +200,6 @@ def has_hdf5_signature(path) -> bool:
                 if fh.read(8) == HDF5_SIGNATURE:
                     return True
                 offset = 512 if offset == 0 else offset * 2
-    except OSError:
-        return False
     return False
 
 
