@@ -317,8 +317,7 @@ class Run:
         resuming = bool(resume and busy and not overwrite)  # nothing to resume: a fresh start, as documented
         if resuming and old is not None:
             strip = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
-            diff = config_diff(strip(old), strip(settings), flags)
-            if diff:
+            if diff := config_diff(strip(old), strip(settings), flags):
                 raise RunError(
                     f"cannot resume the run in {out}: its settings differ in " + "; ".join(diff)
                     + ". Use the original settings, or start a new run in another --out (or pass --overwrite).")

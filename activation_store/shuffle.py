@@ -54,17 +54,15 @@ class ShufflePlan:
         epoch, offset = divmod(position, self.n)
         while True:
             order = self.block_order(epoch)
-            n_groups = -(-self.n_blocks // self.G)
             per_group = np.add.reduceat(self.counts[order], np.arange(0, self.n_blocks, self.G))
             ends = np.cumsum(per_group)
             g = int(np.searchsorted(ends, offset, side="right"))
             skip = offset - (int(ends[g - 1]) if g else 0)
-            for gi in range(g, n_groups):
+            for gi in range(g, len(per_group)):
                 if per_group[gi] == 0:
                     continue
-                seg = self.group_rows(epoch, order, gi)[skip:]
+                yield self.group_rows(epoch, order, gi)[skip:]
                 skip = 0
-                yield seg
             epoch, offset = epoch + 1, 0
 
     def batch_rows(self, batch_size: int, start_step: int = 0) -> Iterator[np.ndarray]:
