@@ -29,11 +29,11 @@ from featureatlas.activation_store.corpus import corpus_fingerprint
 from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.runs import atomic_write_json
 from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches, stacked_rows
-from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError,
-                                                        StoreError, chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
-                                                        foreign_hdf5, has_hdf5_signature, has_shards,
-                                                        layout_problems, not_a_store, row_mask, shard_files,
-                                                        shard_range, val_context_mask)
+from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError, StoreError,
+                                                        chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
+                                                        foreign_hdf5, has_hdf5_signature, has_shards, layout_problems,
+                                                        not_a_store, row_mask, shard_files, shard_range,
+                                                        val_context_mask)
 
 STATS_FORMAT = "featureatlas-store-stats/1"
 
@@ -151,8 +151,7 @@ class ActivationStore:
                      n_tokens=sum(int(s._attrs["n_tokens"]) for s in shards),
                      corpus_fingerprint=first["sharded_fingerprint"],
                      harvest_config={k: v for k, v in (first.get("harvest_config") or {}).items() if k != "shard"})
-        arrays = [np.concatenate([getattr(s, name) for s in shards]) for name in ("tokens", "n_valid", "doc_ids",
-                                                                                  "labels")]
+        arrays = [np.concatenate([getattr(s, a) for s in shards]) for a in ("tokens", "n_valid", "doc_ids", "labels")]
         return cls(directory, attrs, *arrays, sum(s.n_committed for s in shards), [p for s in shards for p in s.parts])
 
     def _handles(self) -> list[h5py.File]:
@@ -417,9 +416,7 @@ class ActivationStore:
                     rows = ds[c0 * T:c1 * T]
                     if crc32(rows) != int(crc_table[k, j]):
                         problems.append(f"{hook}: contexts [{c0}, {c1}) fail their CRC check (data corrupted)")
-                    bad = ~np.isfinite(rows)
-                    if bad.any():
-                        n_bad += int(bad.any(axis=1).sum())
+                    n_bad += int((~np.isfinite(rows)).any(axis=1).sum())
                 if n_bad:
                     problems.append(f"{hook}: {n_bad} committed rows hold NaN or Inf")
         return problems
