@@ -194,9 +194,7 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
     read them back with the same prefix in `config_from_args`).
     """
     target = parser.add_argument_group(title) if title else parser
-    docs = field_docs(cls)
-    hints = _hints(cls)
-    defaults = defaults or {}
+    docs, hints, defaults = field_docs(cls), _hints(cls), defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or _meta(f, "cli") is False:
             continue
@@ -231,8 +229,7 @@ def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", *
     """The config whose fields come from parsed `args` (fields absent from args keep their defaults)."""
     dest = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)  # noqa: E731
     values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
-    values.update(overrides)
-    return cls.from_dict(values)  # from_dict turns the lists argparse gives into tuples
+    return cls.from_dict({**values, **overrides})  # from_dict turns the lists argparse gives into tuples
 
 
 def leaves(value, prefix: str = "") -> dict[str, Any]:
