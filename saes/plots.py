@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from featureatlas.activation_store.plotting import SI as _TOKENS
-from featureatlas.activation_store.runs import MetricsLog
-from featureatlas.activation_store.plotting import figure as _figure
-from featureatlas.activation_store.plotting import plain_log as _plain_log
+from featureatlas.activation_store.plotting import SI as _TOKENS, figure as _figure, plain_log as _plain_log
 from featureatlas.activation_store.plotting import save_png as _save
+from featureatlas.activation_store.runs import MetricsLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,10 +202,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 def _summary_row(d: Path) -> dict:
     """The last eval row of an SAE directory (else its last train row), with its architecture."""
     train, evals = read_metrics(d)
-    row = dict((evals or train or [{}])[-1])
-    row.setdefault("architecture", _config(d).get("architecture", ""))
-    row.setdefault("sae", d.name)
-    return row
+    return {"architecture": _config(d).get("architecture", ""), "sae": d.name, **(evals or train or [{}])[-1]}
 
 
 def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: str = "l0", y: str | None = None) -> Path:
