@@ -85,14 +85,11 @@ def _timed(fn, *args, repeats: int = 5) -> float:
     import jax
     import numpy as np
 
+    from featureatlas.scripts.benchlib import timed
+
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median([timed(lambda: jax.block_until_ready(fn(*args)))[1] for _ in range(repeats)]))
 
 
 def op_timings(cfg, optimizers, params, opt_state, x, dtype_name: str, repeats: int) -> dict:
@@ -176,7 +173,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
     from featureatlas.saes import sparse
     from featureatlas.saes.architectures import ARCHITECTURES
     from featureatlas.saes.trainer import make_mesh, state_shardings
-    from featureatlas.scripts.benchlib import peak_rss_mb
+    from featureatlas.scripts.benchlib import peak_rss_mb, timed
 
     with sparse.use_impl(sparse.default_impl() if impl == "auto" else impl):
         used = sparse.impl()
@@ -187,9 +184,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
         # Activation-like data: a shared mean direction plus Gaussian spread.
         mean = jax.random.normal(keys[0], (d_in,)) * 0.5
         batches = [{HOOK: jax.random.normal(kk, (batch, d_in)) + mean} for kk in jax.random.split(keys[1], 3)]
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(jstep(state, batches[0]))
-        compile_s = time.perf_counter() - t0
+        state, compile_s = timed(lambda: jax.block_until_ready(jstep(state, batches[0])))
         for i in range(warmup):
             state = jax.block_until_ready(jstep(state, batches[(i + 1) % 3]))
         times, cpu = [], []
