@@ -96,8 +96,7 @@ def _saelens_architecture(config: SAEConfig) -> str:
         exportable = ", ".join(f.name for f in A.SAVED_FORMS.values() if f.saelens_transcoder)
         raise SAELensFormatError(
             f"SAELens has no {A.saved_form(config).name} transcoder ({config.architecture}); only transcoders that "
-            f"run as {exportable} at inference (BatchTopK runs as jumprelu) export"
-        )
+            f"run as {exportable} at inference (BatchTopK runs as jumprelu) export")
     return name
 
 
@@ -149,8 +148,7 @@ def _check_jumprelu_sign(sae: SAE) -> None:
             "encodes those latents as h·1[h > θ], which can be negative, while SAELens computes relu(h)·1[h > θ], "
             "so the exported SAE would mean something else. Set the thresholds to max(θ, 0) first "
             "(sae.params['threshold'] = jnp.maximum(sae.params['threshold'], 0): the codes then become "
-            "relu(h) for those latents, in featureatlas and SAELens alike) and export again."
-        )
+            "relu(h) for those latents, in featureatlas and SAELens alike) and export again.")
 
 
 def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
@@ -255,8 +253,7 @@ def _saelens_form(cfg: dict) -> tuple[str, A.SavedForm, bool]:
         name = A.TOPK_FORM.saelens_architecture
     if name not in _SAELENS_FORMS:
         raise SAELensFormatError(
-            f"SAELens architecture {name!r} is not supported; supported: {', '.join(sorted(_SAELENS_FORMS))}"
-        )
+            f"SAELens architecture {name!r} is not supported; supported: {', '.join(sorted(_SAELENS_FORMS))}")
     return (name, *_SAELENS_FORMS[name])
 
 
@@ -329,8 +326,7 @@ def import_saelens(path: str | Path) -> SAE:
         if name not in _RESCALED_ARCHITECTURES:
             raise SAELensFormatError(
                 f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
-                f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote"
-            )
+                f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote")
         params.update(_fold_decoder_norm(params))
 
     hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")

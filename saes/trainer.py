@@ -105,8 +105,7 @@ def make_mesh(data: int = 1, feature: int = 1) -> Mesh:
     if data * feature > len(devices) or data < 1 or feature < 1:
         raise ConfigError(
             f"--mesh data={data},feature={feature} needs {data * feature} devices, {len(devices)} available "
-            "(on CPU simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
-        )
+            "(on CPU simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     return Mesh(np.asarray(devices[: data * feature]).reshape(data, feature), ("data", "feature"))
 
 
@@ -304,8 +303,7 @@ def measure_scales(cfgs: Sequence[SAEConfig], source) -> list[SAEConfig]:
             raise NonFiniteBatchError(
                 f"the mean squared norm of {hook} is NaN/Inf, so the data hold non-finite values: "
                 f"{source.locate_nonfinite(hook)}. Hint: a float16 harvest can overflow; re-harvest with "
-                "--dtype float32 or drop those contexts."
-            )
+                "--dtype float32 or drop those contexts.")
         return float(math.sqrt(d / max(sq, 1e-30)))
 
     return [dataclasses.replace(c, input_scale=scale(c.d_in, c.hook_in), output_scale=scale(c.d_out, c.hook_out))
@@ -449,18 +447,9 @@ class _Job:
     t_window: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def train_saes(
-    configs: Sequence[SAEConfig],
-    train_config: SAETrainConfig,
-    source,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    eval_fn: EvalFn | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> TrainResult:
+def train_saes(configs: Sequence[SAEConfig], train_config: SAETrainConfig, source, out_dir: str | Path, *,
+               resume: bool = False, overwrite: bool = False, eval_fn: EvalFn | None = None, progress: bool = True,
+               stop_after: int | None = None) -> TrainResult:
     """Train every SAE in `configs` on the same batches from `source` (saes/sources.py) into `out_dir`.
 
     Every setting is checked, and the run directory prepared (activation_store.runs.Run), before any
@@ -594,8 +583,7 @@ def _log(job: _Job, state: TrainState, step: int, bar) -> TrainState:
     """One metrics.jsonl row per SAE from the metric sums since the last log (window_metrics), then reset them."""
     sums, n = jax.device_get((state.sums, state.n_summed))
     n = max(int(n), 1)
-    now = time.perf_counter()
-    rate = n * job.tcfg.batch_size / max(now - job.t_window, 1e-9)
+    rate = n * job.tcfg.batch_size / max(time.perf_counter() - job.t_window, 1e-9)
     for name, log, s in zip(job.names, job.logs, sums):
         row = {"kind": "train", "step": step, "tokens": step * job.tcfg.batch_size, "sae": name,
                **window_metrics(s, n), "tokens_per_s": rate}
