@@ -194,9 +194,6 @@ class StoreBatches:
     def record(self) -> dict:
         """What the SAEs are trained on, saved beside them (config.json "data", results.json)."""
         st = self.store
-        out = {"store": self.path, "contexts_used": int(st.n_committed), "contexts_planned": int(st.n_planned),
-               "store_complete": bool(st.complete), "split": self.split, "exclude_bos": self.exclude_bos,
-               "tokens": int(self._selection().size)}
-        if self._massive:
-            out["massive_excluded"] = self._massive
-        return out
+        return {"store": self.path, "contexts_used": int(st.n_committed), "contexts_planned": int(st.n_planned),
+                "store_complete": bool(st.complete), "split": self.split, "exclude_bos": self.exclude_bos,
+                "tokens": int(self._selection().size), **({"massive_excluded": self._massive} if self._massive else {})}

@@ -182,8 +182,8 @@ def scatter_feats(rows_N, feats_N, vals_N, A_RxD, n_feats: int, acc_dtype=None):
 
 
 def _row_chunks(part_fn, X_BxM, idx_BxK, W_FxD, out_width: int):
-    """out[b] = part_fn(X[b-chunk], W[idx[b-chunk]]) [c, out_width] float32, a loop over chunks of c = ROW_CHUNK
-    rows whose gathered rows [c, k, D] stay in cache (CPU)."""
+    """[B, out_width] float32, a loop over chunks of c = ROW_CHUNK rows: each chunk's rows are
+    part_fn(X[chunk], W[idx[chunk]]), whose gathered rows [c, k, D] stay in cache (CPU)."""
     c, n_chunks, chunk = _chunks(ROW_CHUNK, X_BxM, idx_BxK)
 
     def body(i, out):
