@@ -74,13 +74,11 @@ def panels(train: Sequence[dict], evals: Sequence[dict], config: dict | None = N
                       else "fvu" if excl_in_training and has(train, "fvu") else None)
     eval_excl = has(evals, "fvu_excl_massive")
     n_massive = next((r["n_massive"] for r in reversed(evals) if "n_massive" in r), None)
-    out = [Panel("loss (training units)", "loss", None, log=True)]
-    if out_scale > 0:
-        out.append(Panel("MSE per element, training units (E||y||² = d)", "mse", "mse", log=True,
-                         eval_scale=out_scale ** 2))
-    else:  # no scale known: eval MSE (raw units) would not be comparable
-        out.append(Panel("MSE per element, training units", "mse", None, log=True))
-    out.append(Panel("L0 (active latents / token)", "l0", "l0"))
+    # Eval MSE is in raw units: drawn only when output_scale converts it.
+    mse = (Panel("MSE per element, training units (E||y||² = d)", "mse", "mse", log=True, eval_scale=out_scale ** 2)
+           if out_scale > 0 else Panel("MSE per element, training units", "mse", None, log=True))
+    out = [Panel("loss (training units)", "loss", None, log=True), mse,
+           Panel("L0 (active latents / token)", "l0", "l0")]
     all_title = "FVU, all tokens" if eval_excl or train_fvu_excl else "FVU"
     if eval_excl and n_massive:
         all_title += f" (eval holds {n_massive} massive)"

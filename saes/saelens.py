@@ -176,9 +176,7 @@ def _read_dir(path: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
     if not wfile.exists():
         raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
-    cfg = json.loads(cfile.read_text())
-    weights = {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
-    return cfg, weights
+    return json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
 
 
 # Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
