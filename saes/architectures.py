@@ -406,8 +406,7 @@ class Gated(Architecture):
     enc_init_scale = DENSE_ENC_INIT_SCALE
 
     def init_params(self, cfg, enc_FxD, x_sample_NxD, centre_D) -> dict:
-        F = cfg.width
-        return {"b_gate": _zeros_F(F), "r_mag": _zeros_F(F), "b_mag": _zeros_F(F)}
+        return {"b_gate": _zeros_F(cfg.width), "r_mag": _zeros_F(cfg.width), "b_mag": _zeros_F(cfg.width)}
 
     def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
         B, E = y.shape
@@ -534,8 +533,7 @@ class Matryoshka(TopK):
         m = len(cfg.prefixes())
         # One decode into m·B rows: row g·B + b sums token b's entries in prefix group g.
         group = jnp.searchsorted(prefixes, entries.feats, side="right").astype(jnp.int32)
-        rows = group * B + entries.rows
-        feats = entries.feats
+        rows, feats = group * B + entries.rows, entries.feats
         if entries.impl == "gather":  # its row sums need ascending rows
             order = jnp.argsort(rows)
             rows, feats, vals = rows[order], feats[order], vals[order]
@@ -601,12 +599,8 @@ def init_params(cfg: SAEConfig, key: jax.Array, b_dec_E: np.ndarray, b_in_D: np.
     params = {"enc_FxD": enc, "dec_FxE": dec, "b_dec": jnp.asarray(b_dec_E, jnp.float32)}
     centre = b_in_D if cfg.is_transcoder else b_dec_E
     params.update(arch.init_params(cfg, enc, x_sample_NxD, centre))
-    buffers = {
-        "b_in": jnp.asarray(b_in_D, jnp.float32),
-        "since_fired": _zeros_F(F),
-        "threshold": jnp.zeros((), jnp.float32),
-        "threshold_seen": jnp.zeros((), jnp.float32),
-    }
+    buffers = {"b_in": jnp.asarray(b_in_D, jnp.float32), "since_fired": _zeros_F(F),
+               "threshold": jnp.zeros((), jnp.float32), "threshold_seen": jnp.zeros((), jnp.float32)}
     return params, buffers
 
 
@@ -625,10 +619,6 @@ def geometric_median(points_NxD: np.ndarray, iters: int = 64, eps: float = 1e-6)
 # ---------------------------------------------------------------------------------------------
 # Training step pieces
 # ---------------------------------------------------------------------------------------------
-def input_centre(cfg: SAEConfig, params: dict, buffers: dict):
-    return buffers["b_in"] if cfg.is_transcoder else params["b_dec"]
-
-
 def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef, key=None, dtype=jnp.float32,
                  massive_threshold=None):
     """(loss, stats): stats has loss, mse, l0, fired_F (tokens each latent fired on), the architecture's own
@@ -637,7 +627,7 @@ def forward_loss(cfg: SAEConfig, params: dict, buffers: dict, x_BxD, y_BxE, coef
       fvu_sse = Σ_b ‖y'_b − ŷ'_b‖²,  fvu_var = Σ_b ‖y'_b − mean_b(y')‖²
     and, given `massive_threshold` (a target norm in training units), the same over the rows with
     ‖y'_b‖ <= massive_threshold about their own mean: fvu_sse_kept, fvu_var_kept (activation_store/massive.py)."""
-    x_c = x_BxD - input_centre(cfg, params, buffers)
+    x_c = x_BxD - (buffers["b_in"] if cfg.is_transcoder else params["b_dec"])  # the input centre
     loss, mse, recon, stats = architecture(cfg).loss(cfg, params, buffers, x_c, y_BxE, coef, key, dtype)
     err_B = jnp.sum((recon - y_BxE) ** 2, axis=1)
     stats["mse"] = mse
@@ -667,16 +657,14 @@ def sparsity_coef(cfg: SAEConfig) -> float:
 
 def update_buffers(cfg: SAEConfig, buffers: dict, stats: dict, n_tokens: int) -> dict:
     """Dead tracking (tokens since each latent fired) and the architecture's own buffers."""
-    out = dict(buffers)
-    out["since_fired"] = jnp.where(stats["fired_F"] > 0, 0.0, buffers["since_fired"] + n_tokens)
+    out = {**buffers, "since_fired": jnp.where(stats["fired_F"] > 0, 0.0, buffers["since_fired"] + n_tokens)}
     return architecture(cfg).selection(cfg).update_buffers(cfg, out, stats)
 
 
 def project_decoder_grad(params: dict, grads: dict) -> dict:
     """Remove from each decoder row's gradient its component along the (unit) row."""
     dec, g = params["dec_FxE"], grads["dec_FxE"]
-    g = g - jnp.sum(g * dec, axis=1, keepdims=True) * dec
-    return {**grads, "dec_FxE": g}
+    return {**grads, "dec_FxE": g - jnp.sum(g * dec, axis=1, keepdims=True) * dec}
 
 
 def normalise_decoder(params: dict) -> dict:

@@ -43,11 +43,9 @@ def save_sae(sae: SAE, path: str | Path, train_config: dict | None = None, data:
 
     train_config: the training settings of the run; data: what it was trained on (store, contexts used).
     """
-    config = sae.config.to_dict()
-    config["train"] = dict(train_config or {})
+    config = {**sae.config.to_dict(), "train": dict(train_config or {}), "format": FORMAT}  # written with sorted keys
     if data:
         config["data"] = dict(data)
-    config["format"] = FORMAT
     tensors = {n: np.ascontiguousarray(np.asarray(v, np.float32)) for n, v in sae.params.items()}
     publish_files(path, {
         "weights.safetensors": lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}),

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from featureatlas.activation_store.plotting import SI as _TOKENS
-from featureatlas.activation_store.runs import MetricsLog
-from featureatlas.activation_store.plotting import figure as _figure
-from featureatlas.activation_store.plotting import plain_log as _plain_log
+from featureatlas.activation_store.plotting import SI as _TOKENS, figure as _figure, plain_log as _plain_log
 from featureatlas.activation_store.plotting import save_png as _save
+from featureatlas.activation_store.runs import MetricsLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +74,11 @@ def panels(train: Sequence[dict], evals: Sequence[dict], config: dict | None = N
                       else "fvu" if excl_in_training and has(train, "fvu") else None)
     eval_excl = has(evals, "fvu_excl_massive")
     n_massive = next((r["n_massive"] for r in reversed(evals) if "n_massive" in r), None)
-    out = [Panel("loss (training units)", "loss", None, log=True)]
-    if out_scale > 0:
-        out.append(Panel("MSE per element, training units (E||y||² = d)", "mse", "mse", log=True,
-                         eval_scale=out_scale ** 2))
-    else:  # no scale known: eval MSE (raw units) would not be comparable
-        out.append(Panel("MSE per element, training units", "mse", None, log=True))
-    out.append(Panel("L0 (active latents / token)", "l0", "l0"))
+    # Eval MSE is in raw units: drawn only when output_scale converts it.
+    mse = (Panel("MSE per element, training units (E||y||² = d)", "mse", "mse", log=True, eval_scale=out_scale ** 2)
+           if out_scale > 0 else Panel("MSE per element, training units", "mse", None, log=True))
+    out = [Panel("loss (training units)", "loss", None, log=True), mse,
+           Panel("L0 (active latents / token)", "l0", "l0")]
     all_title = "FVU, all tokens" if eval_excl or train_fvu_excl else "FVU"
     if eval_excl and n_massive:
         all_title += f" (eval holds {n_massive} massive)"
@@ -204,10 +200,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 def _summary_row(d: Path) -> dict:
     """The last eval row of an SAE directory (else its last train row), with its architecture."""
     train, evals = read_metrics(d)
-    row = dict((evals or train or [{}])[-1])
-    row.setdefault("architecture", _config(d).get("architecture", ""))
-    row.setdefault("sae", d.name)
-    return row
+    return {"architecture": _config(d).get("architecture", ""), "sae": d.name, **(evals or train or [{}])[-1]}
 
 
 def plot_frontier(runs: Iterable[str | Path | dict], out_png: str | Path, *, x: str = "l0", y: str | None = None) -> Path:

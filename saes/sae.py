@@ -57,16 +57,11 @@ class SAE:
         config.check_structure()
         missing = [n for n in param_names(config) if n not in params]
         if missing:
-            raise ValueError(
-                f"{config.architecture} SAE needs parameters {list(param_names(config))}; missing {missing}"
-            )
+            raise ValueError(f"{config.architecture} SAE needs parameters {list(param_names(config))}; "
+                             f"missing {missing}")
         self.config = config
         self.params = {n: jnp.asarray(params[n], jnp.float32) for n in param_names(config)}
-        shapes = {
-            "W_enc": (config.d_in, config.width),
-            "W_dec": (config.width, config.d_out),
-            "b_dec": (config.d_out,),
-        }
+        shapes = {"W_enc": (config.d_in, config.width), "W_dec": (config.width, config.d_out), "b_dec": (config.d_out,)}
         for n, p in self.params.items():
             want = shapes.get(n, (config.width,))
             if p.shape != want:
@@ -108,9 +103,7 @@ class SAE:
     def residual_directions(self, model) -> jax.Array:
         """Where each latent writes in the residual stream: W_dec, or W_dec @ W_write for MLP-space hooks."""
         write = model.write_matrix(self.hook_out)
-        if write is None:
-            return self.params["W_dec"]
-        return self.params["W_dec"] @ jnp.asarray(write, jnp.float32)
+        return self.params["W_dec"] if write is None else self.params["W_dec"] @ jnp.asarray(write, jnp.float32)
 
     def __repr__(self) -> str:
         c = self.config

@@ -96,8 +96,7 @@ def _saelens_architecture(config: SAEConfig) -> str:
         exportable = ", ".join(f.name for f in A.SAVED_FORMS.values() if f.saelens_transcoder)
         raise SAELensFormatError(
             f"SAELens has no {A.saved_form(config).name} transcoder ({config.architecture}); only transcoders that "
-            f"run as {exportable} at inference (BatchTopK runs as jumprelu) export"
-        )
+            f"run as {exportable} at inference (BatchTopK runs as jumprelu) export")
     return name
 
 
@@ -106,47 +105,24 @@ def _saelens_cfg(config: SAEConfig) -> dict:
     arch = _saelens_architecture(config)
     topk = A.saved_form(config) is A.TOPK_FORM
     hook_name, hook_layer = to_transformerlens_hook(config.hook_in)
-    metadata = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION,
-        "sae_lens_training_version": None,
-        "model_name": config.model_id,
-        "hook_name": hook_name,
-        "hook_head_index": None,
-        "prepend_bos": True,
-        "exclude_special_tokens": True,  # our stores train without BOS
-        "dataset_path": "",
-        "neuronpedia_id": None,
-        "featureatlas": config.to_dict(),
-    }
-    cfg = {
-        "architecture": arch,
-        "d_in": config.d_in,
-        "d_sae": config.width,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": False,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": metadata,
-        # Pre-6 readers (and tools such as SAEBench / SAEDashboard) look for these at the top level.
-        "model_name": config.model_id,
-        "hook_name": hook_name,
-        "hook_layer": hook_layer if hook_layer is not None else 0,
-        "hook_head_index": None,
-        "activation_fn_str": "topk" if topk else "relu",
-        "finetuning_scaling_factor": False,
-        "prepend_bos": True,
-    }
+    # exclude_special_tokens: our stores train without BOS.
+    metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+                "model_name": config.model_id, "hook_name": hook_name, "hook_head_index": None, "prepend_bos": True,
+                "exclude_special_tokens": True, "dataset_path": "", "neuronpedia_id": None,
+                "featureatlas": config.to_dict()}
+    cfg = {"architecture": arch, "d_in": config.d_in, "d_sae": config.width, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": metadata,
+           # Pre-6 readers (and tools such as SAEBench / SAEDashboard) look for these at the top level.
+           "model_name": config.model_id, "hook_name": hook_name,
+           "hook_layer": hook_layer if hook_layer is not None else 0, "hook_head_index": None,
+           "activation_fn_str": "topk" if topk else "relu", "finetuning_scaling_factor": False, "prepend_bos": True}
     if topk:
-        cfg["k"] = int(config.k)
-        cfg["rescale_acts_by_decoder_norm"] = False
-        cfg["activation_fn_kwargs"] = {"k": int(config.k)}
+        cfg.update(k=int(config.k), rescale_acts_by_decoder_norm=False, activation_fn_kwargs={"k": int(config.k)})
     if config.is_transcoder:
         hook_out, layer_out = to_transformerlens_hook(config.hook_out)
-        cfg["d_out"] = config.d_out
-        metadata["hook_name_out"] = hook_out
-        metadata["hook_layer_out"] = layer_out
-        cfg["hook_name_out"] = hook_out
+        cfg.update(d_out=config.d_out, hook_name_out=hook_out)
+        metadata.update(hook_name_out=hook_out, hook_layer_out=layer_out)
     return cfg
 
 
@@ -172,8 +148,7 @@ def _check_jumprelu_sign(sae: SAE) -> None:
             "encodes those latents as h·1[h > θ], which can be negative, while SAELens computes relu(h)·1[h > θ], "
             "so the exported SAE would mean something else. Set the thresholds to max(θ, 0) first "
             "(sae.params['threshold'] = jnp.maximum(sae.params['threshold'], 0): the codes then become "
-            "relu(h) for those latents, in featureatlas and SAELens alike) and export again."
-        )
+            "relu(h) for those latents, in featureatlas and SAELens alike) and export again.")
 
 
 def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
@@ -201,24 +176,14 @@ def _read_dir(path: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
     if not wfile.exists():
         raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
-    cfg = json.loads(cfile.read_text())
-    weights = {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
-    return cfg, weights
+    return json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
 
 
 # Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
 # (metadata), with the value SAELens assumes when a field is absent.
-_TOP_FIELDS = {
-    "architecture": _DEFAULT_ARCHITECTURE,
-    "d_in": None,
-    "d_sae": None,
-    "d_out": None,
-    "apply_b_dec_to_input": True,
-    "normalize_activations": "none",
-    "reshape_activations": "none",
-    "k": None,
-    "rescale_acts_by_decoder_norm": False,
-}
+_TOP_FIELDS = {"architecture": _DEFAULT_ARCHITECTURE, "d_in": None, "d_sae": None, "d_out": None,
+               "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none", "k": None,
+               "rescale_acts_by_decoder_norm": False}
 _META_FIELDS = ("hook_name", "hook_name_out", "model_name")
 
 
@@ -228,8 +193,6 @@ def _cfg_mismatches(found: dict, expected: dict) -> list[str]:
     when `found` sets them to something other than SAELens's default."""
     out = []
     for key, default in _TOP_FIELDS.items():
-        if key not in expected and found.get(key, default) == default:
-            continue
         a, b = found.get(key, default), expected.get(key, default)
         if a != b:
             out.append(f"{key}: {a!r} != {b!r}")
@@ -288,8 +251,7 @@ def _saelens_form(cfg: dict) -> tuple[str, A.SavedForm, bool]:
         name = A.TOPK_FORM.saelens_architecture
     if name not in _SAELENS_FORMS:
         raise SAELensFormatError(
-            f"SAELens architecture {name!r} is not supported; supported: {', '.join(sorted(_SAELENS_FORMS))}"
-        )
+            f"SAELens architecture {name!r} is not supported; supported: {', '.join(sorted(_SAELENS_FORMS))}")
     return (name, *_SAELENS_FORMS[name])
 
 
@@ -298,11 +260,8 @@ def _fold_decoder_norm(params: dict) -> dict:
     codes become h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec)
     is unchanged, so the saved SAE needs no rescale at run time."""
     n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
-    return {
-        "W_enc": params["W_enc"] * n_F[None, :],
-        "b_enc": params["b_enc"] * n_F,
-        "W_dec": params["W_dec"] / n_F[:, None],
-    }
+    return {"W_enc": params["W_enc"] * n_F[None, :], "b_enc": params["b_enc"] * n_F,
+            "W_dec": params["W_dec"] / n_F[:, None]}
 
 
 def import_saelens(path: str | Path) -> SAE:
@@ -349,8 +308,7 @@ def import_saelens(path: str | Path) -> SAE:
             b_mag = b_mag - shift_F * np.exp(r_mag)
         params.update(b_gate=b_gate, b_mag=b_mag, r_mag=r_mag)
     else:
-        b_enc = w["b_enc"] if shift_F is None else w["b_enc"] - shift_F
-        params["b_enc"] = b_enc
+        params["b_enc"] = w["b_enc"] if shift_F is None else w["b_enc"] - shift_F
     if "threshold" in form.param_names:
         if "threshold" in w:
             threshold = w["threshold"]
@@ -366,8 +324,7 @@ def import_saelens(path: str | Path) -> SAE:
         if name not in _RESCALED_ARCHITECTURES:
             raise SAELensFormatError(
                 f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
-                f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote"
-            )
+                f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote")
         params.update(_fold_decoder_norm(params))
 
     hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
@@ -377,15 +334,8 @@ def import_saelens(path: str | Path) -> SAE:
         raise SAELensFormatError(f"{path / CFG_FILE} names no hook (metadata.hook_name / hook_name)")
     if transcoder and hook_out == hook_in:
         raise SAELensFormatError(f"{path / CFG_FILE} is a transcoder but names no distinct metadata.hook_name_out")
-    config = SAEConfig(
-        architecture=form.name,  # each saved form is also the architecture that trains into it
-        d_in=d_in,
-        width=d_sae,
-        k=k,
-        hook_in=hook_in,
-        hook_out=hook_out,
-        d_out=d_out,
-        model_id=str(meta.get("model_name") or cfg.get("model_name") or ""),
-        normalisation_folded=True,
-    )
+    # Each saved form is also the architecture that trains into it.
+    config = SAEConfig(architecture=form.name, d_in=d_in, width=d_sae, k=k, hook_in=hook_in, hook_out=hook_out,
+                       d_out=d_out, model_id=str(meta.get("model_name") or cfg.get("model_name") or ""),
+                       normalisation_folded=True)
     return sae_from_params(config, {n: np.asarray(v, np.float32) for n, v in params.items()})

@@ -6,11 +6,18 @@ the same token rows when they must line up (a transcoder's input and target). Th
 function of (seed, batch_size, step), so training resumes at any step with the same data order.
 `exclude_massive()` leaves massive-activation tokens out of everything the source gives from then on
 (batches, samples, statistics); the rule is activation_store/massive.py's.
+
+What the trainer uses of a source (both classes have it): attributes hooks (tuple of hook names),
+fingerprint, model_id, path; dim(hook) -> int; mean_sq_norm(hook) -> float; sample(hook, n, seed) ->
+[n, d] array; batches(batch_size, seed, start_step, sharding=None) -> iterator of {hook: [B, d]};
+locate_nonfinite(hook) -> str; exclude_massive() -> dict; record() -> dict. StoreBatches also has
+`store` (the trainer reads the massive-token thresholds from it).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+import itertools
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -20,26 +27,6 @@ from featureatlas.activation_store.massive import (DEFAULT_FACTOR, RULE, massive
                                                    store_norm_threshold)
 
 _READ_ROWS = 1 << 16  # rows read at once when scanning a store
-
-
-class BatchSource(Protocol):
-    hooks: tuple[str, ...]
-    fingerprint: str
-    model_id: str
-
-    def dim(self, hook: str) -> int: ...
-
-    def mean_sq_norm(self, hook: str) -> float: ...
-
-    def sample(self, hook: str, n: int, seed: int) -> np.ndarray: ...
-
-    def batches(self, batch_size: int, seed: int, start_step: int, sharding=None) -> Iterator[dict]: ...
-
-    def locate_nonfinite(self, hook: str) -> str: ...
-
-    def exclude_massive(self) -> dict: ...
-
-    def record(self) -> dict: ...
 
 
 def _massive_record(thresholds: dict[str, float], n_excluded: int, n_rows: int, n_median: int) -> dict:
@@ -57,10 +44,6 @@ def _describe_rows(bad: np.ndarray, what: str, context_length: int | None = None
     return text
 
 
-def _put(x: np.ndarray, sharding):
-    return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
-
-
 class ArrayBatches:
     """Batches from in-memory arrays {hook: [N, d]} (rows aligned across hooks).
 
@@ -76,10 +59,7 @@ class ArrayBatches:
         self.arrays = {h: np.asarray(a, np.float32) for h, a in arrays.items()}
         self.hooks = tuple(arrays)
         self.keep = np.arange(n.pop())
-        self.shuffle = shuffle
-        self.fingerprint = fingerprint
-        self.model_id = model_id
-        self.path = ""
+        self.shuffle, self.fingerprint, self.model_id, self.path = shuffle, fingerprint, model_id, ""
         self._massive: dict | None = None
 
     def dim(self, hook: str) -> int:
@@ -108,11 +88,9 @@ class ArrayBatches:
         return out
 
     def batches(self, batch_size: int, seed: int, start_step: int, sharding=None) -> Iterator[dict]:
-        step = start_step
-        while True:
+        for step in itertools.count(start_step):
             rows = self.rows(batch_size, seed, step)
-            yield {h: _put(a[rows], sharding) for h, a in self.arrays.items()}
-            step += 1
+            yield {h: jax.device_put(a[rows], sharding) for h, a in self.arrays.items()}
 
     def locate_nonfinite(self, hook: str) -> str:
         bad = np.flatnonzero(~np.isfinite(self.arrays[hook]).all(axis=1))
@@ -153,9 +131,7 @@ class StoreBatches:
         for h in self.hooks:
             store.check_hook(h)
         self.split, self.exclude_bos = split, exclude_bos
-        self.fingerprint = store.fingerprint
-        self.model_id = store.model_id
-        self.path = str(store.path)
+        self.fingerprint, self.model_id, self.path = store.fingerprint, store.model_id, str(store.path)
         self.rows: np.ndarray | None = None  # None: every token row of the split
         self._sq_norms: dict[str, float] = {}
         self._massive: dict | None = None
@@ -167,9 +143,7 @@ class StoreBatches:
         return self.store.select_rows(self.split, self.exclude_bos, self.rows)
 
     def mean_sq_norm(self, hook: str) -> float:
-        if hook in self._sq_norms:
-            return self._sq_norms[hook]
-        return float(self.store.stats(hook)[1])
+        return self._sq_norms[hook] if hook in self._sq_norms else float(self.store.stats(hook)[1])
 
     def sample(self, hook: str, n: int, seed: int) -> np.ndarray:
         return self.store.sample(hook, n, seed, split=self.split, exclude_bos=self.exclude_bos, rows=self.rows)
@@ -220,9 +194,6 @@ class StoreBatches:
     def record(self) -> dict:
         """What the SAEs are trained on, saved beside them (config.json "data", results.json)."""
         st = self.store
-        out = {"store": self.path, "contexts_used": int(st.n_committed), "contexts_planned": int(st.n_planned),
-               "store_complete": bool(st.complete), "split": self.split, "exclude_bos": self.exclude_bos,
-               "tokens": int(self._selection().size)}
-        if self._massive:
-            out["massive_excluded"] = self._massive
-        return out
+        return {"store": self.path, "contexts_used": int(st.n_committed), "contexts_planned": int(st.n_planned),
+                "store_complete": bool(st.complete), "split": self.split, "exclude_bos": self.exclude_bos,
+                "tokens": int(self._selection().size), **({"massive_excluded": self._massive} if self._massive else {})}

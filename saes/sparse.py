@@ -141,44 +141,36 @@ def _by_feat(feats_N, name):
 # ---------------------------------------------------------------------------------------------
 # Chunked loops (CPU and legacy)
 # ---------------------------------------------------------------------------------------------
-def _chunked(n: int) -> tuple[int, int]:
-    size = max(1, min(CHUNK, n))
-    return size, -(-n // size)
-
-
-def _pad(a: jax.Array, n_total: int) -> jax.Array:
-    return jnp.pad(a, (0, n_total - a.shape[0]))
+def _chunks(cap: int, *arrays):
+    """(size, n_chunks, chunk) with size = min(cap, rows): chunk(c) is rows [c·size, (c+1)·size) of each
+    array, zero-padded to n_chunks·size rows."""
+    n = arrays[0].shape[0]
+    size = max(1, min(cap, n))
+    n_chunks = -(-n // size)
+    padded = [jnp.pad(a, [(0, size * n_chunks - n)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    return size, n_chunks, lambda c: [jax.lax.dynamic_slice_in_dim(a, c * size, size) for a in padded]
 
 
 def gather_dot(rows_N, feats_N, A_RxD, W_FxD, out_dtype=None):
     """out[n] = A[rows[n]] · W[feats[n]], products summed in float32 (a loop over chunks of entries)."""
-    n = rows_N.shape[0]
-    size, n_chunks = _chunked(n)
-    rows, feats = _pad(rows_N, size * n_chunks), _pad(feats_N, size * n_chunks)
+    size, n_chunks, chunk = _chunks(CHUNK, rows_N, feats_N)
     dtype = out_dtype or jnp.result_type(A_RxD, W_FxD)
 
     def body(c, out):
-        r = jax.lax.dynamic_slice_in_dim(rows, c * size, size)
-        f = jax.lax.dynamic_slice_in_dim(feats, c * size, size)
+        r, f = chunk(c)
         part = jnp.sum(A_RxD[r].astype(jnp.float32) * W_FxD[f].astype(jnp.float32), axis=-1)
         return jax.lax.dynamic_update_slice_in_dim(out, part.astype(out.dtype), c * size, 0)
 
-    out = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((size * n_chunks,), dtype))
-    return out[:n]
+    return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((size * n_chunks,), dtype))[:rows_N.shape[0]]
 
 
 def scatter_rows(rows_N, feats_N, vals_N, W_FxD, n_rows: int, acc_dtype=None):
     """out[r] = Σ_{n: rows[n]=r} vals[n] · W[feats[n]], accumulated in acc_dtype (default: the inputs')."""
-    n = rows_N.shape[0]
-    size, n_chunks = _chunked(n)
-    total = size * n_chunks
-    rows, feats, vals = _pad(rows_N, total), _pad(feats_N, total), _pad(vals_N, total)
+    size, n_chunks, chunk = _chunks(CHUNK, rows_N, feats_N, vals_N)
     dtype = acc_dtype or jnp.result_type(vals_N, W_FxD)
 
     def body(c, out):
-        r = jax.lax.dynamic_slice_in_dim(rows, c * size, size)
-        f = jax.lax.dynamic_slice_in_dim(feats, c * size, size)
-        v = jax.lax.dynamic_slice_in_dim(vals, c * size, size)
+        r, f, v = chunk(c)
         return out.at[r].add(v[:, None].astype(dtype) * W_FxD[f].astype(dtype))
 
     return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_rows, W_FxD.shape[1]), dtype))
@@ -189,43 +181,30 @@ def scatter_feats(rows_N, feats_N, vals_N, A_RxD, n_feats: int, acc_dtype=None):
     return scatter_rows(feats_N, rows_N, vals_N, A_RxD, n_feats, acc_dtype)
 
 
+def _row_chunks(part_fn, X_BxM, idx_BxK, W_FxD, out_width: int):
+    """[B, out_width] float32, a loop over chunks of c = ROW_CHUNK rows: each chunk's rows are
+    part_fn(X[chunk], W[idx[chunk]]), whose gathered rows [c, k, D] stay in cache (CPU)."""
+    c, n_chunks, chunk = _chunks(ROW_CHUNK, X_BxM, idx_BxK)
+
+    def body(i, out):
+        x, idx = chunk(i)
+        return jax.lax.dynamic_update_slice_in_dim(out, part_fn(x, W_FxD[idx]), i * c, 0)
+
+    return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_chunks * c, out_width), jnp.float32))[:X_BxM.shape[0]]
+
+
 def row_chunk_dots(A_BxD, idx_BxK, W_FxD):
     """out[b, j] = A[b] · W[idx[b, j]] in float32, a loop over chunks of ROW_CHUNK rows: each chunk's
     gathered rows [c, k, D] stay in cache for one batched dot (CPU)."""
-    B, k = idx_BxK.shape
-    c = max(1, min(ROW_CHUNK, B))
-    n_chunks = -(-B // c)
-    pad = n_chunks * c - B
-    A = jnp.pad(A_BxD, ((0, pad), (0, 0)))
-    idx = jnp.pad(idx_BxK, ((0, pad), (0, 0)))
-
-    def body(i, out):
-        a = jax.lax.dynamic_slice_in_dim(A, i * c, c)
-        w = W_FxD[jax.lax.dynamic_slice_in_dim(idx, i * c, c)]
-        part = jnp.einsum("bd,bkd->bk", a, w, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_slice_in_dim(out, part, i * c, 0)
-
-    out = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_chunks * c, k), jnp.float32))
-    return out[:B]
+    dot = lambda a, w: jnp.einsum("bd,bkd->bk", a, w, preferred_element_type=jnp.float32)  # noqa: E731
+    return _row_chunks(dot, A_BxD, idx_BxK, W_FxD, idx_BxK.shape[1])
 
 
 def row_chunk_sums(coef_BxK, idx_BxK, W_FxD):
     """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32, a loop over chunks of ROW_CHUNK rows (CPU; a
     chain of k gathers is not kept in one fusion by XLA:CPU inside a training step)."""
-    B, k = idx_BxK.shape
-    c = max(1, min(ROW_CHUNK, B))
-    n_chunks = -(-B // c)
-    pad = n_chunks * c - B
-    coef = jnp.pad(coef_BxK.astype(jnp.float32), ((0, pad), (0, 0)))
-    idx = jnp.pad(idx_BxK, ((0, pad), (0, 0)))
-
-    def body(i, out):
-        w = W_FxD[jax.lax.dynamic_slice_in_dim(idx, i * c, c)]
-        part = jnp.einsum("bk,bkd->bd", jax.lax.dynamic_slice_in_dim(coef, i * c, c), w.astype(jnp.float32))
-        return jax.lax.dynamic_update_slice_in_dim(out, part, i * c, 0)
-
-    out = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_chunks * c, W_FxD.shape[1]), jnp.float32))
-    return out[:B]
+    wsum = lambda coef, w: jnp.einsum("bk,bkd->bd", coef, w.astype(jnp.float32))  # noqa: E731
+    return _row_chunks(wsum, coef_BxK.astype(jnp.float32), idx_BxK, W_FxD, W_FxD.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,9 +55,7 @@ def chunk_size(width: int, k: int) -> int:
     s = 2 ** int(round(math.log2(math.sqrt(width / k))))
     while s > 1 and -(-width // s) < k:
         s //= 2
-    if s <= 1 or -(-width // s) + k * s > width // 2:
-        return 1
-    return s
+    return 1 if s <= 1 or -(-width // s) + k * s > width // 2 else s
 
 
 def chunked_top_k(x, k: int, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:

@@ -32,6 +32,7 @@ Run directories written before run.json existed (out/run_config.json) resume as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -104,8 +105,7 @@ def make_mesh(data: int = 1, feature: int = 1) -> Mesh:
     if data * feature > len(devices) or data < 1 or feature < 1:
         raise ConfigError(
             f"--mesh data={data},feature={feature} needs {data * feature} devices, {len(devices)} available "
-            "(on CPU simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
-        )
+            "(on CPU simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     return Mesh(np.asarray(devices[: data * feature]).reshape(data, feature), ("data", "feature"))
 
 
@@ -208,8 +208,7 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(batch[h])) for h in hooks]))
         new_saes, metrics, ok = [], [], []
         for i, (cfg, (opt, schedule), s, thr) in enumerate(zip(cfgs, optimizers, saes, massive_thresholds)):
-            x = batch[cfg.hook_in] * cfg.input_scale
-            y = batch[cfg.hook_out] * cfg.output_scale
+            x, y = batch[cfg.hook_in] * cfg.input_scale, batch[cfg.hook_out] * cfg.output_scale
             coef = sparsity_warmup(cfg, tcfg, step)
             if mesh is not None:
                 x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data", None)))
@@ -224,10 +223,9 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
             params = A.normalise_decoder(optax.apply_updates(s.params, updates))
             buffers = A.update_buffers(cfg, s.buffers, stats, x.shape[0])
             new_saes.append(SAEState(params, opt_state, buffers))
-            m = {k: v for k, v in stats.items() if k != "fired_F" and jnp.ndim(v) == 0}
-            m["dead_frac"] = jnp.mean(buffers["since_fired"] >= cfg.dead_tokens)
-            m["lr"] = schedule(step)
-            m["sparsity_coef"] = coef
+            m = {**{k: v for k, v in stats.items() if k != "fired_F" and jnp.ndim(v) == 0},
+                 "dead_frac": jnp.mean(buffers["since_fired"] >= cfg.dead_tokens), "lr": schedule(step),
+                 "sparsity_coef": coef}
             if "batch_threshold" in stats:
                 m["threshold"] = buffers["threshold"]
             metrics.append({k: jnp.asarray(v, jnp.float32) for k, v in m.items()})
@@ -241,13 +239,10 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         failed = live & ~ok
         return state.replace(
-            step=jnp.where(ok, state.step + 1, state.step),
-            saes=keep(saes, state.saes),
+            step=jnp.where(ok, state.step + 1, state.step), saes=keep(saes, state.saes),
             sums=keep(jax.tree.map(jnp.add, state.sums, metrics), state.sums),
-            n_summed=state.n_summed + ok.astype(jnp.int32),
-            bad_step=jnp.where(failed, state.step, state.bad_step),
-            bad_sae=jnp.where(failed, jnp.where(finite, jnp.argmin(loss_ok), -1), state.bad_sae).astype(jnp.int32),
-        )
+            n_summed=state.n_summed + ok.astype(jnp.int32), bad_step=jnp.where(failed, state.step, state.bad_step),
+            bad_sae=jnp.where(failed, jnp.where(finite, jnp.argmin(loss_ok), -1), state.bad_sae).astype(jnp.int32))
 
     def zero_sums(saes, batch_shapes):
         shapes = jax.eval_shape(sae_updates, saes, batch_shapes, jnp.zeros((), jnp.int32))[1]
@@ -279,10 +274,7 @@ def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> 
             if hook not in source.hooks:
                 raise ConfigError(f"hook {hook!r} is not in the data source; it has {', '.join(source.hooks)}")
         d_in, d_out = source.dim(c.hook_in), source.dim(c.hook_out)
-        if c.d_in == 0:
-            c.d_in = d_in
-        if c.d_out == 0 or (not c.is_transcoder and c.d_out != c.d_in):
-            c.d_out = d_out if c.d_out == 0 else c.d_out
+        c.d_in, c.d_out = c.d_in or d_in, c.d_out or d_out
         if c.d_in != d_in:
             raise ConfigError(f"SAE d_in={c.d_in} but hook {c.hook_in} has width {d_in} in the store; "
                               f"pass d_in={d_in} (or leave it 0 to take it from the store)")
@@ -305,19 +297,17 @@ def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> 
 
 def measure_scales(cfgs: Sequence[SAEConfig], source) -> list[SAEConfig]:
     """input_scale, output_scale = sqrt(d / E‖x‖²) of each SAE's hooks (reads the data once per hook)."""
-    out = []
-    for c in cfgs:
-        for hook in (c.hook_in, c.hook_out):
-            if not math.isfinite(source.mean_sq_norm(hook)):
-                raise NonFiniteBatchError(
-                    f"the mean squared norm of {hook} is NaN/Inf, so the data hold non-finite values: "
-                    f"{source.locate_nonfinite(hook)}. Hint: a float16 harvest can overflow; re-harvest with "
-                    "--dtype float32 or drop those contexts."
-                )
-        out.append(dataclasses.replace(
-            c, input_scale=float(math.sqrt(c.d_in / max(source.mean_sq_norm(c.hook_in), 1e-30))),
-            output_scale=float(math.sqrt(c.d_out / max(source.mean_sq_norm(c.hook_out), 1e-30)))))
-    return out
+    def scale(d: int, hook: str) -> float:
+        sq = source.mean_sq_norm(hook)
+        if not math.isfinite(sq):
+            raise NonFiniteBatchError(
+                f"the mean squared norm of {hook} is NaN/Inf, so the data hold non-finite values: "
+                f"{source.locate_nonfinite(hook)}. Hint: a float16 harvest can overflow; re-harvest with "
+                "--dtype float32 or drop those contexts.")
+        return float(math.sqrt(d / max(sq, 1e-30)))
+
+    return [dataclasses.replace(c, input_scale=scale(c.d_in, c.hook_in), output_scale=scale(c.d_out, c.hook_out))
+            for c in cfgs]
 
 
 def massive_thresholds(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> list[float | None]:
@@ -334,13 +324,7 @@ def massive_thresholds(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) 
 def initial_state(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, source, optimizers) -> TrainState:
     """Step 0: b_dec (and a transcoder's b_in) at the geometric median of a sample, architecture init."""
     saes = []
-    samples: dict[str, np.ndarray] = {}
-
-    def sample(hook):
-        if hook not in samples:
-            samples[hook] = source.sample(hook, tcfg.geometric_median_samples, tcfg.seed)
-        return samples[hook]
-
+    sample = functools.cache(lambda hook: source.sample(hook, tcfg.geometric_median_samples, tcfg.seed))
     for i, (c, (opt, _)) in enumerate(zip(cfgs, optimizers)):
         key = jax.random.fold_in(jax.random.key(tcfg.seed), i + c.init_seed_offset)
         if tcfg.geometric_median_samples > 0:
@@ -463,18 +447,9 @@ class _Job:
     t_window: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def train_saes(
-    configs: Sequence[SAEConfig],
-    train_config: SAETrainConfig,
-    source,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    eval_fn: EvalFn | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> TrainResult:
+def train_saes(configs: Sequence[SAEConfig], train_config: SAETrainConfig, source, out_dir: str | Path, *,
+               resume: bool = False, overwrite: bool = False, eval_fn: EvalFn | None = None, progress: bool = True,
+               stop_after: int | None = None) -> TrainResult:
     """Train every SAE in `configs` on the same batches from `source` (saes/sources.py) into `out_dir`.
 
     Every setting is checked, and the run directory prepared (activation_store.runs.Run), before any
@@ -526,8 +501,7 @@ def train_saes(
 def _loop(job: _Job, state: TrainState, start: int) -> TrainResult:
     from tqdm.auto import tqdm
 
-    tcfg, B = job.tcfg, job.tcfg.batch_size
-    total = tcfg.total_steps
+    tcfg, B, total = job.tcfg, job.tcfg.batch_size, job.tcfg.total_steps
     hooks = sorted({h for c in job.cfgs for h in (c.hook_in, c.hook_out)})
     bar = tqdm(total=total * B, initial=start * B, unit="tok", unit_scale=True, disable=not job.progress,
                desc=JOB, dynamic_ncols=True)
@@ -554,9 +528,7 @@ def _loop(job: _Job, state: TrainState, start: int) -> TrainResult:
                 return TrainResult([], job.dirs, job.names, job.last, step, state)
     finally:
         bar.close()
-        close = getattr(batches, "close", None)
-        if close:
-            close()
+        getattr(batches, "close", lambda: None)()
     _check(job, state)
     job.ckpt.save(step, state.checkpoint())
     saes = [saved_sae(c, s.params, s.buffers) for c, s in zip(job.cfgs, state.saes)]
@@ -611,12 +583,10 @@ def _log(job: _Job, state: TrainState, step: int, bar) -> TrainState:
     """One metrics.jsonl row per SAE from the metric sums since the last log (window_metrics), then reset them."""
     sums, n = jax.device_get((state.sums, state.n_summed))
     n = max(int(n), 1)
-    now = time.perf_counter()
-    rate = n * job.tcfg.batch_size / max(now - job.t_window, 1e-9)
+    rate = n * job.tcfg.batch_size / max(time.perf_counter() - job.t_window, 1e-9)
     for name, log, s in zip(job.names, job.logs, sums):
-        row = {"kind": "train", "step": step, "tokens": step * job.tcfg.batch_size, "sae": name}
-        row.update(window_metrics(s, n))
-        row["tokens_per_s"] = rate
+        row = {"kind": "train", "step": step, "tokens": step * job.tcfg.batch_size, "sae": name,
+               **window_metrics(s, n), "tokens_per_s": rate}
         job.last[name] = row
         log.append([row])
     r0 = job.last[job.names[0]]
@@ -631,12 +601,11 @@ def _run_eval(job: _Job, step: int, state: TrainState, saes=None) -> dict:
     if not job.run.main:
         return {}
     results = job.eval_fn(step, dict(zip(job.names, saes))) or {}
-    out = {}
+    out = {n: {"kind": "eval", "step": step, "tokens": step * job.tcfg.batch_size, "sae": n, **results[n]}
+           for n in job.names if n in results}
     for name, log in zip(job.names, job.logs):
-        if name in results:
-            row = {"kind": "eval", "step": step, "tokens": step * job.tcfg.batch_size, "sae": name, **results[name]}
-            log.append([row])
-            out[name] = row
+        if name in out:
+            log.append([out[name]])
     return out
 
 

@@ -69,14 +69,11 @@ def make_setup(arch: str, d_in: int, width: int, batch: int, k: int, dtype: str,
                           compute_dtype=dtype).validate()
     cfg = SAEConfig(architecture=arch, d_in=d_in, width=width, k=k, hook_in=HOOK, dead_tokens=10_000_000).validate()
 
-    class _Source:  # just what initial_state needs without geometric-median samples
-        pass
-
     step_fn, optimizers, zero_sums = build_step([cfg], tcfg, make_mesh(1, 1))
     shapes = {HOOK: jax.ShapeDtypeStruct((batch, d_in), jnp.float32)}
 
     def init():
-        state = initial_state([cfg], tcfg, _Source(), optimizers)
+        state = initial_state([cfg], tcfg, None, optimizers)  # no geometric-median samples: no source read
         return state.replace(sums=zero_sums(state.saes, shapes))
 
     state = jax.eval_shape(init) if abstract else init()
@@ -88,14 +85,11 @@ def _timed(fn, *args, repeats: int = 5) -> float:
     import jax
     import numpy as np
 
+    from featureatlas.scripts.benchlib import timed
+
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median([timed(lambda: jax.block_until_ready(fn(*args)))[1] for _ in range(repeats)]))
 
 
 def op_timings(cfg, optimizers, params, opt_state, x, dtype_name: str, repeats: int) -> dict:
@@ -179,7 +173,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
     from featureatlas.saes import sparse
     from featureatlas.saes.architectures import ARCHITECTURES
     from featureatlas.saes.trainer import make_mesh, state_shardings
-    from featureatlas.scripts.benchlib import peak_rss_mb
+    from featureatlas.scripts.benchlib import peak_rss_mb, timed
 
     with sparse.use_impl(sparse.default_impl() if impl == "auto" else impl):
         used = sparse.impl()
@@ -190,9 +184,7 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
         # Activation-like data: a shared mean direction plus Gaussian spread.
         mean = jax.random.normal(keys[0], (d_in,)) * 0.5
         batches = [{HOOK: jax.random.normal(kk, (batch, d_in)) + mean} for kk in jax.random.split(keys[1], 3)]
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(jstep(state, batches[0]))
-        compile_s = time.perf_counter() - t0
+        state, compile_s = timed(lambda: jax.block_until_ready(jstep(state, batches[0])))
         for i in range(warmup):
             state = jax.block_until_ready(jstep(state, batches[(i + 1) % 3]))
         times, cpu = [], []
@@ -204,17 +196,11 @@ def run_one(arch: str, impl: str, d_in: int, width: int, batch: int, k: int, dty
         # Median: the machine may be shared, so single steps are sometimes slowed by other jobs.
         dt = float(np.median(times))
         metrics = jax.device_get(state.sums[0])
-        res = {
-            "arch": arch,
-            "impl": used if arch in TOPK_FAMILY else "dense",
-            "tokens_per_s": round(batch / dt, 1),
-            "gflops": round(ARCHITECTURES[arch].train_flops(batch, d_in, width, k) / dt / 1e9, 2),
-            "step_ms": round(dt * 1e3, 2),
-            "best_step_ms": round(min(times) * 1e3, 2),
-            "step_cpu_ms": round(float(np.median(cpu)) * 1e3, 2),
-            "compile_s": round(compile_s, 1),
-            "l0": round(float(metrics["l0"]) / (steps + warmup + 1), 1),
-        }
+        res = {"arch": arch, "impl": used if arch in TOPK_FAMILY else "dense", "tokens_per_s": round(batch / dt, 1),
+               "gflops": round(ARCHITECTURES[arch].train_flops(batch, d_in, width, k) / dt / 1e9, 2),
+               "step_ms": round(dt * 1e3, 2), "best_step_ms": round(min(times) * 1e3, 2),
+               "step_cpu_ms": round(float(np.median(cpu)) * 1e3, 2), "compile_s": round(compile_s, 1),
+               "l0": round(float(metrics["l0"]) / (steps + warmup + 1), 1)}
         if ops:
             s = state.saes[0]
             res["ops_ms"] = op_timings(cfg, optimizers, s.params, s.opt, batches[0][HOOK], dtype, max(3, steps))
@@ -279,18 +265,10 @@ def main(argv=None) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def report(gf_after: float, complete: bool) -> dict:
-        result = {
-            "benchmark": "sae_train_step",
-            **machine(),
-            "preset": args.preset,
-            "dtype": args.dtype,
-            "matmul_gflops": round(gf, 1),
-            "matmul_gflops_after": round(gf_after, 1),
-            "config": {**sizes, "steps": args.steps, "warmup": args.warmup},
-            "results": results,
-            "summary": summary(results, 0.5 * (gf + gf_after)),
-            "complete": complete,
-        }
+        result = {"benchmark": "sae_train_step", **machine(), "preset": args.preset, "dtype": args.dtype,
+                  "matmul_gflops": round(gf, 1), "matmul_gflops_after": round(gf_after, 1),
+                  "config": {**sizes, "steps": args.steps, "warmup": args.warmup}, "results": results,
+                  "summary": summary(results, 0.5 * (gf + gf_after)), "complete": complete}
         if args.out:  # after every architecture, so a run cut short still leaves what it measured
             from featureatlas.activation_store.runs import atomic_write_json
 

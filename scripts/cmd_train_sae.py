@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import typing
@@ -106,7 +107,7 @@ def _parse_value(tp, text: str, where: str):
     if typing.get_origin(tp) is tuple:
         item = lambda s: _parse_value(args[0], s, where)  # noqa: E731
         return tuple(item(s) for s in text.split(":") if s)
-    if args and typing.get_origin(tp) is not tuple:
+    if args:
         tp = args[0]
     try:
         if tp is bool:
@@ -152,32 +153,28 @@ def make_eval_fn(store, args, final_step: int):
         from featureatlas.eval import metrics as em
     except ImportError:  # eval/ not available: train anyway
         return None
-    state = {"lm": None, "tried": False}
 
+    @functools.cache  # loaded (or given up on) once
     def model():
-        if state["tried"] or args.ce_contexts <= 0 or args.model == "none":
-            return state["lm"]
-        state["tried"] = True
+        if args.ce_contexts <= 0 or args.model == "none":
+            return None
         name = args.model or store.model_id
         try:
             from featureatlas.activation_store.models import load_model
 
-            state["lm"] = load_model(name)
+            return load_model(name)
         except Exception as err:  # the CE score is optional: say why it is missing
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"[train-sae] no CE score: cannot load model {name!r}: {first}", file=sys.stderr)
-        return state["lm"]
+        return None
 
     split = "val" if store.token_rows("val").size else "all"
 
     def eval_fn(step: int, saes: dict) -> dict:
         lm = model() if step >= final_step else None
-        out = {}
-        for name, sae in saes.items():
-            m = em.evaluate_dictionary(sae, store, lm=lm, n_tokens=args.eval_tokens, n_contexts_ce=args.ce_contexts,
-                                       split=split, error_term=False)
-            out[name] = em.scalars(m)
-        return out
+        return {name: em.scalars(em.evaluate_dictionary(sae, store, lm=lm, n_tokens=args.eval_tokens,
+                                                        n_contexts_ce=args.ce_contexts, split=split, error_term=False))
+                for name, sae in saes.items()}
 
     return eval_fn
 
