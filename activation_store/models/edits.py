@@ -31,9 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EDIT_KINDS = ("add", "clamp", "replace", "set_code")
-
-
 @dataclass(frozen=True, eq=False)
 class Edit:
     """One intervention; build it with `add`, `clamp`, `replace` or `set_code`."""

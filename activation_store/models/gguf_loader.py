@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import llama
 from .config import ModelConfig
 from .tokenizer import BPETokenizer
 
@@ -33,21 +34,11 @@ _PERMUTED_ARCHS = ("llama",)
 
 # GGUF tensor name (within block N) -> HF name suffix within `model.layers.N.`.
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 @dataclass(frozen=True)
@@ -67,9 +58,12 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return default if field is None else field.contents()
+
+
+def _int_field(reader, key: str) -> int | None:
+    value = _field(reader, key)
+    return None if value is None else int(value)
 
 
 def _short_float(x: float) -> float:
@@ -110,9 +104,6 @@ def read_config(reader) -> ModelConfig:
     d_model = int(_field(reader, f"{arch}.embedding_length"))
     tokens = reader.fields["tokenizer.ggml.tokens"]
     names = {t.name for t in reader.tensors}
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    pad = _field(reader, "tokenizer.ggml.padding_token_id")
     return ModelConfig(
         arch="llama",
         n_layers=int(_field(reader, f"{arch}.block_count")),
@@ -128,9 +119,9 @@ def read_config(reader) -> ModelConfig:
         tied_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         activation="silu",
-        bos_id=None if bos is None else int(bos),
-        eos_id=None if eos is None else int(eos),
-        pad_id=None if pad is None else int(pad),
+        bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
     )
 
 
@@ -140,19 +131,14 @@ def read_tokenizer(reader) -> BPETokenizer:
         raise ValueError(
             f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, tokenizer.ggml.model"
             " = 'gpt2'); SentencePiece GGUFs ('llama') need a HF directory with tokenizer.json instead.")
-
-    def maybe_int(key):
-        v = _field(reader, key)
-        return None if v is None else int(v)
-
     return BPETokenizer.from_gguf_fields(
         tokens=_field(reader, "tokenizer.ggml.tokens"),
         merges=_field(reader, "tokenizer.ggml.merges"),
         token_types=_field(reader, "tokenizer.ggml.token_type"),
         pre=_field(reader, "tokenizer.ggml.pre"),
-        bos_id=maybe_int("tokenizer.ggml.bos_token_id"),
-        eos_id=maybe_int("tokenizer.ggml.eos_token_id"),
-        pad_id=maybe_int("tokenizer.ggml.padding_token_id"),
+        bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
 
@@ -204,17 +190,10 @@ def read_gguf(path) -> GGUFContents:
 
 
 def _check_shapes(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
-    expect = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d_model), "model.norm.weight": (cfg.d_model,)}
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        expect.update({
-            p + "self_attn.q_proj.weight": (q, cfg.d_model), p + "self_attn.k_proj.weight": (kv, cfg.d_model),
-            p + "self_attn.v_proj.weight": (kv, cfg.d_model), p + "self_attn.o_proj.weight": (cfg.d_model, q),
-            p + "mlp.gate_proj.weight": (cfg.d_mlp, cfg.d_model), p + "mlp.up_proj.weight": (cfg.d_mlp, cfg.d_model),
-            p + "mlp.down_proj.weight": (cfg.d_model, cfg.d_mlp),
-        })
-    for name, shape in expect.items():
+    """The embedding, final norm and every layer's projection matrices are there, with HF (llama) shapes."""
+    for name, (shape, _) in llama.hf_spec(cfg).items():
+        if name == "lm_head.weight" or "layernorm" in name or not name.endswith(".weight"):
+            continue
         if name not in tensors:
             raise CorruptModelError(f"GGUF is missing tensor {name!r} (HF name) for a {cfg.n_layers}-layer model")
         if tensors[name].shape != shape:

@@ -149,15 +149,12 @@ def to_hf(cfg: ModelConfig, params) -> dict:
     for i, p in enumerate(params["layers"]):
         pre = f"model.layers.{i}."
         a = pre + "self_attn."
-        w_qkv = np.asarray(p["w_qkv"])
         out[pre + "input_layernorm.weight"] = npf(p["ln1_w"])
-        out[a + "q_proj.weight"] = npf(w_qkv[:, :qd].T)
-        out[a + "k_proj.weight"] = npf(w_qkv[:, qd : qd + kd].T)
-        out[a + "v_proj.weight"] = npf(w_qkv[:, qd + kd :].T)
+        for n, w in zip("qkv", np.split(np.asarray(p["w_qkv"]), [qd, qd + kd], axis=1)):
+            out[a + n + "_proj.weight"] = npf(w.T)
         if "b_qkv" in p:
-            b = np.asarray(p["b_qkv"])
-            out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = (
-                npf(b[:qd]), npf(b[qd : qd + kd]), npf(b[qd + kd :]))
+            for n, b in zip("qkv", np.split(np.asarray(p["b_qkv"]), [qd, qd + kd])):
+                out[a + n + "_proj.bias"] = npf(b)
         out[a + "o_proj.weight"] = npf(np.asarray(p["w_o"]).T)
         out[pre + "post_attention_layernorm.weight"] = npf(p["ln2_w"])
         w_gu = np.asarray(p["w_gate_up"])

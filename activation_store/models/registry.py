@@ -50,19 +50,19 @@ PATH_FORMS = ("a path to a .gguf file (llama-family architecture)",
 
 
 class UnknownModelError(FeatureAtlasError, ValueError):
-    pass
+    """A name that is neither a registered model nor a model path."""
 
 
 class ModelNotInstalledError(FeatureAtlasError, FileNotFoundError):
-    pass
+    """A registered model whose package (or its weights file) is not installed."""
 
 
 class ModelNotFoundError(FeatureAtlasError, FileNotFoundError):
-    pass
+    """A model path that does not exist."""
 
 
 class ChecksumError(FeatureAtlasError, ValueError):
-    pass
+    """A weights file whose sha256 is not the recorded one."""
 
 
 def install_command(entry: RegisteredModel) -> str:
