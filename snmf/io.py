@@ -114,9 +114,14 @@ def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, blo
                                                                  for s in range(0, n, block)))
         if rows_N is not None:
             tensors["rows_N"] = np.asarray(rows_N, np.int64)
-    config = {**config, "method": "snmf", "n_features": Zn.shape[1], "z_unit_norm": True,
-              "saved_y": Yt_NxK is not None}
-    return {WEIGHTS: tensors_file(tensors, {"method": "snmf"}), CONFIG: json_text(config)}
+    return _result_files("snmf", tensors, config, n_features=Zn.shape[1], z_unit_norm=True,
+                         saved_y=Yt_NxK is not None)
+
+
+def _result_files(method: str, tensors: dict, config: dict, **fields) -> dict:
+    """weights.safetensors and config.json (config plus the method and `fields`) of a result."""
+    config = {**config, "method": method, **fields}
+    return {WEIGHTS: tensors_file(tensors, {"method": method}), CONFIG: json_text(config)}
 
 
 def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None) -> None:
@@ -126,17 +131,15 @@ def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, row
 
 def diffmeans_files(dic: DiffMeansDictionary, config: dict) -> dict:
     tensors = {"directions_FxD": np.asarray(dic.directions_np, np.float32), "norms_F": np.asarray(dic.norms_F, np.float32)}
-    config = {**config, "method": "diffmeans", "hook": dic.hook, "n_features": dic.n_features,
-              "label_names": list(dic.label_names)}
-    return {WEIGHTS: tensors_file(tensors, {"method": "diffmeans"}), CONFIG: json_text(config)}
+    return _result_files("diffmeans", tensors, config, hook=dic.hook, n_features=dic.n_features,
+                         label_names=list(dic.label_names))
 
 
 def pca_files(dic: PCADictionary, config: dict) -> dict:
     tensors = {"components_KxD": np.asarray(dic.components_KxD, np.float32), "mean_D": np.asarray(dic.mean_D, np.float32),
                "explained_variance_K": np.asarray(dic.explained_variance_K, np.float32)}
-    config = {**config, "method": "pca", "hook": dic.hook, "n_features": dic.n_features,
-              "pca_split": "± halves: features 0..k-1 are +axis, k..2k-1 are −axis"}
-    return {WEIGHTS: tensors_file(tensors, {"method": "pca"}), CONFIG: json_text(config)}
+    return _result_files("pca", tensors, config, hook=dic.hook, n_features=dic.n_features,
+                         pca_split="± halves: features 0..k-1 are +axis, k..2k-1 are −axis")
 
 
 def read_config(out_dir: str) -> dict:

@@ -96,16 +96,10 @@ def check_finite(A_DxN: np.ndarray, *, col_offset: int = 0, what: str = "activat
     """Raise naming the first NaN/Inf (token column and dimension) and how many there are."""
     bad = ~np.isfinite(A_DxN)
     if bad.any():
-        dim, col = _first_bad(bad)
+        col, dim = np.unravel_index(np.argmax(bad.T), bad.T.shape)  # the first in column order
         raise MatrixError(f"{what} contain {int(bad.sum())} non-finite values (NaN/Inf); the first is "
                           f"{A_DxN[dim, col]} at token column {col + col_offset}, dimension {dim}. "
                           "Re-harvest the store or drop those tokens.")
-
-
-def _first_bad(bad_DxN: np.ndarray) -> tuple[int, int]:
-    """(dimension, token column) of the first True in column order."""
-    col, dim = np.unravel_index(np.argmax(bad_DxN.T), bad_DxN.T.shape)
-    return int(dim), int(col)
 
 
 def check_informative(sq_norm: float, col_var_sum: float) -> None:

@@ -69,8 +69,7 @@ class YFile:
     (`rewrite_y`)."""
 
     def __init__(self, path: str, n: int, k: int):
-        self.path, self.n, self.k = path, n, k
-        self.shape = (n, k)
+        self.path, self.n, self.k, self.shape = path, n, k, (n, k)
         self.dtype = np.dtype(np.float32)
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -242,21 +241,17 @@ def _pass_zero(source, cfg, chunk_size, path, m) -> dict:
                   else np.asarray(source.take(cols), np.float32).T)
     init = make_initializer(sample_DxS, cfg.k, cfg.init, cfg.seed, cfg.kmeans_iters)
 
-    def fill(write):
-        YAt, YYt = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k))
-        sum_D, sumsq_D = np.zeros(source.d), np.zeros(source.d)
+    def fill(write):  # float64 sums of the chunks' Y·Aᵀ, Y·Yᵀ, per-dimension sums and sums of squares
+        sums = (np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k)), np.zeros(source.d), np.zeros(source.d))
         with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
             for start, count, A in chunks:
                 check_finite(A[:, :count], col_offset=start)
                 A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
                 Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
                 write(start, Yt[:count])
-                ya, yy, sum_c, sumsq_c = stream_chunk_stats(A, Yt)
-                YAt += np.asarray(ya, np.float64)
-                YYt += np.asarray(yy, np.float64)
-                sum_D += np.asarray(sum_c, np.float64)
-                sumsq_D += np.asarray(sumsq_c, np.float64)
-        return YAt, YYt, sum_D, sumsq_D
+                for total, part in zip(sums, stream_chunk_stats(A, Yt)):
+                    total += np.asarray(part, np.float64)
+        return sums
 
     YAt, YYt, sum_D, sumsq_D = rewrite_y(path, fill)
     sq_norm = float(sumsq_D.sum())

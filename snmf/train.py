@@ -219,8 +219,8 @@ def _build_hierarchy(cfg: SNMFJobConfig, source, fit) -> tuple[dict, dict]:
     _, norms = io.unit_columns(fit.Z_DxK)
     token_ids = source.token_ids()
     tops = top_tokens_per_level(levels, fit.Yt_NxK, norms)
-    tok = _tokenizer(cfg, source)
-    token_text = (lambda t: tok.decode([t])) if tok is not None else None
+    lm = _model(cfg.model or source.store.model_id)
+    token_text = (lambda t: lm.tokenizer.decode([t])) if lm is not None else None
     data = hierarchy_json(levels, tops, token_ids, token_text)
     tensors = {f"Z{i}_DxK": lv.Z_DxK for i, lv in enumerate(levels) if i > 0}
     tensors.update({f"Y{i}_KxKprev": lv.Y_KxKprev for i, lv in enumerate(levels) if i > 0})
@@ -258,21 +258,13 @@ def _model(name: str | None):
     return _MODEL_CACHE[name]
 
 
-def _tokenizer(cfg: SNMFJobConfig, source):
-    lm = _model(cfg.model or source.store.model_id)
-    return lm.tokenizer if lm is not None else None
-
-
 def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:
     """Top tokens (decoded text) of lm.unembed(residual direction) for the given features (VocabProj)."""
     import jax.numpy as jnp
 
     R = dic.residual_directions(lm)
-    out = []
-    for f in features:
-        logits = np.asarray(lm.unembed(jnp.asarray(R[f])))
-        out.append([lm.tokenizer.decode([int(t)]) for t in np.argsort(-logits)[:top]])
-    return out
+    top_ids = [np.argsort(-np.asarray(lm.unembed(jnp.asarray(R[f]))))[:top] for f in features]
+    return [[lm.tokenizer.decode([int(t)]) for t in ids] for ids in top_ids]
 
 
 def summarize(cfg: SNMFJobConfig, config: dict, dic) -> str:
