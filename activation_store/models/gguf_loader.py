@@ -52,8 +52,7 @@ class GGUFContents:
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Invert llama.cpp's Q/K row permutation (see module docstring). w: [n_heads*head_dim, ...]."""
     head_dim = w.shape[0] // n_heads
-    rest = w.shape[1:]
-    return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field(reader, key: str, default=None):

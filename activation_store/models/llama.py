@@ -65,10 +65,8 @@ def qkv(p, cfg: ModelConfig, h_BxTxD, ctx):
     qkv_BxTxN = h_BxTxD @ p["w_qkv"]
     if "b_qkv" in p:
         qkv_BxTxN = qkv_BxTxN + p["b_qkv"]
-    q = qkv_BxTxN[..., : H * E].reshape(B, T, H, E)
-    k = qkv_BxTxN[..., H * E : (H + K) * E].reshape(B, T, K, E)
-    v = qkv_BxTxN[..., (H + K) * E :].reshape(B, T, K, E)
-    return rope(q, ctx), rope(k, ctx), v
+    q, k, v = jnp.split(qkv_BxTxN, [H * E, (H + K) * E], axis=-1)
+    return rope(q.reshape(B, T, H, E), ctx), rope(k.reshape(B, T, K, E), ctx), v.reshape(B, T, K, E)
 
 
 def attn_proj(p, o_BxTxHE):

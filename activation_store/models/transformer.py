@@ -96,19 +96,15 @@ class Sites(NamedTuple):
 def make_site(sites: Sites, edit_args: list[dict], pos_BxT):
     """Returns (site, captured): site(layer, kind, x) applies this hook's edits, records x if
     captured, and returns the (edited) value."""
-    by_hook: dict[str, list[int]] = {}
-    for i, (hook, *_rest) in enumerate(sites.edits):
-        by_hook.setdefault(hook, []).append(i)
-    wanted = set(sites.capture)
     captured: dict[str, jax.Array] = {}
 
     def site(layer: int, kind: str, x):
         name = f"{kind}.{layer}"
-        for i in by_hook.get(name, ()):
-            _, ekind, fn, _ = sites.edits[i]
-            # edit vectors are float32: round the edited value back to the stream's dtype
-            x = apply_edit(ekind, fn, edit_args[i], x, pos_BxT).astype(x.dtype)
-        if name in wanted:
+        for (hook, ekind, fn, _), args in zip(sites.edits, edit_args):
+            if hook == name:
+                # edit vectors are float32: round the edited value back to the stream's dtype
+                x = apply_edit(ekind, fn, args, x, pos_BxT).astype(x.dtype)
+        if name in sites.capture:
             captured[name] = x
         return x
 
