@@ -38,9 +38,7 @@ class ArrayColumns:
         return np.asarray(self.X_NxD[cols])
 
     def labels(self) -> np.ndarray:
-        if self.labels_N is None:
-            return np.full(self.n, -1, np.int64)
-        return np.asarray(self.labels_N)
+        return np.full(self.n, -1, np.int64) if self.labels_N is None else np.asarray(self.labels_N)
 
 
 @dataclasses.dataclass

@@ -37,10 +37,7 @@ def children_of(Y_KxKprev: np.ndarray, fraction: float = CHILD_FRACTION,
     out = []
     for row in Y_KxKprev:  # row c of Y = column c of G
         top = row.max()
-        if top <= 0:
-            out.append([])
-            continue
-        cand = np.nonzero(row >= fraction * top)[0]
+        cand = np.nonzero(row >= fraction * top)[0] if top > 0 else np.zeros(0, np.int64)
         cand = cand[np.argsort(-row[cand], kind="stable")][:max_children]
         out.append([int(f) for f in cand])
     return out
@@ -101,13 +98,11 @@ def hierarchy_json(levels: list[Level], tops, token_ids_N: np.ndarray, token_str
     for li, (lv, (idx, val)) in enumerate(zip(levels, tops)):
         feats = []
         for f in range(lv.Z_DxK.shape[1]):
-            toks = []
-            for t, v in zip(idx[f], val[f]):
-                tid = int(token_ids_N[t])
-                entry = {"index": int(t), "token_id": tid, "coef": float(v)}
-                if token_str is not None:
-                    entry["token"] = token_str(tid)
-                toks.append(entry)
+            toks = [{"index": int(t), "token_id": int(token_ids_N[t]), "coef": float(v)}
+                    for t, v in zip(idx[f], val[f])]
+            if token_str is not None:
+                for entry in toks:
+                    entry["token"] = token_str(entry["token_id"])
             feats.append({"id": f, "children": lv.children[f], "top_tokens": toks})
         out["levels"].append({"level": li, "k": lv.Z_DxK.shape[1],
                               "rel_error": None if np.isnan(lv.rel_error) else lv.rel_error,

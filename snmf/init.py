@@ -70,8 +70,7 @@ def make_initializer(sample_DxS: np.ndarray, k: int, method: str, seed: int,
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=k, max_iter=kmeans_iters, n_init=1, random_state=seed)
-        km.fit(sample_DxS.T)
+        km = KMeans(n_clusters=k, max_iter=kmeans_iters, n_init=1, random_state=seed).fit(sample_DxS.T)
         centroids_KxD = km.cluster_centers_.astype(np.float32)
         return Initializer(method, k, seed, centroids_KxD.T.copy(), centroids_KxD)
     raise ValueError(f"init={method!r} is not one of random, svd, kmeans")
