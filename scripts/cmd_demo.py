@@ -54,8 +54,7 @@ def run_stage(name: str, argv: list[str], job: str = "demo") -> None:
 
     print(f"\n=== {job}: {name} ===\n$ featureatlas {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    code = main(argv)
-    if code:
+    if code := main(argv):
         raise SystemExit(f"{job} stage '{name}' failed with exit code {code}")
     print(f"=== {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
 
@@ -145,7 +144,7 @@ def _describe(args, store_path: Path, dics: dict) -> None:
         dic = load_dictionary(dic_dir)
         cache = FeatureCache(cache_dir)
         info = dictionary_info(dic_dir, dic, name)
-        for i, explainer in enumerate(explainers):
+        for explainer in explainers:
             cfg = DescribeConfig(sample=args.describe_sample, methods=methods, explainer=explainer)
             res = describe(store, model, dic, cache, cfg, TokenChangeConfig(), out, info=info,
                            resume=out.exists(), progress=not args.no_progress)
