@@ -95,33 +95,26 @@ def read_config(reader) -> ModelConfig:
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)} "
             "(Llama-family decoders: Llama, SmolLM, Mistral, Qwen2).")
+    names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    if scaling not in ("none", None) or "rope_freqs.weight" in names:
         raise ValueError(
             f"GGUF uses RoPE scaling ({scaling!r} / rope_freqs), which this model core does not implement.")
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     d_model = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    names = {t.name for t in reader.tensors}
     return ModelConfig(
-        arch="llama",
-        n_layers=int(_field(reader, f"{arch}.block_count")),
-        d_model=d_model,
-        d_mlp=int(_field(reader, f"{arch}.feed_forward_length")),
-        n_heads=n_heads,
+        arch="llama", n_layers=int(_field(reader, f"{arch}.block_count")), d_model=d_model,
+        d_mlp=int(_field(reader, f"{arch}.feed_forward_length")), n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", d_model // n_heads)),
-        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))),
         max_ctx=int(_field(reader, f"{arch}.context_length", 8192)),
         rope_base=_short_float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=_short_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        tied_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-        activation="silu",
+        tied_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, activation="silu",
         bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
-    )
+        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"))
 
 
 def read_tokenizer(reader) -> BPETokenizer:

@@ -125,9 +125,7 @@ def from_hf(cfg: ModelConfig, t: dict) -> dict:
             "w_qkv": f32(np.concatenate([t[a + n + "_proj.weight"].T for n in "qkv"], axis=1)),
             "w_o": f32(t[a + "o_proj.weight"].T),
             "ln2_w": f32(t[pre + "post_attention_layernorm.weight"]),
-            "w_gate_up": f32(
-                np.concatenate([t[pre + "mlp.gate_proj.weight"].T, t[pre + "mlp.up_proj.weight"].T], axis=1)
-            ),
+            "w_gate_up": f32(np.concatenate([t[pre + f"mlp.{n}_proj.weight"].T for n in ("gate", "up")], axis=1)),
             "w_down": f32(t[pre + "mlp.down_proj.weight"].T),
         }
         if cfg.qkv_bias:
