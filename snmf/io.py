@@ -62,14 +62,11 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(struct.pack("<Q", len(raw)) + raw)
         for name, t in tensors.items():
             written = 0
             for b in (t.blocks() if isinstance(t, Chunked) else [np.asarray(t)]):
-                b = np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<"))
-                f.write(b.tobytes())
-                written += b.nbytes
+                written += f.write(np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<")).tobytes())
             if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
                 raise RuntimeError(f"tensor {name}: wrote {written} bytes, header says otherwise")
 

@@ -129,20 +129,9 @@ def check_matrix(A_DxN: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- math
 
 
-def pos(x):
-    """X⁺ = (|X| + X)/2."""
-    return jnp.maximum(x, 0)
-
-
-def neg(x):
-    """X⁻ = (|X| − X)/2."""
-    return jnp.maximum(-x, 0)
-
-
 def z_least_squares(YAt_KxD, YYt_KxK):
     """Step 1 transposed: Zᵀ = (Y Yᵀ + 1e-6·I)⁻¹ (Y Aᵀ)  ⇔  Z = A Yᵀ (Y Yᵀ + 1e-6·I)⁻¹."""
-    k = YYt_KxK.shape[0]
-    return jnp.linalg.solve(YYt_KxK + RIDGE * jnp.eye(k, dtype=YYt_KxK.dtype), YAt_KxD)
+    return jnp.linalg.solve(YYt_KxK + RIDGE * jnp.eye(YYt_KxK.shape[0], dtype=YYt_KxK.dtype), YAt_KxD)
 
 
 def winner_take_all(Zt_KxD, m: int):
@@ -151,8 +140,7 @@ def winner_take_all(Zt_KxD, m: int):
     Returns (idx_KxM, vals_KxM), the kept positions and values; zeros elsewhere.
     """
     _, idx_KxM = jax.lax.top_k(jnp.abs(Zt_KxD), m)
-    vals_KxM = jnp.take_along_axis(Zt_KxD, idx_KxM, axis=1)
-    return idx_KxM, vals_KxM
+    return idx_KxM, jnp.take_along_axis(Zt_KxD, idx_KxM, axis=1)
 
 
 def densify(idx_KxM, vals_KxM, d: int):
@@ -190,12 +178,13 @@ def gram_of_sparse(idx_KxM, vals_KxM, d: int):
 def multiplicative_update(Y_KxN, ZtA_KxN, Q_KxK):
     """Step 4 in the k×n layout (G = Yᵀ, P = AᵀZ so Pᵀ = ZᵀA, and (G Q^±)ᵀ = Q^± Y):
 
-    Y ← Y ⊙ sqrt((ZᵀA⁺ + Q⁻Y) / (ZᵀA⁻ + Q⁺Y + 1e-6)), which keeps Y ≥ 0 (Ding et al. 2010, eq. 8).
+    Y ← Y ⊙ sqrt((ZᵀA⁺ + Q⁻Y) / (ZᵀA⁻ + Q⁺Y + 1e-6)), which keeps Y ≥ 0 (Ding et al. 2010, eq. 8),
+    with X⁺ = (|X| + X)/2 = max(X, 0) and X⁻ = (|X| − X)/2 = max(−X, 0).
     """
     k = Q_KxK.shape[0]
-    QY = jnp.concatenate([pos(Q_KxK), neg(Q_KxK)], axis=0) @ Y_KxN  # one (2k×k)·(k×n) product
-    num = pos(ZtA_KxN) + QY[k:]
-    den = neg(ZtA_KxN) + QY[:k] + MU_EPS
+    QY = jnp.concatenate([jnp.maximum(Q_KxK, 0), jnp.maximum(-Q_KxK, 0)], axis=0) @ Y_KxN  # one (2k×k)·(k×n) product
+    num = jnp.maximum(ZtA_KxN, 0) + QY[k:]
+    den = jnp.maximum(-ZtA_KxN, 0) + QY[:k] + MU_EPS
     return Y_KxN * jnp.sqrt(num / den)
 
 

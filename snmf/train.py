@@ -182,9 +182,8 @@ def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
     config = {**base, "k": s.k, "p": s.p, "init": s.init, "max_iters": s.iters, "patience": s.patience,
               "tol": s.tol, "seed": s.seed, "iterations": fit.iterations, "stopped_early": fit.stopped_early,
               "solver": "streaming" if cfg.chunk_size else "full_batch", "chunk_size": cfg.chunk_size,
-              "mu_steps": cfg.mu_steps if cfg.chunk_size else None,
-              "final_loss": fit.loss, "rel_error": fit.rel_error,
-              "kept_per_column": s.kept_per_column(source.d)}
+              "mu_steps": cfg.mu_steps if cfg.chunk_size else None, "final_loss": fit.loss,
+              "rel_error": fit.rel_error, "kept_per_column": s.kept_per_column(source.d)}
     extra = {}
     if cfg.hierarchy:
         config["hierarchy"], extra = _build_hierarchy(cfg, source, fit)
