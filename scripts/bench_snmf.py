@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -59,14 +60,10 @@ def write_bench_store(path: str, tokens: int) -> None:
                  commit_contexts=commit, val_fraction=0.0, bos_id=1)
     rng = np.random.default_rng(1)
     pool = [mlp_like(rng, commit * T, D).astype(np.float16) for _ in range(4)]
-    writer = StoreWriter(path, fsync=False)
-    try:
+    with contextlib.closing(StoreWriter(path, fsync=False)) as writer:
         for i, c0 in enumerate(range(0, n_ctx, commit)):
             c1 = min(c0 + commit, n_ctx)
-            block = pool[i % len(pool)][:(c1 - c0) * T]
-            writer.commit(c0, c1, {"mlp_hidden.15": block})
-    finally:
-        writer.close()
+            writer.commit(c0, c1, {"mlp_hidden.15": pool[i % len(pool)][:(c1 - c0) * T]})
 
 
 def streaming_child(store_path: str, chunk_size: int, passes: int) -> dict:

@@ -24,12 +24,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="run the pipeline end to end on SmolLM2-135M and BBC News",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = subparsers.add_parser("demo", help="run the pipeline end to end on SmolLM2-135M and BBC News",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="directory for every artifact (default runs/demo)")
     p.add_argument("--model", default="smollm2-135m", help="model name or path (default smollm2-135m)")
     p.add_argument("--layer", type=int, default=15, help="layer whose hooks are harvested (default 15)")
