@@ -55,8 +55,7 @@ def main() -> None:
         result["per_batch"][str(B)] = {
             "first_call_s": round(compile_s, 2), "best_s": round(best, 4), "median_s": round(med, 4),
             "tokens_per_s_best": round(tps_best, 1), "tokens_per_s_median": round(tps_med, 1),
-            "gflops_best": round(tps_best * fpt / 1e9, 1), "gflops_median": round(tps_med * fpt / 1e9, 1),
-        }
+            "gflops_best": round(tps_best * fpt / 1e9, 1), "gflops_median": round(tps_med * fpt / 1e9, 1)}
         print(B, result["per_batch"][str(B)], flush=True)
     result["tokens_per_s"] = round(best_tps, 1)
     mm_after = matmul_gflops()

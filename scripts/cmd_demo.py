@@ -83,8 +83,7 @@ def run(args) -> int:
     sae_dir, snmf_dir = out / f"sae_topk_{resid}", out / f"snmf_{mlp}"
     if "harvest" in stages:
         run_stage("harvest", ["harvest", "--model", args.model, "--corpus", "bbc", "--hooks", resid, mlp,
-                              "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store),
-                              *quiet])
+                              "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store), *quiet])
         run_stage("store info", ["store", "info", str(store)])
     if "sae" in stages:
         run_stage("train SAE", ["train-sae", "--store", str(store), "--hook", resid, "--arch", "topk",

@@ -73,8 +73,7 @@ def top_tokens_per_level(levels: list[Level], Yt_NxK, norms_K: np.ndarray, top: 
     blocks; norms_K the norms of its Z's columns, which rescale it to the unit-Z scale.
     """
     n = Yt_NxK.shape[0]
-    best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32))
-            for lv in levels]
+    best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32)) for lv in levels]
     for s in range(0, n, block):
         count = min(block, n - s)
         C_KxB = (read_rows(Yt_NxK, s, count) * norms_K).T

@@ -111,8 +111,7 @@ def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, blo
                                                                  for s in range(0, n, block)))
         if rows_N is not None:
             tensors["rows_N"] = np.asarray(rows_N, np.int64)
-    return _result_files("snmf", tensors, config, n_features=Zn.shape[1], z_unit_norm=True,
-                         saved_y=Yt_NxK is not None)
+    return _result_files("snmf", tensors, config, n_features=Zn.shape[1], z_unit_norm=True, saved_y=Yt_NxK is not None)
 
 
 def _result_files(method: str, tensors: dict, config: dict, **fields) -> dict:

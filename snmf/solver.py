@@ -244,13 +244,9 @@ def snmf_update(A_DxN, Y_KxN, YYt_KxK, sq_norm_A, m: int):
 def track_best(state: SNMFState, Zt_KxD, Y_KxN, YYt_KxK, loss, tol: float) -> SNMFState:
     """Best-so-far bookkeeping: improvement means loss < best·(1 − tol)."""
     improved = loss < state.best_loss * (1.0 - tol)
-    return SNMFState(
-        Zt_KxD, Y_KxN, YYt_KxK, loss,
-        jnp.where(improved, Zt_KxD, state.best_Zt_KxD),
-        jnp.where(improved, Y_KxN, state.best_Y_KxN),
-        jnp.where(improved, loss, state.best_loss),
-        jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32),
-    )
+    return SNMFState(Zt_KxD, Y_KxN, YYt_KxK, loss, jnp.where(improved, Zt_KxD, state.best_Zt_KxD),
+                     jnp.where(improved, Y_KxN, state.best_Y_KxN), jnp.where(improved, loss, state.best_loss),
+                     jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("m", "tol"), donate_argnums=(0,))
@@ -301,16 +297,10 @@ def state_like(k: int, d: int, n: int) -> dict:
             for f in SNMFState._fields}
 
 
-def fit_full_batch(
-    A_DxN: np.ndarray,
-    cfg: SNMFConfig,
-    *,
-    init: tuple[np.ndarray, np.ndarray] | None = None,
-    checkpoints=None,
-    checkpoint_every: int = 10,
-    on_iter: Callable[[int, float, float, float], None] | None = None,
-    progress: bool = False,
-) -> SNMFFit:
+def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, init: tuple[np.ndarray, np.ndarray] | None = None,
+                   checkpoints=None, checkpoint_every: int = 10,
+                   on_iter: Callable[[int, float, float, float], None] | None = None,
+                   progress: bool = False) -> SNMFFit:
     """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations.
 
     init: (Z0_DxK, Y0_KxN); default `snmf.init.initial_factors(A, cfg)`.

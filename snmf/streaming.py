@@ -173,18 +173,9 @@ def pad_rows(Yt_CxK: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([Yt_CxK, np.zeros((size - len(Yt_CxK), Yt_CxK.shape[1]), Yt_CxK.dtype)])
 
 
-def fit_streaming(
-    source,
-    cfg: SNMFConfig,
-    *,
-    chunk_size: int,
-    workdir: str,
-    mu_steps: int = 1,
-    save_y: bool = False,
-    checkpoints=None,
-    on_iter: Callable[[int, float, float, float], None] | None = None,
-    progress: bool = False,
-) -> SNMFFit:
+def fit_streaming(source, cfg: SNMFConfig, *, chunk_size: int, workdir: str, mu_steps: int = 1, save_y: bool = False,
+                  checkpoints=None, on_iter: Callable[[int, float, float, float], None] | None = None,
+                  progress: bool = False) -> SNMFFit:
     """Fit A ≈ Z·Y over `source` (see `snmf.data`) in passes of `chunk_size` tokens.
 
     Returns an `SNMFFit` with the best Z; with save_y its `Yt_NxK` is the best state's Yᵀ
@@ -283,8 +274,7 @@ def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m) -> dict:
     loss = float(st["sq_norm"]) - 2.0 * cross + float(np.sum(np.asarray(Q, np.float64) * YYt))
     new = {**st, "iteration": int(st["iteration"]) + 1, "loss": loss, "cur": nxt}
     if loss < float(st["best_loss"]) * (1.0 - cfg.tol):
-        new.update(best_loss=loss, best_Zt=densify(idx, vals, source.d), bad_iters=0,
-                   best_file=nxt if save_y else -1)
+        new.update(best_loss=loss, best_Zt=densify(idx, vals, source.d), bad_iters=0, best_file=nxt if save_y else -1)
     else:
         new.update(bad_iters=int(st["bad_iters"]) + 1)
     new["idx"], new["vals"], new["Q"], new["s"] = stream_z_update(

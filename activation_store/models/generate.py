@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .transformer import (
-    Sites, attention, logits_from_resid, make_site, position_ids, run_layers, self_attention_mask,
-)
+from .transformer import Sites, attention, logits_from_resid, make_site, position_ids, run_layers, self_attention_mask
 
 
 @dataclass(frozen=True)

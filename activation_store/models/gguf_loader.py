@@ -77,24 +77,21 @@ def _open_reader(path: str):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf raises assorted errors on bad input; all mean the same to a user
-        raise CorruptModelError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be truncated or "
-            "corrupted: re-download it or reinstall the package that ships it.") from e
+        raise CorruptModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be truncated "
+                                "or corrupted: re-download it or reinstall the package that ships it.") from e
     size = os.path.getsize(path)
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size or any(t.data.nbytes != int(t.n_bytes) for t in reader.tensors):
-        raise CorruptModelError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
-            "Re-download it or reinstall the package that ships it.")
+        raise CorruptModelError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
+                                "Re-download it or reinstall the package that ships it.")
     return reader
 
 
 def read_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)} "
-            "(Llama-family decoders: Llama, SmolLM, Mistral, Qwen2).")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)} "
+                         "(Llama-family decoders: Llama, SmolLM, Mistral, Qwen2).")
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in names:
@@ -124,15 +121,12 @@ def read_tokenizer(reader) -> BPETokenizer:
             f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, tokenizer.ggml.model"
             " = 'gpt2'); SentencePiece GGUFs ('llama') need a HF directory with tokenizer.json instead.")
     return BPETokenizer.from_gguf_fields(
-        tokens=_field(reader, "tokenizer.ggml.tokens"),
-        merges=_field(reader, "tokenizer.ggml.merges"),
-        token_types=_field(reader, "tokenizer.ggml.token_type"),
-        pre=_field(reader, "tokenizer.ggml.pre"),
+        tokens=_field(reader, "tokenizer.ggml.tokens"), merges=_field(reader, "tokenizer.ggml.merges"),
+        token_types=_field(reader, "tokenizer.ggml.token_type"), pre=_field(reader, "tokenizer.ggml.pre"),
         bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"),
-    )
+        chat_template=_field(reader, "tokenizer.chat_template"))
 
 
 def hf_name(gguf_name: str) -> str:

@@ -100,9 +100,7 @@ def hf_spec(cfg: ModelConfig) -> dict:
 def from_hf(cfg: ModelConfig, t: dict) -> dict:
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     params = {ours: f32(t[hf]) for hf, ours in _TOP_NAMES.items()}
-    params["layers"] = [
-        {ours: f32(t[f"h.{i}.{hf}"]) for hf, ours in _LAYER_NAMES.items()} for i in range(cfg.n_layers)
-    ]
+    params["layers"] = [{ours: f32(t[f"h.{i}.{hf}"]) for hf, ours in _LAYER_NAMES.items()} for i in range(cfg.n_layers)]
     return params
 
 

@@ -171,8 +171,7 @@ class LanguageModel:
             return self.params
         cached = self._params_in
         if cached is None or cached[0] is not self.params or cached[1] != compute_dtype:
-            cached = self._params_in = (self.params, compute_dtype,
-                                        transformer.cast_params(self.params, compute_dtype))
+            cached = self._params_in = (self.params, compute_dtype, transformer.cast_params(self.params, compute_dtype))
         return cached[2]
 
     def unembed(self, x_D):
@@ -238,8 +237,7 @@ class LanguageModel:
             sites=transformer.Sites((), tuple(e.static_key() for e in edits)), max_new=int(max_new),
             greedy=sampling.temperature == 0.0, top_k=sampling.top_k, use_top_p=sampling.top_p is not None,
             stop_at_eos=bool(stop_at_eos), eos_id=int(eos), fill_id=int(fill), return_logits=bool(return_logits))
-        fn = self._compiled_fn(("generate", plan), lambda: jax.jit(
-            functools.partial(generate_core, self.config, plan)))
+        fn = self._compiled_fn(("generate", plan), lambda: jax.jit(functools.partial(generate_core, self.config, plan)))
         key = jax.random.key(0) if key is None else key
         temperature = jnp.float32(sampling.temperature if sampling.temperature > 0 else 1.0)
         top_p = jnp.float32(sampling.top_p if sampling.top_p is not None else 1.0)
