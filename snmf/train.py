@@ -13,6 +13,7 @@ last checkpoint after checking that every setting (and the store) is the same.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -240,21 +241,17 @@ def pca_rel_error(source, dic) -> float:
     return math.sqrt(num / den)
 
 
-_MODEL_CACHE: dict = {}
-
-
+@functools.cache
 def _model(name: str | None):
-    """The language model for VocabProj and token strings, loaded once; None if it cannot load."""
+    """The language model for VocabProj and token strings, loaded once per name; None if it cannot load."""
     if not name:
         return None
-    if name not in _MODEL_CACHE:
-        try:
-            from featureatlas.activation_store.models import load_model
-            _MODEL_CACHE[name] = load_model(name)
-        except Exception as err:  # the summary is optional; say why it is skipped
-            print(f"(VocabProj skipped: cannot load model {name!r}: {err})")
-            _MODEL_CACHE[name] = None
-    return _MODEL_CACHE[name]
+    try:
+        from featureatlas.activation_store.models import load_model
+        return load_model(name)
+    except Exception as err:  # the summary is optional; say why it is skipped
+        print(f"(VocabProj skipped: cannot load model {name!r}: {err})")
+        return None
 
 
 def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:

@@ -93,11 +93,8 @@ def file_sha256(path) -> str:
     st = os.stat(path)
     key = (path, st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+            _SHA_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()
     return _SHA_CACHE[key]
 
 
