@@ -97,14 +97,12 @@ class StoreColumns:
 
     def labels(self) -> np.ndarray:
         """Per-token label: the label of the token's context (−1 none)."""
-        T = int(self.store.context_length)
-        return np.asarray(self.store.labels)[self.rows_N // T]
+        return np.asarray(self.store.labels)[self.rows_N // int(self.store.context_length)]
 
     def token_ids(self) -> np.ndarray:
         """Per-token vocabulary id."""
         T = int(self.store.context_length)
-        tokens = np.asarray(self.store.tokens)
-        return tokens[self.rows_N // T, self.rows_N % T]
+        return np.asarray(self.store.tokens)[self.rows_N // T, self.rows_N % T]
 
 
 def load_matrix(source, dtype=np.float32) -> np.ndarray:

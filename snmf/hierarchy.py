@@ -56,8 +56,7 @@ def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[L
     Zprev, _ = unit_columns(np.asarray(Z0_DxK, np.float32))
     levels = [Level(Zprev, None, [[] for _ in range(Zprev.shape[1])], float("nan"))]
     for k in ranks[1:]:
-        cfg = dataclasses.replace(base, k=k, init_sample=max(base.init_sample, Zprev.shape[1]))
-        fit = fit_full_batch(Zprev, cfg)
+        fit = fit_full_batch(Zprev, dataclasses.replace(base, k=k, init_sample=max(base.init_sample, Zprev.shape[1])))
         Z, norms = unit_columns(fit.Z_DxK)
         Y = (np.asarray(fit.Yt_NxK).T * norms[:, None]).astype(np.float32)
         levels.append(Level(Z, Y, children_of(Y), fit.rel_error))

@@ -76,11 +76,8 @@ class YFile:
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} is gone (streaming Y files are deleted once a result "
                                     "is saved); fit again without --resume")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            buf = os.pread(fd, count * self.k * 4, start * self.k * 4)
-        finally:
-            os.close(fd)
+        with open(self.path, "rb", buffering=0) as f:
+            buf = os.pread(f.fileno(), count * self.k * 4, start * self.k * 4)
         return np.frombuffer(buf, np.float32).reshape(count, self.k)
 
     def __array__(self, dtype=None, copy=None):
@@ -95,12 +92,9 @@ def rewrite_y(path: str, fill: Callable) -> object:
     result = []
 
     def write_file(tmp) -> None:
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
+        with open(tmp, "r+b", buffering=0) as f:  # the temporary file atomic_write made; pwrite at row offsets
             result.append(fill(lambda start, Yt_CxK: os.pwrite(
-                fd, np.ascontiguousarray(Yt_CxK, np.float32).tobytes(), start * Yt_CxK.shape[1] * 4)))
-        finally:
-            os.close(fd)
+                f.fileno(), np.ascontiguousarray(Yt_CxK, np.float32).tobytes(), start * Yt_CxK.shape[1] * 4)))
 
     atomic_write(path, write_file)
     return result[0]
