@@ -53,8 +53,7 @@ def write_bench_store(path: str, tokens: int) -> None:
 
     n_ctx = math.ceil(tokens / (T - 1))
     commit = 64
-    tok = np.ones((n_ctx, T), np.int32)
-    create_store(path, tokens_NxT=tok, n_valid_N=np.full(n_ctx, T, np.int32),
+    create_store(path, tokens_NxT=np.ones((n_ctx, T), np.int32), n_valid_N=np.full(n_ctx, T, np.int32),
                  doc_id_N=np.arange(n_ctx, dtype=np.int64), label_N=np.full(n_ctx, -1, np.int32),
                  label_names=(), dims={"mlp_hidden.15": D}, dtype="float16", attrs={},
                  commit_contexts=commit, val_fraction=0.0, bos_id=1)

@@ -187,8 +187,7 @@ def main(argv=None) -> int:
     report = json.loads((out / "eval" / "report.json").read_text())
     summary = report["summary"]
     _attach_values(out / "eval", summary)  # the report's JSON leaves out per-feature values
-    rows = findings(summary)
-    write_verdicts(out, rows, report, time.perf_counter() - t0)
+    write_verdicts(out, findings(summary), report, time.perf_counter() - t0)
     print((out / "reproduce.md").read_text())
     return 0
 
