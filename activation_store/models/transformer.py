@@ -60,8 +60,7 @@ def self_attention_mask(mask_BxT):
     """[B, T, S] keep-mask: causal, real keys only, plus the diagonal (keeps pad rows finite)."""
     T = mask_BxT.shape[1]
     causal_TxS = jnp.tril(jnp.ones((T, T), bool))
-    eye_TxS = jnp.eye(T, dtype=bool)
-    return causal_TxS[None] & (mask_BxT.astype(bool)[:, None, :] | eye_TxS[None])
+    return causal_TxS[None] & (mask_BxT.astype(bool)[:, None, :] | jnp.eye(T, dtype=bool)[None])
 
 
 def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
