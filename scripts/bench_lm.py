@@ -14,14 +14,13 @@ SmolLM2-135M at 256x128 was measured at 1.09M tokens/s (issue 11).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 
 from featureatlas.activation_store.models.transformer import COMPUTE_DTYPES
 from featureatlas.scripts.benchlib import (emit, llama_flops_per_token, machine, matmul_gflops, peak_rss_mb,
-                                          smollm2_shaped_random)
+                                          smollm2_shaped_random, timed)
 
 
 def main() -> None:
@@ -47,24 +46,16 @@ def main() -> None:
     for B in args.batch:
         toks = rng.integers(3, lm.config.vocab_size, size=(B, args.ctx))
         toks[:, 0] = lm.config.bos_id
-        t0 = time.perf_counter()
-        _, acts = lm.forward(params, toks, capture=hooks, stop_at="capture", compute_dtype=args.dtype)
-        jax.block_until_ready(acts)
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            _, acts = lm.forward(params, toks, capture=hooks, stop_at="capture", compute_dtype=args.dtype)
-            jax.block_until_ready(acts)
-            times.append(time.perf_counter() - t0)
+        fwd = lambda: jax.block_until_ready(  # noqa: E731
+            lm.forward(params, toks, capture=hooks, stop_at="capture", compute_dtype=args.dtype))
+        compile_s, *times = [timed(fwd)[1] for _ in range(1 + args.steps)]  # the first call compiles
         best, med = min(times), float(np.median(times))
         tps_best, tps_med = B * args.ctx / best, B * args.ctx / med
         best_tps = max(best_tps, tps_best)
         result["per_batch"][str(B)] = {
             "first_call_s": round(compile_s, 2), "best_s": round(best, 4), "median_s": round(med, 4),
             "tokens_per_s_best": round(tps_best, 1), "tokens_per_s_median": round(tps_med, 1),
-            "gflops_best": round(tps_best * fpt / 1e9, 1), "gflops_median": round(tps_med * fpt / 1e9, 1),
-        }
+            "gflops_best": round(tps_best * fpt / 1e9, 1), "gflops_median": round(tps_med * fpt / 1e9, 1)}
         print(B, result["per_batch"][str(B)], flush=True)
     result["tokens_per_s"] = round(best_tps, 1)
     mm_after = matmul_gflops()

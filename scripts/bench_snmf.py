@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -52,21 +53,16 @@ def write_bench_store(path: str, tokens: int) -> None:
 
     n_ctx = math.ceil(tokens / (T - 1))
     commit = 64
-    tok = np.ones((n_ctx, T), np.int32)
-    create_store(path, tokens_NxT=tok, n_valid_N=np.full(n_ctx, T, np.int32),
+    create_store(path, tokens_NxT=np.ones((n_ctx, T), np.int32), n_valid_N=np.full(n_ctx, T, np.int32),
                  doc_id_N=np.arange(n_ctx, dtype=np.int64), label_N=np.full(n_ctx, -1, np.int32),
                  label_names=(), dims={"mlp_hidden.15": D}, dtype="float16", attrs={},
                  commit_contexts=commit, val_fraction=0.0, bos_id=1)
     rng = np.random.default_rng(1)
     pool = [mlp_like(rng, commit * T, D).astype(np.float16) for _ in range(4)]
-    writer = StoreWriter(path, fsync=False)
-    try:
+    with contextlib.closing(StoreWriter(path, fsync=False)) as writer:
         for i, c0 in enumerate(range(0, n_ctx, commit)):
             c1 = min(c0 + commit, n_ctx)
-            block = pool[i % len(pool)][:(c1 - c0) * T]
-            writer.commit(c0, c1, {"mlp_hidden.15": block})
-    finally:
-        writer.close()
+            writer.commit(c0, c1, {"mlp_hidden.15": pool[i % len(pool)][:(c1 - c0) * T]})
 
 
 def streaming_child(store_path: str, chunk_size: int, passes: int) -> dict:

@@ -17,10 +17,8 @@ COMMAND_MODULES = ("cmd_harvest", "cmd_store", "cmd_train_sae", "cmd_train_snmf"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="featureatlas",
-        description="Harvest language-model activations, train sparse dictionaries, describe features.",
-    )
+    parser = argparse.ArgumentParser(prog="featureatlas", description="Harvest language-model activations, "
+                                     "train sparse dictionaries, describe features.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"featureatlas.scripts.{name}").register(subparsers)

@@ -24,12 +24,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="run the pipeline end to end on SmolLM2-135M and BBC News",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = subparsers.add_parser("demo", help="run the pipeline end to end on SmolLM2-135M and BBC News",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="directory for every artifact (default runs/demo)")
     p.add_argument("--model", default="smollm2-135m", help="model name or path (default smollm2-135m)")
     p.add_argument("--layer", type=int, default=15, help="layer whose hooks are harvested (default 15)")
@@ -54,8 +50,7 @@ def run_stage(name: str, argv: list[str], job: str = "demo") -> None:
 
     print(f"\n=== {job}: {name} ===\n$ featureatlas {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    code = main(argv)
-    if code:
+    if code := main(argv):
         raise SystemExit(f"{job} stage '{name}' failed with exit code {code}")
     print(f"=== {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
 
@@ -88,8 +83,7 @@ def run(args) -> int:
     sae_dir, snmf_dir = out / f"sae_topk_{resid}", out / f"snmf_{mlp}"
     if "harvest" in stages:
         run_stage("harvest", ["harvest", "--model", args.model, "--corpus", "bbc", "--hooks", resid, mlp,
-                              "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store),
-                              *quiet])
+                              "--dtype", "float16", "--max-tokens", str(args.max_tokens), "--out", str(store), *quiet])
         run_stage("store info", ["store", "info", str(store)])
     if "sae" in stages:
         run_stage("train SAE", ["train-sae", "--store", str(store), "--hook", resid, "--arch", "topk",
@@ -145,7 +139,7 @@ def _describe(args, store_path: Path, dics: dict) -> None:
         dic = load_dictionary(dic_dir)
         cache = FeatureCache(cache_dir)
         info = dictionary_info(dic_dir, dic, name)
-        for i, explainer in enumerate(explainers):
+        for explainer in explainers:
             cfg = DescribeConfig(sample=args.describe_sample, methods=methods, explainer=explainer)
             res = describe(store, model, dic, cache, cfg, TokenChangeConfig(), out, info=info,
                            resume=out.exists(), progress=not args.no_progress)

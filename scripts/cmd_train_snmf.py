@@ -35,7 +35,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(SNMFJobConfig, args, snmf=config_from_args(SNMFConfig, args))
-    result = train(cfg)
-    print(result["summary"])
+    print(train(cfg)["summary"])
     print(f"saved to {cfg.out}")
     return 0

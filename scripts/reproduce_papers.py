@@ -123,9 +123,7 @@ def findings(summary: list[dict]) -> list[dict]:
 
 
 def _fmt(x: dict | None) -> str:
-    if not x:
-        return "–"
-    return f"{x['mean']:.3f} [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}] (n {x['n']})"
+    return f"{x['mean']:.3f} [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}] (n {x['n']})" if x else "–"
 
 
 def write_verdicts(out: Path, rows: list[dict], report: dict, seconds: float) -> None:
@@ -134,11 +132,9 @@ def write_verdicts(out: Path, rows: list[dict], report: dict, seconds: float) ->
     lines = ["# Reproduction study (SmolLM2-135M, BBC News)", "",
              f"Wall time of this run: {seconds / 60:.1f} min. Full tables and charts: eval/report.md.", "",
              "| finding | paper's better side | other side | verdict |", "|---|---|---|---|"]
-    for f in rows:
-        lines.append(f"| {f['finding']} | {_fmt(f['better'])} | {_fmt(f['worse'])} | **{f['verdict']}** |")
+    lines += [f"| {f['finding']} | {_fmt(f['better'])} | {_fmt(f['worse'])} | **{f['verdict']}** |" for f in rows]
     lines += ["", "Calibration of the evaluators on planted features (AUROC true vs shuffled descriptions):", ""]
-    for c in report.get("calibration", []):
-        lines.append(f"- {c['evaluation']} ({c['judge']}): AUROC {c['auroc']}")
+    lines += [f"- {c['evaluation']} ({c['judge']}): AUROC {c['auroc']}" for c in report.get("calibration", [])]
     atomic_write(out / "reproduce.md", "\n".join(lines) + "\n")
     atomic_write_json(out / "reproduce.json", {"findings": rows, "seconds": seconds,
                                                "calibration": report.get("calibration", [])})
@@ -191,8 +187,7 @@ def main(argv=None) -> int:
     report = json.loads((out / "eval" / "report.json").read_text())
     summary = report["summary"]
     _attach_values(out / "eval", summary)  # the report's JSON leaves out per-feature values
-    rows = findings(summary)
-    write_verdicts(out, rows, report, time.perf_counter() - t0)
+    write_verdicts(out, findings(summary), report, time.perf_counter() - t0)
     print((out / "reproduce.md").read_text())
     return 0
 

@@ -16,9 +16,7 @@ from featureatlas.snmf.solver import MatrixError, SNMFConfig, SNMFFit, fit_full_
 from featureatlas.snmf.streaming import fit_streaming
 from featureatlas.snmf.train import SNMFJobConfig, train
 
-__all__ = [
-    "ArrayColumns", "DiffMeansDictionary", "MatrixError", "PCADictionary", "SNMFConfig", "SNMFDictionary",
-    "SNMFFit", "SNMFJobConfig", "StoreColumns", "children_of", "fit_diffmeans", "fit_full_batch", "fit_levels",
-    "fit_pca", "fit_streaming", "load", "load_codes", "load_matrix", "nnls_encode", "nnls_residual",
-    "save_snmf", "snmf_step", "train",
-]
+__all__ = ["ArrayColumns", "DiffMeansDictionary", "MatrixError", "PCADictionary", "SNMFConfig", "SNMFDictionary",
+           "SNMFFit", "SNMFJobConfig", "StoreColumns", "children_of", "fit_diffmeans", "fit_full_batch", "fit_levels",
+           "fit_pca", "fit_streaming", "load", "load_codes", "load_matrix", "nnls_encode", "nnls_residual",
+           "save_snmf", "snmf_step", "train"]

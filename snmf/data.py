@@ -38,9 +38,7 @@ class ArrayColumns:
         return np.asarray(self.X_NxD[cols])
 
     def labels(self) -> np.ndarray:
-        if self.labels_N is None:
-            return np.full(self.n, -1, np.int64)
-        return np.asarray(self.labels_N)
+        return np.full(self.n, -1, np.int64) if self.labels_N is None else np.asarray(self.labels_N)
 
 
 @dataclasses.dataclass
@@ -99,14 +97,12 @@ class StoreColumns:
 
     def labels(self) -> np.ndarray:
         """Per-token label: the label of the token's context (−1 none)."""
-        T = int(self.store.context_length)
-        return np.asarray(self.store.labels)[self.rows_N // T]
+        return np.asarray(self.store.labels)[self.rows_N // int(self.store.context_length)]
 
     def token_ids(self) -> np.ndarray:
         """Per-token vocabulary id."""
         T = int(self.store.context_length)
-        tokens = np.asarray(self.store.tokens)
-        return tokens[self.rows_N // T, self.rows_N % T]
+        return np.asarray(self.store.tokens)[self.rows_N // T, self.rows_N % T]
 
 
 def load_matrix(source, dtype=np.float32) -> np.ndarray:

@@ -28,19 +28,6 @@ from featureatlas.activation_store.errors import ConfigError
 from featureatlas.snmf.encode import NNLS_ITERS, nnls_encode
 
 
-def map_to_residual(directions_FxD, hook: str, model):
-    """directions·W_write for MLP-space hooks; identity for residual-stream hooks."""
-    W = model.write_matrix(hook)
-    d = jnp.asarray(directions_FxD, jnp.float32)
-    if W is None:
-        return d
-    W = jnp.asarray(W, jnp.float32)
-    if W.shape[0] != d.shape[1]:
-        raise ConfigError(f"write matrix of {hook!r} is {W.shape}, directions are {d.shape}: "
-                          "the model does not match the dictionary; pass the model it was trained on (--model)")
-    return d @ W
-
-
 class _Directions:
     """What the three share: decode = codes·directions, residual directions through the write matrix."""
 
@@ -48,7 +35,16 @@ class _Directions:
         return jnp.asarray(codes_NxF, jnp.float32) @ self.directions_FxD
 
     def residual_directions(self, model):
-        return map_to_residual(self.directions_FxD, self.hook, model)
+        """directions·W_write for MLP-space hooks; identity for residual-stream hooks."""
+        W = model.write_matrix(self.hook)
+        d = jnp.asarray(self.directions_FxD, jnp.float32)
+        if W is None:
+            return d
+        W = jnp.asarray(W, jnp.float32)
+        if W.shape[0] != d.shape[1]:
+            raise ConfigError(f"write matrix of {self.hook!r} is {W.shape}, directions are {d.shape}: "
+                              "the model does not match the dictionary; pass the model it was trained on (--model)")
+        return d @ W
 
 
 @dataclasses.dataclass

@@ -37,10 +37,7 @@ def children_of(Y_KxKprev: np.ndarray, fraction: float = CHILD_FRACTION,
     out = []
     for row in Y_KxKprev:  # row c of Y = column c of G
         top = row.max()
-        if top <= 0:
-            out.append([])
-            continue
-        cand = np.nonzero(row >= fraction * top)[0]
+        cand = np.nonzero(row >= fraction * top)[0] if top > 0 else np.zeros(0, np.int64)
         cand = cand[np.argsort(-row[cand], kind="stable")][:max_children]
         out.append([int(f) for f in cand])
     return out
@@ -59,8 +56,7 @@ def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[L
     Zprev, _ = unit_columns(np.asarray(Z0_DxK, np.float32))
     levels = [Level(Zprev, None, [[] for _ in range(Zprev.shape[1])], float("nan"))]
     for k in ranks[1:]:
-        cfg = dataclasses.replace(base, k=k, init_sample=max(base.init_sample, Zprev.shape[1]))
-        fit = fit_full_batch(Zprev, cfg)
+        fit = fit_full_batch(Zprev, dataclasses.replace(base, k=k, init_sample=max(base.init_sample, Zprev.shape[1])))
         Z, norms = unit_columns(fit.Z_DxK)
         Y = (np.asarray(fit.Yt_NxK).T * norms[:, None]).astype(np.float32)
         levels.append(Level(Z, Y, children_of(Y), fit.rel_error))
@@ -76,8 +72,7 @@ def top_tokens_per_level(levels: list[Level], Yt_NxK, norms_K: np.ndarray, top: 
     blocks; norms_K the norms of its Z's columns, which rescale it to the unit-Z scale.
     """
     n = Yt_NxK.shape[0]
-    best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32))
-            for lv in levels]
+    best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32)) for lv in levels]
     for s in range(0, n, block):
         count = min(block, n - s)
         C_KxB = (read_rows(Yt_NxK, s, count) * norms_K).T
@@ -101,13 +96,11 @@ def hierarchy_json(levels: list[Level], tops, token_ids_N: np.ndarray, token_str
     for li, (lv, (idx, val)) in enumerate(zip(levels, tops)):
         feats = []
         for f in range(lv.Z_DxK.shape[1]):
-            toks = []
-            for t, v in zip(idx[f], val[f]):
-                tid = int(token_ids_N[t])
-                entry = {"index": int(t), "token_id": tid, "coef": float(v)}
-                if token_str is not None:
-                    entry["token"] = token_str(tid)
-                toks.append(entry)
+            toks = [{"index": int(t), "token_id": int(token_ids_N[t]), "coef": float(v)}
+                    for t, v in zip(idx[f], val[f])]
+            if token_str is not None:
+                for entry in toks:
+                    entry["token"] = token_str(entry["token_id"])
             feats.append({"id": f, "children": lv.children[f], "top_tokens": toks})
         out["levels"].append({"level": li, "k": lv.Z_DxK.shape[1],
                               "rel_error": None if np.isnan(lv.rel_error) else lv.rel_error,

@@ -47,8 +47,7 @@ def random_columns(k: int, start: int, count: int, seed: int) -> np.ndarray:
     if count == 0:
         return np.zeros((k, 0), np.float32)
     first, last = start // RANDOM_BLOCK, (start + count - 1) // RANDOM_BLOCK
-    blocks = [np.random.default_rng([seed, b]).random((k, RANDOM_BLOCK), np.float32)
-              for b in range(first, last + 1)]
+    blocks = [np.random.default_rng([seed, b]).random((k, RANDOM_BLOCK), np.float32) for b in range(first, last + 1)]
     offset = start - first * RANDOM_BLOCK
     return np.concatenate(blocks, axis=1)[:, offset:offset + count]
 
@@ -65,13 +64,11 @@ def make_initializer(sample_DxS: np.ndarray, k: int, method: str, seed: int,
 
         U_DxK, S_K, _ = randomized_svd(sample_DxS.astype(np.float32), k, random_state=seed)
         S_K = np.maximum(S_K, S_K[0] * 1e-6)
-        return Initializer(method, k, seed, (U_DxK * S_K).astype(np.float32),
-                           (U_DxK / S_K).T.astype(np.float32))
+        return Initializer(method, k, seed, (U_DxK * S_K).astype(np.float32), (U_DxK / S_K).T.astype(np.float32))
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=k, max_iter=kmeans_iters, n_init=1, random_state=seed)
-        km.fit(sample_DxS.T)
+        km = KMeans(n_clusters=k, max_iter=kmeans_iters, n_init=1, random_state=seed).fit(sample_DxS.T)
         centroids_KxD = km.cluster_centers_.astype(np.float32)
         return Initializer(method, k, seed, centroids_KxD.T.copy(), centroids_KxD)
     raise ValueError(f"init={method!r} is not one of random, svd, kmeans")

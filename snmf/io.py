@@ -62,14 +62,11 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(struct.pack("<Q", len(raw)) + raw)
         for name, t in tensors.items():
             written = 0
             for b in (t.blocks() if isinstance(t, Chunked) else [np.asarray(t)]):
-                b = np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<"))
-                f.write(b.tobytes())
-                written += b.nbytes
+                written += f.write(np.ascontiguousarray(b, dtype=np.dtype(t.dtype).newbyteorder("<")).tobytes())
             if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
                 raise RuntimeError(f"tensor {name}: wrote {written} bytes, header says otherwise")
 
@@ -114,9 +111,13 @@ def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, blo
                                                                  for s in range(0, n, block)))
         if rows_N is not None:
             tensors["rows_N"] = np.asarray(rows_N, np.int64)
-    config = {**config, "method": "snmf", "n_features": Zn.shape[1], "z_unit_norm": True,
-              "saved_y": Yt_NxK is not None}
-    return {WEIGHTS: tensors_file(tensors, {"method": "snmf"}), CONFIG: json_text(config)}
+    return _result_files("snmf", tensors, config, n_features=Zn.shape[1], z_unit_norm=True, saved_y=Yt_NxK is not None)
+
+
+def _result_files(method: str, tensors: dict, config: dict, **fields) -> dict:
+    """weights.safetensors and config.json (config plus the method and `fields`) of a result."""
+    config = {**config, "method": method, **fields}
+    return {WEIGHTS: tensors_file(tensors, {"method": method}), CONFIG: json_text(config)}
 
 
 def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None) -> None:
@@ -126,17 +127,15 @@ def save_snmf(out_dir: str, Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, row
 
 def diffmeans_files(dic: DiffMeansDictionary, config: dict) -> dict:
     tensors = {"directions_FxD": np.asarray(dic.directions_np, np.float32), "norms_F": np.asarray(dic.norms_F, np.float32)}
-    config = {**config, "method": "diffmeans", "hook": dic.hook, "n_features": dic.n_features,
-              "label_names": list(dic.label_names)}
-    return {WEIGHTS: tensors_file(tensors, {"method": "diffmeans"}), CONFIG: json_text(config)}
+    return _result_files("diffmeans", tensors, config, hook=dic.hook, n_features=dic.n_features,
+                         label_names=list(dic.label_names))
 
 
 def pca_files(dic: PCADictionary, config: dict) -> dict:
     tensors = {"components_KxD": np.asarray(dic.components_KxD, np.float32), "mean_D": np.asarray(dic.mean_D, np.float32),
                "explained_variance_K": np.asarray(dic.explained_variance_K, np.float32)}
-    config = {**config, "method": "pca", "hook": dic.hook, "n_features": dic.n_features,
-              "pca_split": "± halves: features 0..k-1 are +axis, k..2k-1 are −axis"}
-    return {WEIGHTS: tensors_file(tensors, {"method": "pca"}), CONFIG: json_text(config)}
+    return _result_files("pca", tensors, config, hook=dic.hook, n_features=dic.n_features,
+                         pca_split="± halves: features 0..k-1 are +axis, k..2k-1 are −axis")
 
 
 def read_config(out_dir: str) -> dict:

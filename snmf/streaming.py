@@ -69,19 +69,15 @@ class YFile:
     (`rewrite_y`)."""
 
     def __init__(self, path: str, n: int, k: int):
-        self.path, self.n, self.k = path, n, k
-        self.shape = (n, k)
+        self.path, self.n, self.k, self.shape = path, n, k, (n, k)
         self.dtype = np.dtype(np.float32)
 
     def read(self, start: int, count: int) -> np.ndarray:
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} is gone (streaming Y files are deleted once a result "
                                     "is saved); fit again without --resume")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            buf = os.pread(fd, count * self.k * 4, start * self.k * 4)
-        finally:
-            os.close(fd)
+        with open(self.path, "rb", buffering=0) as f:
+            buf = os.pread(f.fileno(), count * self.k * 4, start * self.k * 4)
         return np.frombuffer(buf, np.float32).reshape(count, self.k)
 
     def __array__(self, dtype=None, copy=None):
@@ -96,12 +92,9 @@ def rewrite_y(path: str, fill: Callable) -> object:
     result = []
 
     def write_file(tmp) -> None:
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
+        with open(tmp, "r+b", buffering=0) as f:  # the temporary file atomic_write made; pwrite at row offsets
             result.append(fill(lambda start, Yt_CxK: os.pwrite(
-                fd, np.ascontiguousarray(Yt_CxK, np.float32).tobytes(), start * Yt_CxK.shape[1] * 4)))
-        finally:
-            os.close(fd)
+                f.fileno(), np.ascontiguousarray(Yt_CxK, np.float32).tobytes(), start * Yt_CxK.shape[1] * 4)))
 
     atomic_write(path, write_file)
     return result[0]
@@ -174,18 +167,9 @@ def pad_rows(Yt_CxK: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([Yt_CxK, np.zeros((size - len(Yt_CxK), Yt_CxK.shape[1]), Yt_CxK.dtype)])
 
 
-def fit_streaming(
-    source,
-    cfg: SNMFConfig,
-    *,
-    chunk_size: int,
-    workdir: str,
-    mu_steps: int = 1,
-    save_y: bool = False,
-    checkpoints=None,
-    on_iter: Callable[[int, float, float, float], None] | None = None,
-    progress: bool = False,
-) -> SNMFFit:
+def fit_streaming(source, cfg: SNMFConfig, *, chunk_size: int, workdir: str, mu_steps: int = 1, save_y: bool = False,
+                  checkpoints=None, on_iter: Callable[[int, float, float, float], None] | None = None,
+                  progress: bool = False) -> SNMFFit:
     """Fit A ≈ Z·Y over `source` (see `snmf.data`) in passes of `chunk_size` tokens.
 
     Returns an `SNMFFit` with the best Z; with save_y its `Yt_NxK` is the best state's Yᵀ
@@ -242,21 +226,17 @@ def _pass_zero(source, cfg, chunk_size, path, m) -> dict:
                   else np.asarray(source.take(cols), np.float32).T)
     init = make_initializer(sample_DxS, cfg.k, cfg.init, cfg.seed, cfg.kmeans_iters)
 
-    def fill(write):
-        YAt, YYt = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k))
-        sum_D, sumsq_D = np.zeros(source.d), np.zeros(source.d)
+    def fill(write):  # float64 sums of the chunks' Y·Aᵀ, Y·Yᵀ, per-dimension sums and sums of squares
+        sums = (np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k)), np.zeros(source.d), np.zeros(source.d))
         with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
             for start, count, A in chunks:
                 check_finite(A[:, :count], col_offset=start)
                 A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
                 Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
                 write(start, Yt[:count])
-                ya, yy, sum_c, sumsq_c = stream_chunk_stats(A, Yt)
-                YAt += np.asarray(ya, np.float64)
-                YYt += np.asarray(yy, np.float64)
-                sum_D += np.asarray(sum_c, np.float64)
-                sumsq_D += np.asarray(sumsq_c, np.float64)
-        return YAt, YYt, sum_D, sumsq_D
+                for total, part in zip(sums, stream_chunk_stats(A, Yt)):
+                    total += np.asarray(part, np.float64)
+        return sums
 
     YAt, YYt, sum_D, sumsq_D = rewrite_y(path, fill)
     sq_norm = float(sumsq_D.sum())
@@ -288,8 +268,7 @@ def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m) -> dict:
     loss = float(st["sq_norm"]) - 2.0 * cross + float(np.sum(np.asarray(Q, np.float64) * YYt))
     new = {**st, "iteration": int(st["iteration"]) + 1, "loss": loss, "cur": nxt}
     if loss < float(st["best_loss"]) * (1.0 - cfg.tol):
-        new.update(best_loss=loss, best_Zt=densify(idx, vals, source.d), bad_iters=0,
-                   best_file=nxt if save_y else -1)
+        new.update(best_loss=loss, best_Zt=densify(idx, vals, source.d), bad_iters=0, best_file=nxt if save_y else -1)
     else:
         new.update(bad_iters=int(st["bad_iters"]) + 1)
     new["idx"], new["vals"], new["Q"], new["s"] = stream_z_update(

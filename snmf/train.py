@@ -13,6 +13,7 @@ last checkpoint after checking that every setting (and the store) is the same.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -182,9 +183,8 @@ def _fit_snmf(cfg: SNMFJobConfig, source, base: dict, run: Run):
     config = {**base, "k": s.k, "p": s.p, "init": s.init, "max_iters": s.iters, "patience": s.patience,
               "tol": s.tol, "seed": s.seed, "iterations": fit.iterations, "stopped_early": fit.stopped_early,
               "solver": "streaming" if cfg.chunk_size else "full_batch", "chunk_size": cfg.chunk_size,
-              "mu_steps": cfg.mu_steps if cfg.chunk_size else None,
-              "final_loss": fit.loss, "rel_error": fit.rel_error,
-              "kept_per_column": s.kept_per_column(source.d)}
+              "mu_steps": cfg.mu_steps if cfg.chunk_size else None, "final_loss": fit.loss,
+              "rel_error": fit.rel_error, "kept_per_column": s.kept_per_column(source.d)}
     extra = {}
     if cfg.hierarchy:
         config["hierarchy"], extra = _build_hierarchy(cfg, source, fit)
@@ -219,8 +219,8 @@ def _build_hierarchy(cfg: SNMFJobConfig, source, fit) -> tuple[dict, dict]:
     _, norms = io.unit_columns(fit.Z_DxK)
     token_ids = source.token_ids()
     tops = top_tokens_per_level(levels, fit.Yt_NxK, norms)
-    tok = _tokenizer(cfg, source)
-    token_text = (lambda t: tok.decode([t])) if tok is not None else None
+    lm = _model(cfg.model or source.store.model_id)
+    token_text = (lambda t: lm.tokenizer.decode([t])) if lm is not None else None
     data = hierarchy_json(levels, tops, token_ids, token_text)
     tensors = {f"Z{i}_DxK": lv.Z_DxK for i, lv in enumerate(levels) if i > 0}
     tensors.update({f"Y{i}_KxKprev": lv.Y_KxKprev for i, lv in enumerate(levels) if i > 0})
@@ -241,26 +241,17 @@ def pca_rel_error(source, dic) -> float:
     return math.sqrt(num / den)
 
 
-_MODEL_CACHE: dict = {}
-
-
+@functools.cache
 def _model(name: str | None):
-    """The language model for VocabProj and token strings, loaded once; None if it cannot load."""
+    """The language model for VocabProj and token strings, loaded once per name; None if it cannot load."""
     if not name:
         return None
-    if name not in _MODEL_CACHE:
-        try:
-            from featureatlas.activation_store.models import load_model
-            _MODEL_CACHE[name] = load_model(name)
-        except Exception as err:  # the summary is optional; say why it is skipped
-            print(f"(VocabProj skipped: cannot load model {name!r}: {err})")
-            _MODEL_CACHE[name] = None
-    return _MODEL_CACHE[name]
-
-
-def _tokenizer(cfg: SNMFJobConfig, source):
-    lm = _model(cfg.model or source.store.model_id)
-    return lm.tokenizer if lm is not None else None
+    try:
+        from featureatlas.activation_store.models import load_model
+        return load_model(name)
+    except Exception as err:  # the summary is optional; say why it is skipped
+        print(f"(VocabProj skipped: cannot load model {name!r}: {err})")
+        return None
 
 
 def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:
@@ -268,11 +259,8 @@ def vocab_proj(dic, lm, features, top: int = 10) -> list[list[str]]:
     import jax.numpy as jnp
 
     R = dic.residual_directions(lm)
-    out = []
-    for f in features:
-        logits = np.asarray(lm.unembed(jnp.asarray(R[f])))
-        out.append([lm.tokenizer.decode([int(t)]) for t in np.argsort(-logits)[:top]])
-    return out
+    top_ids = [np.argsort(-np.asarray(lm.unembed(jnp.asarray(R[f]))))[:top] for f in features]
+    return [[lm.tokenizer.decode([int(t)]) for t in ids] for ids in top_ids]
 
 
 def summarize(cfg: SNMFJobConfig, config: dict, dic) -> str:

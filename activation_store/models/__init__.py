@@ -16,7 +16,5 @@ def load_model(name_or_path, **kw) -> LanguageModel:
     return f(name_or_path, **kw)
 
 
-__all__ = [
-    "LanguageModel", "load_model", "random_model", "Edit", "add", "clamp", "replace", "Sampling",
-    "ModelConfig", "params_hash",
-]
+__all__ = ["LanguageModel", "load_model", "random_model", "Edit", "add", "clamp", "replace", "Sampling",
+           "ModelConfig", "params_hash"]

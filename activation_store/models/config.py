@@ -11,14 +11,8 @@ HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "re
 (transformer.py `block`). The one list of hook kinds: everything that names, validates or orders
 hooks imports it."""
 
-TRANSFORMERLENS_HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "attn_out": "hook_attn_out",
-    "resid_mid": "hook_resid_mid",
-    "mlp_hidden": "mlp.hook_post",
-    "mlp_out": "hook_mlp_out",
-    "resid_post": "hook_resid_post",
-}
+TRANSFORMERLENS_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid",
+                         "mlp_hidden": "mlp.hook_post", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
 """Each hook kind's TransformerLens name inside block L (`blocks.L.<name>`), what SAELens's `hook_name` and
 Neuronpedia's `hookName` hold. The one such table: saes/saelens.py and eval/catalog.py import it."""
 _FROM_TRANSFORMERLENS = {tl: kind for kind, tl in TRANSFORMERLENS_HOOKS.items()}

@@ -31,9 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EDIT_KINDS = ("add", "clamp", "replace", "set_code")
-
-
 @dataclass(frozen=True, eq=False)
 class Edit:
     """One intervention; build it with `add`, `clamp`, `replace` or `set_code`."""
@@ -54,12 +51,9 @@ class Edit:
     def dynamic_args(self) -> dict:
         """The traced part of the edit."""
         args = {"scale": jnp.asarray(self.scale, jnp.float32)}
-        if self.vector is not None:
-            args["vector"] = jnp.asarray(self.vector, jnp.float32)
-        if self.positions is not None:
-            args["positions"] = jnp.asarray(self.positions, jnp.int32)
-        if self.index is not None:
-            args["index"] = jnp.asarray(self.index, jnp.int32)
+        for name, dtype in (("vector", jnp.float32), ("positions", jnp.int32), ("index", jnp.int32)):
+            if getattr(self, name) is not None:
+                args[name] = jnp.asarray(getattr(self, name), dtype)
         return args
 
 
@@ -70,10 +64,8 @@ def _positions(positions) -> np.ndarray | None:
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"edit positions must be None or a 1-D array of ints, got {positions!r}")
     if arr.size and arr.min() < 0:
-        raise ValueError(
-            "edit positions count from the first real token and must be >= 0 "
-            f"(got {arr.tolist()}); compute the index of the last token yourself"
-        )
+        raise ValueError("edit positions count from the first real token and must be >= 0 "
+                         f"(got {arr.tolist()}); compute the index of the last token yourself")
     return arr.astype(np.int32)
 
 

@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .transformer import (
-    Sites, attention, logits_from_resid, make_site, position_ids, run_layers, self_attention_mask,
-)
+from .transformer import Sites, attention, logits_from_resid, make_site, position_ids, run_layers, self_attention_mask
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,8 @@ def generate_core(cfg: ModelConfig, plan: GenPlan, params, prompt_BxT, mask_BxT,
 
     tok_B = pick(logits_BxV, 0)
     out_BxN = jnp.full((B, plan.max_new), plan.fill_id, jnp.int32).at[:, 0].set(tok_B)
-    logits_buf = None
-    if plan.return_logits:
-        logits_buf = jnp.zeros((B, plan.max_new, logits_BxV.shape[-1]), jnp.float32).at[:, 0].set(logits_BxV)
+    logits_buf = (jnp.zeros((B, plan.max_new, logits_BxV.shape[-1]), jnp.float32).at[:, 0].set(logits_BxV)
+                  if plan.return_logits else None)
     done_B = (tok_B == plan.eos_id) & plan.stop_at_eos
 
     def step(carry):

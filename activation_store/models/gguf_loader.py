@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import llama
 from .config import ModelConfig
 from .tokenizer import BPETokenizer
 
@@ -33,21 +34,11 @@ _PERMUTED_ARCHS = ("llama",)
 
 # GGUF tensor name (within block N) -> HF name suffix within `model.layers.N.`.
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 @dataclass(frozen=True)
@@ -61,15 +52,17 @@ class GGUFContents:
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Invert llama.cpp's Q/K row permutation (see module docstring). w: [n_heads*head_dim, ...]."""
     head_dim = w.shape[0] // n_heads
-    rest = w.shape[1:]
-    return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return default if field is None else field.contents()
+
+
+def _int_field(reader, key: str) -> int | None:
+    value = _field(reader, key)
+    return None if value is None else int(value)
 
 
 def _short_float(x: float) -> float:
@@ -84,54 +77,41 @@ def _open_reader(path: str):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf raises assorted errors on bad input; all mean the same to a user
-        raise CorruptModelError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be truncated or "
-            "corrupted: re-download it or reinstall the package that ships it.") from e
+        raise CorruptModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be truncated "
+                                "or corrupted: re-download it or reinstall the package that ships it.") from e
     size = os.path.getsize(path)
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size or any(t.data.nbytes != int(t.n_bytes) for t in reader.tensors):
-        raise CorruptModelError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
-            "Re-download it or reinstall the package that ships it.")
+        raise CorruptModelError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
+                                "Re-download it or reinstall the package that ships it.")
     return reader
 
 
 def read_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)} "
-            "(Llama-family decoders: Llama, SmolLM, Mistral, Qwen2).")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)} "
+                         "(Llama-family decoders: Llama, SmolLM, Mistral, Qwen2).")
+    names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    if scaling not in ("none", None) or "rope_freqs.weight" in names:
         raise ValueError(
             f"GGUF uses RoPE scaling ({scaling!r} / rope_freqs), which this model core does not implement.")
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     d_model = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    names = {t.name for t in reader.tensors}
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    pad = _field(reader, "tokenizer.ggml.padding_token_id")
     return ModelConfig(
-        arch="llama",
-        n_layers=int(_field(reader, f"{arch}.block_count")),
-        d_model=d_model,
-        d_mlp=int(_field(reader, f"{arch}.feed_forward_length")),
-        n_heads=n_heads,
+        arch="llama", n_layers=int(_field(reader, f"{arch}.block_count")), d_model=d_model,
+        d_mlp=int(_field(reader, f"{arch}.feed_forward_length")), n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", d_model // n_heads)),
-        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))),
         max_ctx=int(_field(reader, f"{arch}.context_length", 8192)),
         rope_base=_short_float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=_short_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        tied_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-        activation="silu",
-        bos_id=None if bos is None else int(bos),
-        eos_id=None if eos is None else int(eos),
-        pad_id=None if pad is None else int(pad),
-    )
+        tied_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, activation="silu",
+        bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"))
 
 
 def read_tokenizer(reader) -> BPETokenizer:
@@ -140,21 +120,13 @@ def read_tokenizer(reader) -> BPETokenizer:
         raise ValueError(
             f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, tokenizer.ggml.model"
             " = 'gpt2'); SentencePiece GGUFs ('llama') need a HF directory with tokenizer.json instead.")
-
-    def maybe_int(key):
-        v = _field(reader, key)
-        return None if v is None else int(v)
-
     return BPETokenizer.from_gguf_fields(
-        tokens=_field(reader, "tokenizer.ggml.tokens"),
-        merges=_field(reader, "tokenizer.ggml.merges"),
-        token_types=_field(reader, "tokenizer.ggml.token_type"),
-        pre=_field(reader, "tokenizer.ggml.pre"),
-        bos_id=maybe_int("tokenizer.ggml.bos_token_id"),
-        eos_id=maybe_int("tokenizer.ggml.eos_token_id"),
-        pad_id=maybe_int("tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"),
-    )
+        tokens=_field(reader, "tokenizer.ggml.tokens"), merges=_field(reader, "tokenizer.ggml.merges"),
+        token_types=_field(reader, "tokenizer.ggml.token_type"), pre=_field(reader, "tokenizer.ggml.pre"),
+        bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
+        chat_template=_field(reader, "tokenizer.chat_template"))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -204,17 +176,10 @@ def read_gguf(path) -> GGUFContents:
 
 
 def _check_shapes(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
-    expect = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d_model), "model.norm.weight": (cfg.d_model,)}
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        expect.update({
-            p + "self_attn.q_proj.weight": (q, cfg.d_model), p + "self_attn.k_proj.weight": (kv, cfg.d_model),
-            p + "self_attn.v_proj.weight": (kv, cfg.d_model), p + "self_attn.o_proj.weight": (cfg.d_model, q),
-            p + "mlp.gate_proj.weight": (cfg.d_mlp, cfg.d_model), p + "mlp.up_proj.weight": (cfg.d_mlp, cfg.d_model),
-            p + "mlp.down_proj.weight": (cfg.d_model, cfg.d_mlp),
-        })
-    for name, shape in expect.items():
+    """The embedding, final norm and every layer's projection matrices are there, with HF (llama) shapes."""
+    for name, (shape, _) in llama.hf_spec(cfg).items():
+        if name == "lm_head.weight" or "layernorm" in name or not name.endswith(".weight"):
+            continue
         if name not in tensors:
             raise CorruptModelError(f"GGUF is missing tensor {name!r} (HF name) for a {cfg.n_layers}-layer model")
         if tensors[name].shape != shape:

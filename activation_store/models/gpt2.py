@@ -60,10 +60,7 @@ def qkv(p, cfg: ModelConfig, h_BxTxD, ctx):
     B, T, _ = h_BxTxD.shape
     H, E = cfg.n_heads, cfg.head_dim
     qkv_BxTxN = h_BxTxD @ p["w_qkv"] + p["b_qkv"]
-    q = qkv_BxTxN[..., : H * E].reshape(B, T, H, E)
-    k = qkv_BxTxN[..., H * E : 2 * H * E].reshape(B, T, H, E)
-    v = qkv_BxTxN[..., 2 * H * E :].reshape(B, T, H, E)
-    return q, k, v
+    return tuple(x.reshape(B, T, H, E) for x in jnp.split(qkv_BxTxN, 3, axis=-1))  # q, k, v
 
 
 def attn_proj(p, o_BxTxHE):
@@ -87,12 +84,8 @@ def mlp_proj(p, m_BxTxF):
 def hf_spec(cfg: ModelConfig) -> dict:
     """HF tensor name -> (shape, init role); role is 'embed', 'norm', 'bias' or the fan-in."""
     D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
-    spec = {
-        "wte.weight": ((V, D), "embed"),
-        "wpe.weight": ((cfg.max_ctx, D), "embed"),
-        "ln_f.weight": ((D,), "norm"),
-        "ln_f.bias": ((D,), "bias"),
-    }
+    spec = {"wte.weight": ((V, D), "embed"), "wpe.weight": ((cfg.max_ctx, D), "embed"),
+            "ln_f.weight": ((D,), "norm"), "ln_f.bias": ((D,), "bias")}
     shapes = {
         "ln_1.weight": ((D,), "norm"), "ln_1.bias": ((D,), "bias"),
         "attn.c_attn.weight": ((D, 3 * D), D), "attn.c_attn.bias": ((3 * D,), "bias"),
@@ -101,25 +94,18 @@ def hf_spec(cfg: ModelConfig) -> dict:
         "mlp.c_fc.weight": ((D, F), D), "mlp.c_fc.bias": ((F,), "bias"),
         "mlp.c_proj.weight": ((F, D), F), "mlp.c_proj.bias": ((D,), "bias"),
     }
-    for i in range(cfg.n_layers):
-        for name, s in shapes.items():
-            spec[f"h.{i}.{name}"] = s
-    return spec
+    return spec | {f"h.{i}.{name}": s for i in range(cfg.n_layers) for name, s in shapes.items()}
 
 
 def from_hf(cfg: ModelConfig, t: dict) -> dict:
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     params = {ours: f32(t[hf]) for hf, ours in _TOP_NAMES.items()}
-    params["layers"] = [
-        {ours: f32(t[f"h.{i}.{hf}"]) for hf, ours in _LAYER_NAMES.items()} for i in range(cfg.n_layers)
-    ]
+    params["layers"] = [{ours: f32(t[f"h.{i}.{hf}"]) for hf, ours in _LAYER_NAMES.items()} for i in range(cfg.n_layers)]
     return params
 
 
 def to_hf(cfg: ModelConfig, params) -> dict:
     npf = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float32))  # noqa: E731
     out = {hf: npf(params[ours]) for hf, ours in _TOP_NAMES.items()}
-    for i, p in enumerate(params["layers"]):
-        for hf, ours in _LAYER_NAMES.items():
-            out[f"h.{i}.{hf}"] = npf(p[ours])
-    return out
+    return out | {f"h.{i}.{hf}": npf(p[ours]) for i, p in enumerate(params["layers"])
+                  for hf, ours in _LAYER_NAMES.items()}

@@ -95,19 +95,13 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 def _canonical_names(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drop wrapper prefixes and non-weight buffers so names match the model core's HF naming."""
-    out = {}
-    for name, w in tensors.items():
-        if config.arch == "gpt2":
-            name = name.removeprefix("transformer.")
-            # GPT-2's causal-mask buffers (attn.bias / attn.masked_bias) and its tied head are not weights.
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                continue
-        elif config.tied_embeddings and name == "lm_head.weight":
-            continue
-        elif name.endswith(".rotary_emb.inv_freq"):
-            continue
-        out[name] = w
-    return out
+    if config.arch == "gpt2":
+        # GPT-2's causal-mask buffers (attn.bias / attn.masked_bias) and its tied head are not weights.
+        renamed = {name.removeprefix("transformer."): w for name, w in tensors.items()}
+        return {name: w for name, w in renamed.items()
+                if not name.endswith((".attn.bias", ".attn.masked_bias")) and name != "lm_head.weight"}
+    return {name: w for name, w in tensors.items() if not name.endswith(".rotary_emb.inv_freq")
+            and not (config.tied_embeddings and name == "lm_head.weight")}
 
 
 def read_safetensors(files) -> dict[str, np.ndarray]:
@@ -122,7 +116,7 @@ def read_safetensors(files) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _read_tokenizer(path: Path, cfg: dict, config: ModelConfig) -> BPETokenizer:
+def _read_tokenizer(path: Path, config: ModelConfig) -> BPETokenizer:
     tok_file = path / "tokenizer.json"
     if not tok_file.exists():
         raise FileNotFoundError(f"{path} has no tokenizer.json; save the tokenizer there "
@@ -143,14 +137,13 @@ def read_hf_dir(path) -> HFContents:
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (PyTorch .bin files are not read; "
                                 "convert with transformers: model.save_pretrained(path, safe_serialization=True))")
-    cfg = json.loads(cfg_file.read_text())
-    config = config_from_hf(cfg)
+    config = config_from_hf(json.loads(cfg_file.read_text()))
     try:
         tensors = _canonical_names(config, read_safetensors(files))
     except Exception as e:  # safetensors raises its own error types on damaged files
         raise ValueError(f"could not read weights in {path} ({type(e).__name__}: {e}); "
                          "the safetensors files may be truncated or corrupted") from e
-    return HFContents(config, tensors, _read_tokenizer(path, cfg, config), files)
+    return HFContents(config, tensors, _read_tokenizer(path, config), files)
 
 
 def write_hf_dir(path, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer) -> None:

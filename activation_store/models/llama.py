@@ -65,10 +65,8 @@ def qkv(p, cfg: ModelConfig, h_BxTxD, ctx):
     qkv_BxTxN = h_BxTxD @ p["w_qkv"]
     if "b_qkv" in p:
         qkv_BxTxN = qkv_BxTxN + p["b_qkv"]
-    q = qkv_BxTxN[..., : H * E].reshape(B, T, H, E)
-    k = qkv_BxTxN[..., H * E : (H + K) * E].reshape(B, T, K, E)
-    v = qkv_BxTxN[..., (H + K) * E :].reshape(B, T, K, E)
-    return rope(q, ctx), rope(k, ctx), v
+    q, k, v = jnp.split(qkv_BxTxN, [H * E, (H + K) * E], axis=-1)
+    return rope(q.reshape(B, T, H, E), ctx), rope(k.reshape(B, T, K, E), ctx), v.reshape(B, T, K, E)
 
 
 def attn_proj(p, o_BxTxHE):
@@ -127,9 +125,7 @@ def from_hf(cfg: ModelConfig, t: dict) -> dict:
             "w_qkv": f32(np.concatenate([t[a + n + "_proj.weight"].T for n in "qkv"], axis=1)),
             "w_o": f32(t[a + "o_proj.weight"].T),
             "ln2_w": f32(t[pre + "post_attention_layernorm.weight"]),
-            "w_gate_up": f32(
-                np.concatenate([t[pre + "mlp.gate_proj.weight"].T, t[pre + "mlp.up_proj.weight"].T], axis=1)
-            ),
+            "w_gate_up": f32(np.concatenate([t[pre + f"mlp.{n}_proj.weight"].T for n in ("gate", "up")], axis=1)),
             "w_down": f32(t[pre + "mlp.down_proj.weight"].T),
         }
         if cfg.qkv_bias:
@@ -149,15 +145,12 @@ def to_hf(cfg: ModelConfig, params) -> dict:
     for i, p in enumerate(params["layers"]):
         pre = f"model.layers.{i}."
         a = pre + "self_attn."
-        w_qkv = np.asarray(p["w_qkv"])
         out[pre + "input_layernorm.weight"] = npf(p["ln1_w"])
-        out[a + "q_proj.weight"] = npf(w_qkv[:, :qd].T)
-        out[a + "k_proj.weight"] = npf(w_qkv[:, qd : qd + kd].T)
-        out[a + "v_proj.weight"] = npf(w_qkv[:, qd + kd :].T)
+        for n, w in zip("qkv", np.split(np.asarray(p["w_qkv"]), [qd, qd + kd], axis=1)):
+            out[a + n + "_proj.weight"] = npf(w.T)
         if "b_qkv" in p:
-            b = np.asarray(p["b_qkv"])
-            out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = (
-                npf(b[:qd]), npf(b[qd : qd + kd]), npf(b[qd + kd :]))
+            for n, b in zip("qkv", np.split(np.asarray(p["b_qkv"]), [qd, qd + kd])):
+                out[a + n + "_proj.bias"] = npf(b)
         out[a + "o_proj.weight"] = npf(np.asarray(p["w_o"]).T)
         out[pre + "post_attention_layernorm.weight"] = npf(p["ln2_w"])
         w_gu = np.asarray(p["w_gate_up"])

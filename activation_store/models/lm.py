@@ -171,8 +171,7 @@ class LanguageModel:
             return self.params
         cached = self._params_in
         if cached is None or cached[0] is not self.params or cached[1] != compute_dtype:
-            cached = self._params_in = (self.params, compute_dtype,
-                                        transformer.cast_params(self.params, compute_dtype))
+            cached = self._params_in = (self.params, compute_dtype, transformer.cast_params(self.params, compute_dtype))
         return cached[2]
 
     def unembed(self, x_D):
@@ -228,11 +227,8 @@ class LanguageModel:
             raise ValueError(f"pad_to must be an integer >= 1, got {pad_to!r}")
         # Left-pad to a multiple of pad_to so prompts of similar length share one compiled function.
         T0 = -(-longest // pad_to) * pad_to
-        prompt_BxT = np.zeros((len(rows), T0), np.int32)
-        mask_BxT = np.zeros((len(rows), T0), np.int32)
-        for b, r in enumerate(rows):
-            prompt_BxT[b, T0 - len(r):] = r
-            mask_BxT[b, T0 - len(r):] = 1
+        prompt_BxT = np.array([[0] * (T0 - len(r)) + r for r in rows], np.int32)
+        mask_BxT = np.array([[0] * (T0 - len(r)) + [1] * len(r) for r in rows], np.int32)
         prompt_BxT, mask_BxT = self._check_tokens(prompt_BxT, mask_BxT)
         edits = self._check_edits(edits)
         eos = self.config.eos_id
@@ -241,18 +237,14 @@ class LanguageModel:
             sites=transformer.Sites((), tuple(e.static_key() for e in edits)), max_new=int(max_new),
             greedy=sampling.temperature == 0.0, top_k=sampling.top_k, use_top_p=sampling.top_p is not None,
             stop_at_eos=bool(stop_at_eos), eos_id=int(eos), fill_id=int(fill), return_logits=bool(return_logits))
-        fn = self._compiled_fn(("generate", plan), lambda: jax.jit(
-            functools.partial(generate_core, self.config, plan)))
+        fn = self._compiled_fn(("generate", plan), lambda: jax.jit(functools.partial(generate_core, self.config, plan)))
         key = jax.random.key(0) if key is None else key
         temperature = jnp.float32(sampling.temperature if sampling.temperature > 0 else 1.0)
         top_p = jnp.float32(sampling.top_p if sampling.top_p is not None else 1.0)
         tokens_BxN, logits_BxNxV = fn(params, prompt_BxT, mask_BxT, [e.dynamic_args() for e in edits],
                                       key, temperature, top_p)
-        tokens = np.asarray(tokens_BxN)[0] if single else np.asarray(tokens_BxN)
-        if not return_logits:
-            return tokens
-        logits = np.asarray(logits_BxNxV)
-        return tokens, (logits[0] if single else logits)
+        unbatch = lambda a: np.asarray(a)[0] if single else np.asarray(a)  # noqa: E731
+        return (unbatch(tokens_BxN), unbatch(logits_BxNxV)) if return_logits else unbatch(tokens_BxN)
 
     # ---- chat ---------------------------------------------------------------------------
 
@@ -298,31 +290,22 @@ class LanguageModel:
         if tok.size and (tok.min() < 0 or tok.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
                              f"[{tok.min()}, {tok.max()}]")
-        if mask_BxT is None:
-            mask = np.ones(tok.shape, np.int32)
-        else:
-            mask = np.asarray(mask_BxT)
-            if mask.shape != tok.shape:
-                raise ValueError(f"attention_mask shape {mask.shape} must equal tokens shape {tok.shape}")
-            mask = (mask != 0).astype(np.int32)
+        mask = np.ones(tok.shape, np.int32) if mask_BxT is None else np.asarray(mask_BxT)
+        if mask.shape != tok.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} must equal tokens shape {tok.shape}")
+        mask = (mask != 0).astype(np.int32)
         if self.config.arch == "gpt2" and tok.size and mask.sum(1).max() > self.config.max_ctx:
             raise ValueError(f"sequence longer than the model's {self.config.max_ctx} learned positions")
         return jnp.asarray(tok, jnp.int32), jnp.asarray(mask)
 
     def _check_capture(self, capture) -> tuple[str, ...]:
-        if isinstance(capture, str):
-            capture = (capture,)
-        out = []
+        capture = (capture,) if isinstance(capture, str) else tuple(capture)
         for h in capture:
             self.check_hook(h)
-            if h not in out:
-                out.append(h)
-        return tuple(out)
+        return tuple(dict.fromkeys(capture))  # duplicates dropped, first occurrence order
 
     def _check_edits(self, edits) -> tuple[Edit, ...]:
-        if isinstance(edits, Edit):
-            edits = (edits,)
-        edits = tuple(edits)
+        edits = (edits,) if isinstance(edits, Edit) else tuple(edits)
         for e in edits:
             if not isinstance(e, Edit):
                 raise ValueError(f"edits must be Edit objects (use add/clamp/replace), got {type(e).__name__}")
@@ -346,9 +329,7 @@ def check_compute_dtype(compute_dtype) -> str:
 
 def _is_flat_token_list(x) -> bool:
     """True for one prompt ([ints] or a 1-D array), False for a batch (list of lists / 2-D array)."""
-    if hasattr(x, "shape"):
-        return len(x.shape) == 1
-    return all(np.ndim(t) == 0 for t in x)
+    return len(x.shape) == 1 if hasattr(x, "shape") else all(np.ndim(t) == 0 for t in x)
 
 
 def _check_config(cfg: ModelConfig) -> None:

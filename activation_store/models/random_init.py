@@ -43,14 +43,11 @@ def random_model(arch: str, *, n_layers: int = 2, d_model: int = 64, n_heads: in
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     tok = ByteTokenizer(vocab_size)
-    fields = dict(
+    config = ModelConfig(**(dict(
         arch=arch, n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads,
         n_kv_heads=n_heads if arch == "gpt2" else n_kv_heads, head_dim=d_model // n_heads,
         vocab_size=vocab_size, max_ctx=max_ctx, activation="gelu_new" if arch == "gpt2" else "silu",
-        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-    )
-    fields.update(config_overrides)
-    config = ModelConfig(**fields)
+        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id) | config_overrides))
     tensors = random_hf_tensors(config, seed)
     return LanguageModel.from_hf_tensors(config, tensors, tok, model_id=f"random-{arch}-{n_layers}x{d_model}-s{seed}",
                                          weights_hash=params_hash(tensors))

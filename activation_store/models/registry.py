@@ -50,19 +50,19 @@ PATH_FORMS = ("a path to a .gguf file (llama-family architecture)",
 
 
 class UnknownModelError(FeatureAtlasError, ValueError):
-    pass
+    """A name that is neither a registered model nor a model path."""
 
 
 class ModelNotInstalledError(FeatureAtlasError, FileNotFoundError):
-    pass
+    """A registered model whose package (or its weights file) is not installed."""
 
 
 class ModelNotFoundError(FeatureAtlasError, FileNotFoundError):
-    pass
+    """A model path that does not exist."""
 
 
 class ChecksumError(FeatureAtlasError, ValueError):
-    pass
+    """A weights file whose sha256 is not the recorded one."""
 
 
 def install_command(entry: RegisteredModel) -> str:
@@ -93,11 +93,8 @@ def file_sha256(path) -> str:
     st = os.stat(path)
     key = (path, st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+            _SHA_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()
     return _SHA_CACHE[key]
 
 

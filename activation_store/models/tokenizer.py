@@ -36,10 +36,8 @@ GGUF_TOKEN_NORMAL, GGUF_TOKEN_UNKNOWN, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFIN
 # pre-tokenizer). "gpt2": the GPT-2 regex. "digits": each digit its own piece, then the GPT-2 regex
 # (SmolLM/StarCoder; llama.cpp lists the same regex pair for these names). "llama3"/"qwen2": the
 # Llama 3 regex with numbers in runs of at most three digits, or of any length for Qwen2.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZER_STYLES = {
     "default": "gpt2", "gpt2": "gpt2", "gpt-2": "gpt2",
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
@@ -54,15 +52,11 @@ def _byte_level_pre_tokenizer(style: str):
     if style == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if style == "digits":
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     pattern = _LLAMA3_SPLIT if style == "llama3" else _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 class BPETokenizer:
@@ -100,10 +94,9 @@ class BPETokenizer:
 
         style = PRE_TOKENIZER_STYLES.get(pre or "default")
         if style is None:
-            raise ValueError(
-                f"GGUF tokenizer pre-tokenizer {pre!r} is not supported; supported values of "
-                f"tokenizer.ggml.pre: {sorted(PRE_TOKENIZER_STYLES)}. Convert the model to a local HF "
-                "directory with a tokenizer.json instead.")
+            raise ValueError(f"GGUF tokenizer pre-tokenizer {pre!r} is not supported; supported values of "
+                             f"tokenizer.ggml.pre: {sorted(PRE_TOKENIZER_STYLES)}. Convert the model to a local HF "
+                             "directory with a tokenizer.json instead.")
         vocab = {tok: i for i, tok in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))

@@ -60,8 +60,7 @@ def self_attention_mask(mask_BxT):
     """[B, T, S] keep-mask: causal, real keys only, plus the diagonal (keeps pad rows finite)."""
     T = mask_BxT.shape[1]
     causal_TxS = jnp.tril(jnp.ones((T, T), bool))
-    eye_TxS = jnp.eye(T, dtype=bool)
-    return causal_TxS[None] & (mask_BxT.astype(bool)[:, None, :] | eye_TxS[None])
+    return causal_TxS[None] & (mask_BxT.astype(bool)[:, None, :] | jnp.eye(T, dtype=bool)[None])
 
 
 def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, keep_BxTxS):
@@ -96,19 +95,15 @@ class Sites(NamedTuple):
 def make_site(sites: Sites, edit_args: list[dict], pos_BxT):
     """Returns (site, captured): site(layer, kind, x) applies this hook's edits, records x if
     captured, and returns the (edited) value."""
-    by_hook: dict[str, list[int]] = {}
-    for i, (hook, *_rest) in enumerate(sites.edits):
-        by_hook.setdefault(hook, []).append(i)
-    wanted = set(sites.capture)
     captured: dict[str, jax.Array] = {}
 
     def site(layer: int, kind: str, x):
         name = f"{kind}.{layer}"
-        for i in by_hook.get(name, ()):
-            _, ekind, fn, _ = sites.edits[i]
-            # edit vectors are float32: round the edited value back to the stream's dtype
-            x = apply_edit(ekind, fn, edit_args[i], x, pos_BxT).astype(x.dtype)
-        if name in wanted:
+        for (hook, ekind, fn, _), args in zip(sites.edits, edit_args):
+            if hook == name:
+                # edit vectors are float32: round the edited value back to the stream's dtype
+                x = apply_edit(ekind, fn, args, x, pos_BxT).astype(x.dtype)
+        if name in sites.capture:
             captured[name] = x
         return x
 
