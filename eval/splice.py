@@ -79,10 +79,6 @@ def splice_fns(dictionary, *, error_term: bool = False) -> tuple[tuple[str, Call
     return ((hook_in, record), (hook_out, splice_out))
 
 
-def _zeros(x_BxTxD):
-    return jnp.zeros_like(x_BxTxD)
-
-
 @jax.jit
 def _loss_sums(logits_clean_BxTxV, logits_BxTxV, tokens_BxT, valid_BxT):
     """(Sum CE of logits, Sum KL(clean || logits)) over valid positions; valid_BxT marks position t
@@ -94,12 +90,6 @@ def _loss_sums(logits_clean_BxTxV, logits_BxTxV, tokens_BxT, valid_BxT):
     nll = -jnp.take_along_axis(logp, next_BxT[..., None], axis=-1)[..., 0]
     kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp), axis=-1)
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, kl, 0.0))
-
-
-def _valid_predictions(mask_BxT: np.ndarray) -> np.ndarray:
-    valid = np.zeros(mask_BxT.shape, bool)
-    valid[:, :-1] = (mask_BxT[:, :-1] > 0) & (mask_BxT[:, 1:] > 0)
-    return valid
 
 
 def splice_metrics(
@@ -130,7 +120,7 @@ def splice_metrics(
 
     variants = {
         "spliced": tuple(replace(h, fn, positions) for h, fn in splice_fns(dictionary)),
-        "zero": (replace(hook_out, _zeros, positions),),
+        "zero": (replace(hook_out, jnp.zeros_like, positions),),
     }
     if error_term:
         variants["with_error"] = tuple(replace(h, fn, positions) for h, fn in splice_fns(dictionary, error_term=True))
@@ -141,7 +131,7 @@ def splice_metrics(
     for lo in range(0, n, bs):
         pad = ((0, max(0, lo + bs - n)), (0, 0))  # a fixed batch so nothing recompiles; padded rows count nowhere
         tok_b, mask_b = np.pad(tokens[lo:lo + bs], pad), np.pad(mask[lo:lo + bs], pad)
-        valid_b = _valid_predictions(mask_b)
+        valid_b = np.pad((mask_b[:, :-1] > 0) & (mask_b[:, 1:] > 0), ((0, 0), (0, 1)))  # t and t+1 both real
         tok_j, mask_j, valid_j = jnp.asarray(tok_b), jnp.asarray(mask_b), jnp.asarray(valid_b)
         logits_clean, _ = lm.forward(lm.params, tok_j, attention_mask_BxT=mask_j)
         ce, _ = _loss_sums(logits_clean, logits_clean, tok_j, valid_j)
@@ -185,12 +175,9 @@ def contexts_from_store(store, n_contexts: int, *, split: str = "val", seed: int
     rows = np.asarray(store.token_rows(split, exclude_bos=False))
     if rows.size == 0:
         raise ValueError(f"store split {split!r} has no tokens; harvest more contexts or use split='all'")
-    ctx_ids, n_valid = np.unique(rows // T, return_counts=True)
-    stored_n_valid = getattr(store, "n_valid", None)
-    if stored_n_valid is not None:
-        n_valid = np.asarray(stored_n_valid)[ctx_ids]
+    ctx_ids, n_valid = np.unique(rows // T, return_counts=True)  # a context's rows are its n_valid real tokens
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(ctx_ids.size, size=min(n_contexts, ctx_ids.size), replace=False))
     tokens = np.asarray(store.tokens[ctx_ids[pick]], np.int32)
-    mask = (np.arange(T)[None, :] < np.asarray(n_valid)[pick][:, None]).astype(np.int32)
+    mask = (np.arange(T)[None, :] < n_valid[pick][:, None]).astype(np.int32)
     return tokens, mask
