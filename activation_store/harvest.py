@@ -17,6 +17,7 @@ disk space, and only then the model load, the skeleton and the commits.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -189,24 +190,6 @@ def check_store_path(out: Path) -> None:
                            "another --out")
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Create `directory` and its missing parents; the created ones, deepest first."""
-    missing, d = [], directory
-    while not d.exists():
-        missing.append(d)
-        d = d.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    for d in directories:  # deepest first; stops at the first one something else was put in
-        try:
-            d.rmdir()
-        except OSError:
-            return
-
-
 def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, progress: bool = True,
             fsync: bool = True, on_phase=None, notify: Callable[[str], None] | None = None) -> HarvestResult:
     """Harvest `config.hooks` of `lm` (default: load_model(config.model)) over the corpus into `out`.
@@ -233,7 +216,8 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
             model_config.check_hook(hook, model_name)
         check_context_length(config.corpus, model_config.max_ctx)
     documents = read_documents(config.corpus)
-    created = _make_parents(out.parent)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with store_lock(out):
             existing = ActivationStore.open(out) if out.exists() and not overwrite else None
@@ -269,13 +253,14 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
                              bos_id=lm.tokenizer.bos_id, tokenizer=corpus.tokenizer_name)
                 if on_phase is not None:
                     on_phase("created", -1)
-            writer = StoreWriter(out, fsync=fsync, on_phase=on_phase)
-            try:
+            with contextlib.closing(StoreWriter(out, fsync=fsync, on_phase=on_phase)) as writer:
                 result = _run(lm, config, corpus, writer, progress, notify)
-            finally:
-                writer.close()
     except BaseException:
-        _remove_empty(created)
+        for d in created:  # remove the folders made above, deepest first, up to one something else was put in
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     result.store = ActivationStore.open(out)
     return result
@@ -326,34 +311,31 @@ def _run(lm, config: HarvestConfig, corpus: PackedCorpus, writer: StoreWriter, p
     remaining = corpus.n_tokens - done_tokens
     announce = notify if notify is not None and config.corpus.max_tokens is None else None
     n_batches = -(-(N - start) // config.batch_size)
-    bar = tqdm(total=corpus.n_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {','.join(hooks)}", smoothing=0.1)
     timing = {"stall_s": 0.0}
     write_s, t_start, t_first, seen_tokens = 0.0, time.perf_counter(), 0.0, 0
     block, block_n = [], 0  # the batches ({hook: rows}) gathered for the next commit, and their contexts
-    try:
-        with Prefetcher(lambda: _forward_rows(lm, config, corpus, start, timing), depth=2,
-                        name="harvest-forward") as batches:
-            for i, (c0, n_real, rows) in enumerate(batches):
-                tokens = int(corpus.n_valid_N[c0:c0 + n_real].sum())
-                if i == 0:
-                    t_first, first_tokens = time.perf_counter(), tokens  # the first batch also paid for compiling
-                if announce is not None and i == min(RATE_BATCHES, n_batches - 1):
-                    # batches 1..i were produced between the arrivals of batch 0 and batch i
-                    rate = (seen_tokens - first_tokens + tokens) / (time.perf_counter() - t_first) if i else None
-                    announce(_whole_corpus_notice(corpus, remaining, rate))
-                    announce = None
-                seen_tokens += tokens
-                block.append(rows)
-                block_n, c1 = block_n + n_real, c0 + n_real
-                if block_n == C or c1 == N:
-                    t0 = time.perf_counter()
-                    writer.commit(c1 - block_n, c1, {h: np.concatenate([b[h] for b in block]) for h in hooks})
-                    write_s += time.perf_counter() - t0
-                    block, block_n = [], 0
-                bar.update(tokens)
-    finally:
-        bar.close()
+    with (tqdm(total=corpus.n_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {','.join(hooks)}", smoothing=0.1) as bar,
+          Prefetcher(lambda: _forward_rows(lm, config, corpus, start, timing), depth=2,
+                     name="harvest-forward") as batches):
+        for i, (c0, n_real, rows) in enumerate(batches):
+            tokens = int(corpus.n_valid_N[c0:c0 + n_real].sum())
+            if i == 0:
+                t_first, first_tokens = time.perf_counter(), tokens  # the first batch also paid for compiling
+            if announce is not None and i == min(RATE_BATCHES, n_batches - 1):
+                # batches 1..i were produced between the arrivals of batch 0 and batch i
+                rate = (seen_tokens - first_tokens + tokens) / (time.perf_counter() - t_first) if i else None
+                announce(_whole_corpus_notice(corpus, remaining, rate))
+                announce = None
+            seen_tokens += tokens
+            block.append(rows)
+            block_n, c1 = block_n + n_real, c0 + n_real
+            if block_n == C or c1 == N:
+                t0 = time.perf_counter()
+                writer.commit(c1 - block_n, c1, {h: np.concatenate([b[h] for b in block]) for h in hooks})
+                write_s += time.perf_counter() - t0
+                block, block_n = [], 0
+            bar.update(tokens)
     return HarvestResult(store=None, new_contexts=N - start, new_tokens=remaining,
                          wall_s=time.perf_counter() - t_start, write_s=write_s, stall_s=timing["stall_s"])
 

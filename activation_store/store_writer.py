@@ -195,8 +195,8 @@ class StoreWriter:
         self.T = int(self.attrs["context_length"])
         self.N = int(self.attrs["n_contexts"])
         self.commit_contexts = int(self.attrs["commit_contexts"])
-        self.row_bytes = sum(int(self.file["acts"][h].shape[1]) * self.file["acts"][h].dtype.itemsize
-                             for h in self.hooks)
+        self.context_bytes = self.T * sum(int(self.file["acts"][h].shape[1]) * self.file["acts"][h].dtype.itemsize
+                                          for h in self.hooks)  # of activations, over every hook
         self.fsync = fsync
         self.on_phase = on_phase or (lambda name, index: None)
 
@@ -204,17 +204,13 @@ class StoreWriter:
     def n_committed(self) -> int:
         return int(self.file["n_committed"][()])
 
-    def bytes_needed(self, c0: int, c1: int) -> int:
-        """Bytes of activations in contexts [c0, c1), over every hook."""
-        return (c1 - c0) * self.T * self.row_bytes
-
     def commit(self, c0: int, c1: int, acts: Mapping[str, np.ndarray]) -> None:
         index = c0 // self.commit_contexts
         if c0 != self.n_committed or c0 % self.commit_contexts or c1 != min(c0 + self.commit_contexts, self.N):
             raise StoreError(f"commit [{c0}, {c1}) does not continue the store at context {self.n_committed} "
                              f"in blocks of {self.commit_contexts}")
-        check_free_space(self.path, self.bytes_needed(c0, c1), f"committing contexts [{c0}, {c1})",
-                         rest=self.bytes_needed(c0, self.N))
+        check_free_space(self.path, (c1 - c0) * self.context_bytes, f"committing contexts [{c0}, {c1})",
+                         rest=(self.N - c0) * self.context_bytes)
         crcs = np.zeros(len(self.hooks), np.uint32)
         for j, hook in enumerate(self.hooks):
             ds = self.file["acts"][hook]
@@ -277,11 +273,8 @@ def write_store(
     create_store(path, tokens_NxT=tokens, n_valid_N=n_valid, doc_id_N=doc_ids, label_N=labels,
                  label_names=label_names, dims=dims, dtype=dtype, attrs=dict(attrs or {}),
                  commit_contexts=commit_contexts, val_fraction=val_fraction, bos_id=bos_id, chunk_bytes=chunk_bytes)
-    writer = StoreWriter(path, fsync=False)
-    try:
+    with contextlib.closing(StoreWriter(path, fsync=False)) as writer:
         for c0 in range(0, N, commit_contexts):
             c1 = min(c0 + commit_contexts, N)
             writer.commit(c0, c1, {h: np.asarray(a)[c0 * T:c1 * T] for h, a in acts.items()})
-    finally:
-        writer.close()
     return ActivationStore.open(path)
