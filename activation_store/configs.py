@@ -65,24 +65,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-@lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _meta(f: dataclasses.Field, key: str):
-    return f.metadata.get(key) if f.metadata else None
+_hints = lru_cache(maxsize=None)(typing.get_type_hints)  # {field: type} of a config class
 
 
 def flag_of(cls: type, name: str) -> str:
     """The command-line flag that sets field `name` of `cls`."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return _meta(f, "flag") or "--" + name.replace("_", "-")
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
 def flags_of(*classes: type) -> dict[str, str]:
     """{field name: flag} over several config classes (for `config_diff`)."""
-    return {f.name: flag_of(c, f.name) for c in classes for f in dataclasses.fields(c) if _meta(f, "cli") is not False}
+    return {f.name: flag_of(c, f.name) for c in classes for f in dataclasses.fields(c)
+            if f.metadata.get("cli") is not False}
 
 
 def _tuple_item(tp):
@@ -149,13 +144,13 @@ class Config:
         """Check every field's declared choices and range; raise ConfigError naming the flag and the fix."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            choices = _meta(f, "choices")
+            choices = f.metadata.get("choices")
             flag = flag_of(type(self), f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(str, choices))}")
             for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
                                   ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
-                bound = _meta(f, key)
+                bound = f.metadata.get(key)
                 if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
                     raise ConfigError(f"{flag} must be {word} {bound:g} (got {value!r})")
             if isinstance(value, Config):
@@ -196,7 +191,7 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
     target = parser.add_argument_group(title) if title else parser
     docs, hints, defaults = field_docs(cls), _hints(cls), defaults or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip or _meta(f, "cli") is False:
+        if f.name in skip or f.metadata.get("cli") is False:
             continue
         tp = hints.get(f.name, str)
         if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
@@ -214,8 +209,8 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
         help_text = f"{docs.get(f.name, '')} ({shown})".strip().replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f"{prefix}_{f.name}" if prefix else f.name, "default": default,
                                   "help": help_text, "required": required}
-        if _meta(f, "choices"):
-            kwargs["choices"] = list(_meta(f, "choices"))
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata.get("choices"))
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _tuple_item(tp) is not None:

@@ -241,13 +241,6 @@ def read_documents(config: CorpusConfig) -> Documents:
 # Packing
 
 
-def document_order(n_docs: int, shuffle: bool, seed: int) -> np.ndarray:
-    """The order documents are packed in: a seeded permutation, or 0..n-1."""
-    if not shuffle:
-        return np.arange(n_docs)
-    return np.random.default_rng(seed).permutation(n_docs)
-
-
 def split_document(doc_tokens: Sequence[int], context_length: int, min_tokens: int) -> list[list[int]]:
     """Cut one document's tokens into pieces of at most T−1 tokens, dropping a short tail."""
     step = context_length - 1
@@ -314,7 +307,8 @@ def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None,
     check_context_length(config, max_ctx)
     T = config.context_length
     documents = read_documents(config) if documents is None else documents
-    order = document_order(len(documents.texts), config.shuffle_documents, config.seed)
+    n_docs = len(documents.texts)  # packed in a seeded random order, or in corpus order
+    order = np.random.default_rng(config.seed).permutation(n_docs) if config.shuffle_documents else np.arange(n_docs)
     if config.max_documents is not None:
         order = order[:config.max_documents]
 
@@ -328,4 +322,4 @@ def build_corpus(config: CorpusConfig, tokenizer, *, max_ctx: int | None = None,
                           f"(min_tokens={config.min_tokens}) within the caps (max_tokens={config.max_tokens}, "
                           f"max_contexts={config.max_contexts}); add text, lower --min-tokens or raise the caps")
     return PackedCorpus(tokens, n_valid, doc_ids, labels, documents.label_names,
-                        str(getattr(tokenizer, "name", type(tokenizer).__name__)), len(documents.texts))
+                        str(getattr(tokenizer, "name", type(tokenizer).__name__)), n_docs)

@@ -32,7 +32,7 @@ import contextlib
 import queue
 import threading
 import weakref
-from typing import Callable, Iterable, Iterator, TypeVar, Union
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -42,13 +42,10 @@ EXIT_JOIN_S = 10.0  # how long interpreter exit waits for each producer to finis
 _END = object()
 
 
-class _Failure:
+class _Failure(NamedTuple):
     """An exception raised by the producer, carried through the queue to the consumer."""
 
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException):
-        self.error = error
+    error: BaseException
 
 
 class _Worker:
@@ -111,13 +108,6 @@ def stop_all(timeout: float = EXIT_JOIN_S) -> None:
         w.shutdown(timeout)
 
 
-def _register_exit_hook() -> None:
-    # Moving the hook to the end of atexit's list makes it run before the exit handlers of libraries
-    # (jax) imported after the previous registration.
-    atexit.unregister(stop_all)
-    atexit.register(stop_all)
-
-
 class Prefetcher(Iterator[T]):
     """Iterate `source` on a background thread, keeping up to `depth` items ready.
 
@@ -133,7 +123,10 @@ class Prefetcher(Iterator[T]):
             raise ValueError(f"depth must be at least 1, got {depth}")
         self._worker = _Worker(source, depth, name)
         self._done = False
-        _register_exit_hook()
+        # Moving the exit hook to the end of atexit's list makes it run before the exit handlers of
+        # libraries (jax) imported after the previous registration.
+        atexit.unregister(stop_all)
+        atexit.register(stop_all)
         with _LIVE_LOCK:
             _LIVE.add(self._worker)
         # Collecting an abandoned Prefetcher stops its producer (the thread does not keep it alive).
