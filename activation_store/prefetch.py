@@ -60,11 +60,9 @@ class _Worker:
     def put(self, item) -> bool:
         """Queue `item`, waiting for room; False once a stop was requested."""
         while not self.stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 self.queue.put(item, timeout=POLL_S)
                 return True
-            except queue.Full:
-                continue
         return False
 
     def run(self) -> None:

@@ -185,10 +185,8 @@ class MetricsLog:
             return []
         rows = []
         for line in self.path.read_text().splitlines():
-            try:
+            with contextlib.suppress(ValueError):  # a line torn by a kill mid-write; the resumed run logs it again
                 rows.append(json.loads(line))
-            except ValueError:
-                pass  # a line torn by a kill mid-write; the resumed run logs it again
         return rows
 
     def append(self, rows: Iterable[dict]) -> None:

@@ -466,7 +466,5 @@ def _write_cached_stats(path: Path, hook: str, key: dict, result: tuple[np.ndarr
         record = {"format": STATS_FORMAT, "hooks": {}}
     record["hooks"][hook] = {"key": key, "n_rows": int(n_rows), "mean": [float(v) for v in result[0]],
                              "mean_sq_norm": float(result[1])}
-    try:
+    with contextlib.suppress(OSError):  # a read-only directory: the in-memory cache is all we keep
         atomic_write_json(path, record)
-    except OSError:
-        pass  # a read-only directory: the in-memory cache is all we keep
