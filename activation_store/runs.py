@@ -81,18 +81,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def _write_temp(directory: Path, name: str, data: bytes | str | Callable[[Path], None]) -> Path:
     """Write `data` (bytes, text, or a function that writes a path) to a fresh fsynced temp file in `directory`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     tmp_path = Path(tmp)
     try:
         if callable(data):
-            os.close(fd)
             data(tmp_path)
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
         else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp_path.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp_path, "rb+") as f:  # fsync reaches the file's data whichever descriptor wrote it
+            os.fsync(f.fileno())
         os.chmod(tmp_path, FILE_MODE)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -18,9 +18,8 @@ import contextlib
 import json
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -52,8 +51,7 @@ def stats_path(path) -> Path:
 SHARD_ATTRS = ("shard", "context_offset", "n_contexts", "n_tokens", "corpus_fingerprint", "harvest_config")
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
     """One file of a store: its path, committed contexts, and the corpus index of its first context."""
 
     path: Path
