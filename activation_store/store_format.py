@@ -141,12 +141,6 @@ def val_context_mask(n_contexts: int, val_fraction: float, first: int = 0) -> np
     return u.astype(np.float64) * 2.0**-53 < val_fraction
 
 
-def row_mask(n_valid_N: np.ndarray, context_length: int, contexts_N: np.ndarray, exclude_bos: bool) -> np.ndarray:
-    """Boolean [N, T]: real (non-padding) positions of the chosen contexts, BOS dropped if asked."""
-    t = np.arange(context_length)[None, :]
-    return (t >= (1 if exclude_bos else 0)) & (t < n_valid_N[:, None]) & contexts_N[:, None]
-
-
 def chunk_contexts(context_length: int, dim: int, itemsize: int, n_contexts: int,
                    chunk_bytes: int = CHUNK_TARGET_BYTES) -> int:
     """Contexts per HDF5 chunk: the largest power of two whose chunk stays within `chunk_bytes`."""

@@ -31,8 +31,7 @@ from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read
 from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError, StoreError,
                                                         chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
                                                         foreign_hdf5, has_hdf5_signature, has_shards, layout_problems,
-                                                        not_a_store, row_mask, shard_files, shard_range,
-                                                        val_context_mask)
+                                                        not_a_store, shard_files, shard_range, val_context_mask)
 
 STATS_FORMAT = "featureatlas-store-stats/1"
 
@@ -238,8 +237,10 @@ class ActivationStore:
         return splits[split]
 
     def token_rows(self, split: str = "train", exclude_bos: bool = True) -> np.ndarray:
-        """Sorted int64 row indices (ctx·T + t) of the real tokens of `split`."""
-        mask = row_mask(self.n_valid, self.context_length, self.context_split(split), exclude_bos)
+        """Sorted int64 row indices (ctx·T + t) of the real (non-padding) tokens of `split`, BOS (t = 0) left
+        out if asked."""
+        t = np.arange(self.context_length)[None, :]
+        mask = (t >= (1 if exclude_bos else 0)) & (t < self.n_valid[:, None]) & self.context_split(split)[:, None]
         return np.flatnonzero(mask.ravel()).astype(np.int64)
 
     def select_rows(self, split: str = "train", exclude_bos: bool = True, rows=None) -> np.ndarray:
