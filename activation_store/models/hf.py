@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .gguf_loader import CorruptModelError
 from .tokenizer import BPETokenizer
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -39,7 +40,15 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """ModelConfig from a HF config.json dict."""
+    """ModelConfig from a HF config.json dict; CorruptModelError naming a required field it lacks."""
+    try:
+        return _config_from_hf(cfg)
+    except KeyError as e:
+        raise CorruptModelError(f"config.json has no {e.args[0]!r} field, which a {cfg.get('model_type')} model "
+                                "needs; the file is damaged or was not written by transformers.") from e
+
+
+def _config_from_hf(cfg: dict) -> ModelConfig:
     model_type = cfg.get("model_type")
     if model_type in GPT2_MODEL_TYPES:
         d_model = cfg["n_embd"]
