@@ -132,7 +132,7 @@ def from_hf(cfg: ModelConfig, t: dict) -> dict:
 def to_hf(cfg: ModelConfig, params) -> dict:
     """Internal params -> HF tensors (numpy fp32), the inverse of from_hf."""
     npf = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float32))  # noqa: E731
-    qd, kd, F = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_mlp
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": npf(params["embed"]), "model.norm.weight": npf(params["ln_f_w"])}
     for i, p in enumerate(params["layers"]):
         pre = f"model.layers.{i}."
@@ -145,9 +145,8 @@ def to_hf(cfg: ModelConfig, params) -> dict:
                 out[a + n + "_proj.bias"] = npf(b)
         out[a + "o_proj.weight"] = npf(np.asarray(p["w_o"]).T)
         out[pre + "post_attention_layernorm.weight"] = npf(p["ln2_w"])
-        w_gu = np.asarray(p["w_gate_up"])
-        out[pre + "mlp.gate_proj.weight"] = npf(w_gu[:, :F].T)
-        out[pre + "mlp.up_proj.weight"] = npf(w_gu[:, F:].T)
+        for n, w in zip(("gate", "up"), np.split(np.asarray(p["w_gate_up"]), 2, axis=1)):
+            out[pre + f"mlp.{n}_proj.weight"] = npf(w.T)
         out[pre + "mlp.down_proj.weight"] = npf(np.asarray(p["w_down"]).T)
     if "unembed" in params:
         out["lm_head.weight"] = npf(np.asarray(params["unembed"]).T)
