@@ -48,7 +48,6 @@ class GGUFContents:
     config: ModelConfig
     tensors: dict[str, np.ndarray]  # HF names, float32
     tokenizer: BPETokenizer
-    name: str  # general.name
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -181,7 +180,7 @@ def read_gguf(path) -> GGUFContents:
             w = unpermute_rope_rows(w, config.n_heads if ".q_proj." in name else config.n_kv_heads)
         tensors[name] = w
     _check_shapes(config, tensors)
-    return GGUFContents(config, tensors, read_tokenizer(reader), str(_field(reader, "general.name", "")))
+    return GGUFContents(config, tensors, read_tokenizer(reader))
 
 
 def _check_shapes(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
