@@ -92,11 +92,11 @@ def _mean_ci(vals: list) -> dict | None:
     return {"mean": float(np.mean(vals)), "ci": [lo, hi], "n": len(vals)}
 
 
-def pooled(summary: list[dict], evaluation: str, methods, judge_kind: str = "embedding", kinds=None) -> dict | None:
-    """Mean and bootstrap CI over every (dictionary, feature) value of the given description methods."""
+def pooled(summary: list[dict], evaluation: str, methods) -> dict | None:
+    """Mean and bootstrap CI over every (dictionary, feature) value of the given description methods
+    (embedding judge)."""
     return _mean_ci([v for r in summary if r["evaluation"] == evaluation and r["method"] in methods
-                     and (r["judge"] or "").startswith(judge_kind) and (kinds is None or r["kind"] in kinds)
-                     for v in r["values"]])
+                     and (r["judge"] or "").startswith("embedding") for v in r["values"]])
 
 
 def steering_of(summary: list[dict], kind: str) -> dict | None:

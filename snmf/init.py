@@ -43,9 +43,7 @@ class Initializer:
 
 
 def random_columns(k: int, start: int, count: int, seed: int) -> np.ndarray:
-    """U(0, 1) columns start .. start+count, identical however the range is split."""
-    if count == 0:
-        return np.zeros((k, 0), np.float32)
+    """U(0, 1) columns start .. start+count (count >= 1), identical however the range is split."""
     first, last = start // RANDOM_BLOCK, (start + count - 1) // RANDOM_BLOCK
     blocks = [np.random.default_rng([seed, b]).random((k, RANDOM_BLOCK), np.float32) for b in range(first, last + 1)]
     offset = start - first * RANDOM_BLOCK

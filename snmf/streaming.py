@@ -161,12 +161,6 @@ def transposed_chunks(source, chunk_size: int) -> Iterator[tuple[int, int, np.nd
         yield start, count, A_DxC
 
 
-def pad_rows(Yt_CxK: np.ndarray, size: int) -> np.ndarray:
-    if len(Yt_CxK) == size:
-        return Yt_CxK
-    return np.concatenate([Yt_CxK, np.zeros((size - len(Yt_CxK), Yt_CxK.shape[1]), Yt_CxK.dtype)])
-
-
 def fit_streaming(source, cfg: SNMFConfig, *, chunk_size: int, workdir: str, mu_steps: int = 1, save_y: bool = False,
                   checkpoints=None, on_iter: Callable[[int, float, float, float], None] | None = None,
                   progress: bool = False) -> SNMFFit:
@@ -232,7 +226,7 @@ def _pass_zero(source, cfg, chunk_size, path, m) -> dict:
             for start, count, A in chunks:
                 check_finite(A[:, :count], col_offset=start)
                 A_DxC = A[:, :count] if cfg.init == "random" else np.asarray(A[:, :count], np.float32)
-                Yt = pad_rows(np.ascontiguousarray(init.Y_for(A_DxC, start).T), chunk_size)
+                Yt = np.pad(np.ascontiguousarray(init.Y_for(A_DxC, start).T), ((0, chunk_size - count), (0, 0)))
                 write(start, Yt[:count])
                 for total, part in zip(sums, stream_chunk_stats(A, Yt)):
                     total += np.asarray(part, np.float64)
@@ -255,7 +249,7 @@ def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m) -> dict:
         YAt, YYt, cross = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k)), 0.0
         with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
             for start, count, A in chunks:
-                Yt = pad_rows(files[cur].read(start, count), chunk_size)
+                Yt = np.pad(files[cur].read(start, count), ((0, chunk_size - count), (0, 0)))
                 Yt_new, ya, yy, cr = stream_chunk_step(A, Yt, s, idx, vals, Q, mu_steps=mu_steps)
                 write(start, np.asarray(Yt_new)[:count])
                 YAt += np.asarray(ya, np.float64)

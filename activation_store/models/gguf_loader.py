@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featureatlas.activation_store.errors import FeatureAtlasError
+
 from . import llama
 from .config import ModelConfig
 from .tokenizer import BPETokenizer
 
 
-class CorruptModelError(ValueError):
-    """A weights file that cannot be parsed (truncated download, wrong format)."""
+class CorruptModelError(FeatureAtlasError, ValueError):
+    """A weights file that cannot be parsed (truncated download, wrong format, a required field missing)."""
 
 
 # GGUF architectures we map onto ModelConfig(arch="llama"). Only "llama" has permuted Q/K rows:
@@ -46,7 +48,6 @@ class GGUFContents:
     config: ModelConfig
     tensors: dict[str, np.ndarray]  # HF names, float32
     tokenizer: BPETokenizer
-    name: str  # general.name
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -55,8 +56,14 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+REQUIRED = object()  # `_field`'s default for metadata a model cannot be built without
+
+
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
+    if field is None and default is REQUIRED:
+        raise CorruptModelError(f"GGUF has no {key!r} metadata field, which the model needs; the file is "
+                                "damaged or was not written by llama.cpp's converter.")
     return default if field is None else field.contents()
 
 
@@ -97,17 +104,17 @@ def read_config(reader) -> ModelConfig:
     if scaling not in ("none", None) or "rope_freqs.weight" in names:
         raise ValueError(
             f"GGUF uses RoPE scaling ({scaling!r} / rope_freqs), which this model core does not implement.")
-    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
-    d_model = int(_field(reader, f"{arch}.embedding_length"))
+    n_heads = int(_field(reader, f"{arch}.attention.head_count", REQUIRED))
+    d_model = int(_field(reader, f"{arch}.embedding_length", REQUIRED))
     return ModelConfig(
-        arch="llama", n_layers=int(_field(reader, f"{arch}.block_count")), d_model=d_model,
-        d_mlp=int(_field(reader, f"{arch}.feed_forward_length")), n_heads=n_heads,
+        arch="llama", n_layers=int(_field(reader, f"{arch}.block_count", REQUIRED)), d_model=d_model,
+        d_mlp=int(_field(reader, f"{arch}.feed_forward_length", REQUIRED)), n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", d_model // n_heads)),
-        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", REQUIRED))),
         max_ctx=int(_field(reader, f"{arch}.context_length", 8192)),
         rope_base=_short_float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        norm_eps=_short_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        norm_eps=_short_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", REQUIRED)),
         tied_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, activation="silu",
         bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -121,8 +128,9 @@ def read_tokenizer(reader) -> BPETokenizer:
             f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, tokenizer.ggml.model"
             " = 'gpt2'); SentencePiece GGUFs ('llama') need a HF directory with tokenizer.json instead.")
     return BPETokenizer.from_gguf_fields(
-        tokens=_field(reader, "tokenizer.ggml.tokens"), merges=_field(reader, "tokenizer.ggml.merges"),
-        token_types=_field(reader, "tokenizer.ggml.token_type"), pre=_field(reader, "tokenizer.ggml.pre"),
+        tokens=_field(reader, "tokenizer.ggml.tokens", REQUIRED), pre=_field(reader, "tokenizer.ggml.pre"),
+        merges=_field(reader, "tokenizer.ggml.merges", REQUIRED),
+        token_types=_field(reader, "tokenizer.ggml.token_type"),
         bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
@@ -172,7 +180,7 @@ def read_gguf(path) -> GGUFContents:
             w = unpermute_rope_rows(w, config.n_heads if ".q_proj." in name else config.n_kv_heads)
         tensors[name] = w
     _check_shapes(config, tensors)
-    return GGUFContents(config, tensors, read_tokenizer(reader), str(_field(reader, "general.name", "")))
+    return GGUFContents(config, tensors, read_tokenizer(reader))
 
 
 def _check_shapes(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:

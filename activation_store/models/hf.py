@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .gguf_loader import CorruptModelError
 from .tokenizer import BPETokenizer
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -39,7 +40,15 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """ModelConfig from a HF config.json dict."""
+    """ModelConfig from a HF config.json dict; CorruptModelError naming a required field it lacks."""
+    try:
+        return _config_from_hf(cfg)
+    except KeyError as e:
+        raise CorruptModelError(f"config.json has no {e.args[0]!r} field, which a {cfg.get('model_type')} model "
+                                "needs; the file is damaged or was not written by transformers.") from e
+
+
+def _config_from_hf(cfg: dict) -> ModelConfig:
     model_type = cfg.get("model_type")
     if model_type in GPT2_MODEL_TYPES:
         d_model = cfg["n_embd"]
@@ -57,7 +66,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported for llama-family models (silu only)")
     n_heads = cfg["num_attention_heads"]
     max_ctx = cfg.get("max_position_embeddings", 8192)
-    window = cfg.get("sliding_window")
+    window, eos = cfg.get("sliding_window"), cfg.get("eos_token_id")  # eos: an id or a list of ids
     if window and cfg.get("use_sliding_window", model_type == "mistral"):
         # Full attention equals sliding-window attention only on contexts that fit in the window.
         max_ctx = min(max_ctx, window)
@@ -68,11 +77,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         max_ctx=max_ctx, rope_base=_rope_theta(cfg), norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), activation="silu",
-        bos_id=cfg.get("bos_token_id"), eos_id=_first(cfg.get("eos_token_id")), pad_id=cfg.get("pad_token_id"))
-
-
-def _first(x):
-    return x[0] if isinstance(x, list) else x
+        bos_id=cfg.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=cfg.get("pad_token_id"))
 
 
 def config_to_hf(config: ModelConfig) -> dict:

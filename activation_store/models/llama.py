@@ -92,22 +92,14 @@ def hf_spec(cfg: ModelConfig) -> dict:
     """HF tensor name -> (shape, init role); role is 'embed', 'norm', 'bias' or the fan-in."""
     D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
     qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    qkv = {"q": qd, "k": kd, "v": kd}
+    layer = {"input_layernorm.weight": ((D,), "norm"),
+             **{f"self_attn.{n}_proj.weight": ((w, D), D) for n, w in qkv.items()},
+             **({f"self_attn.{n}_proj.bias": ((w,), "bias") for n, w in qkv.items()} if cfg.qkv_bias else {}),
+             "self_attn.o_proj.weight": ((D, qd), qd), "post_attention_layernorm.weight": ((D,), "norm"),
+             "mlp.gate_proj.weight": ((F, D), D), "mlp.up_proj.weight": ((F, D), D), "mlp.down_proj.weight": ((D, F), F)}
     spec = {"model.embed_tokens.weight": ((V, D), "embed"), "model.norm.weight": ((D,), "norm")}
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        spec[pre + "input_layernorm.weight"] = ((D,), "norm")
-        spec[pre + "self_attn.q_proj.weight"] = ((qd, D), D)
-        spec[pre + "self_attn.k_proj.weight"] = ((kd, D), D)
-        spec[pre + "self_attn.v_proj.weight"] = ((kd, D), D)
-        if cfg.qkv_bias:
-            spec[pre + "self_attn.q_proj.bias"] = ((qd,), "bias")
-            spec[pre + "self_attn.k_proj.bias"] = ((kd,), "bias")
-            spec[pre + "self_attn.v_proj.bias"] = ((kd,), "bias")
-        spec[pre + "self_attn.o_proj.weight"] = ((D, qd), qd)
-        spec[pre + "post_attention_layernorm.weight"] = ((D,), "norm")
-        spec[pre + "mlp.gate_proj.weight"] = ((F, D), D)
-        spec[pre + "mlp.up_proj.weight"] = ((F, D), D)
-        spec[pre + "mlp.down_proj.weight"] = ((D, F), F)
+    spec |= {f"model.layers.{i}.{n}": s for i in range(cfg.n_layers) for n, s in layer.items()}
     if not cfg.tied_embeddings:
         spec["lm_head.weight"] = ((V, D), D)
     return spec
@@ -140,7 +132,7 @@ def from_hf(cfg: ModelConfig, t: dict) -> dict:
 def to_hf(cfg: ModelConfig, params) -> dict:
     """Internal params -> HF tensors (numpy fp32), the inverse of from_hf."""
     npf = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float32))  # noqa: E731
-    qd, kd, F = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_mlp
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": npf(params["embed"]), "model.norm.weight": npf(params["ln_f_w"])}
     for i, p in enumerate(params["layers"]):
         pre = f"model.layers.{i}."
@@ -153,9 +145,8 @@ def to_hf(cfg: ModelConfig, params) -> dict:
                 out[a + n + "_proj.bias"] = npf(b)
         out[a + "o_proj.weight"] = npf(np.asarray(p["w_o"]).T)
         out[pre + "post_attention_layernorm.weight"] = npf(p["ln2_w"])
-        w_gu = np.asarray(p["w_gate_up"])
-        out[pre + "mlp.gate_proj.weight"] = npf(w_gu[:, :F].T)
-        out[pre + "mlp.up_proj.weight"] = npf(w_gu[:, F:].T)
+        for n, w in zip(("gate", "up"), np.split(np.asarray(p["w_gate_up"]), 2, axis=1)):
+            out[pre + f"mlp.{n}_proj.weight"] = npf(w.T)
         out[pre + "mlp.down_proj.weight"] = npf(np.asarray(p["w_down"]).T)
     if "unembed" in params:
         out["lm_head.weight"] = npf(np.asarray(params["unembed"]).T)

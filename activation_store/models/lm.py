@@ -93,8 +93,7 @@ class LanguageModel:
 
     def __init__(self, config: ModelConfig, params, tokenizer, model_id: str, weights_hash: str,
                  chat_system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT):
-        if config.arch not in transformer.ARCHS:
-            raise ValueError(f"unknown arch {config.arch!r}; supported: {sorted(transformer.ARCHS)}")
+        _check_config(config)
         self.config = config
         self.params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
         self.tokenizer = tokenizer
