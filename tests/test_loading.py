@@ -156,6 +156,25 @@ def test_hf_dir_without_weights_is_a_clear_error(tmp_path):
         load_hf_dir(tmp_path)
 
 
+def test_hf_dir_missing_or_misshapen_tensor_is_a_clear_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from featureatlas.activation_store.errors import FeatureAtlasError
+
+    lm = random_model("llama", n_layers=2, d_model=32, n_heads=4, vocab_size=260, seed=3)
+    lm.tokenizer = _byte_bpe()
+    save_hf_dir(lm, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, tmp_path / "model.safetensors")
+    with pytest.raises(CorruptModelError, match=f"missing llama tensors.*{name}") as err:
+        load_hf_dir(tmp_path)
+    assert isinstance(err.value, FeatureAtlasError)  # the CLI prints it as one line, no traceback
+    save_file({**tensors, name: tensors[name][:-1]}, tmp_path / "model.safetensors")
+    with pytest.raises(CorruptModelError, match=f"tensor {name} has shape"):
+        load_hf_dir(tmp_path)
+
+
 # ---- pieces, with tiny random models ------------------------------------------------------
 
 def _llama_cpp_permute(w, n_heads):

@@ -69,6 +69,7 @@ from featureatlas.activation_store.errors import ConfigError
 
 from .config import ModelConfig
 from .edits import Edit
+from .gguf_loader import CorruptModelError
 from .generate import GenPlan, Sampling, generate_core
 
 # SmolLM2-Instruct's chat template adds this system turn when the conversation has none.
@@ -125,12 +126,12 @@ class LanguageModel:
         missing = [n for n in spec if n not in tensors]
         if missing:
             more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-            raise ValueError(f"{model_id}: missing {config.arch} tensors {missing[:8]}{more}; "
+            raise CorruptModelError(f"{model_id}: missing {config.arch} tensors {missing[:8]}{more}; "
                              "check the checkpoint matches the config (tied_embeddings, qkv_bias, n_layers)")
         for name, (shape, _) in spec.items():
             got = tuple(np.shape(tensors[name]))
             if got != tuple(shape):
-                raise ValueError(f"{model_id}: tensor {name} has shape {got}, config implies {tuple(shape)}")
+                raise CorruptModelError(f"{model_id}: tensor {name} has shape {got}, config implies {tuple(shape)}")
         return cls(config, arch.from_hf(config, tensors), tokenizer, model_id, weights_hash, **kw)
 
     def to_hf_tensors(self) -> dict:
