@@ -128,16 +128,12 @@ def jumprelu(z, theta, bandwidth):
     return jnp.where(z > theta, z, 0.0)
 
 
-def _jumprelu_fwd(z, theta, bandwidth):
-    return jnp.where(z > theta, z, 0.0), (z, theta)
-
-
 def _jumprelu_bwd(bandwidth, res, g):
     z, theta = res
     return jnp.where(z > theta, g, 0.0), _d_theta(theta, z, theta, bandwidth, g)
 
 
-jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+jumprelu.defvjp(sparse.fwd_saving_args(jumprelu, 2), _jumprelu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -146,16 +142,12 @@ def heaviside(z, theta, bandwidth):
     return (z > theta).astype(z.dtype)
 
 
-def _heaviside_fwd(z, theta, bandwidth):
-    return (z > theta).astype(z.dtype), (z, theta)
-
-
 def _heaviside_bwd(bandwidth, res, g):
     z, theta = res
     return jnp.zeros_like(z), _d_theta(1.0, z, theta, bandwidth, g)
 
 
-heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
+heaviside.defvjp(sparse.fwd_saving_args(heaviside, 2), _heaviside_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +168,6 @@ def _low_matmul(a, b, transpose_b: bool, dtype):
     return _dot(a, b, _NT if transpose_b else _NN, dtype)
 
 
-def _low_matmul_fwd(a, b, transpose_b, dtype):
-    return _low_matmul(a, b, transpose_b, dtype), (a, b)
-
-
 def _low_matmul_bwd(transpose_b, dtype, res, g):
     a, b = res
     if transpose_b:  # out[B, F] = a[B, D] · b[F, D]ᵀ
@@ -189,7 +177,7 @@ def _low_matmul_bwd(transpose_b, dtype, res, g):
     return d_a.astype(a.dtype), d_b.astype(b.dtype)
 
 
-_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+_low_matmul.defvjp(sparse.fwd_saving_args(_low_matmul, 2), _low_matmul_bwd)
 
 
 def _mm(a, b_T, dtype, transpose_b: bool = True):
@@ -231,7 +219,6 @@ def batchtopk_entries(pre_BxF, k: int, impl: str | None = None):
     False on padding entries (placed last, on the last row, so rows stay ascending), whose values must
     be zeroed.
     """
-    impl = impl or sparse.impl()
     B, F = pre_BxF.shape
     m = min(F, BATCHTOPK_ROW_CAP * k)
     n_keep = k * B
