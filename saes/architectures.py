@@ -128,16 +128,12 @@ def jumprelu(z, theta, bandwidth):
     return jnp.where(z > theta, z, 0.0)
 
 
-def _jumprelu_fwd(z, theta, bandwidth):
-    return jnp.where(z > theta, z, 0.0), (z, theta)
-
-
 def _jumprelu_bwd(bandwidth, res, g):
     z, theta = res
     return jnp.where(z > theta, g, 0.0), _d_theta(theta, z, theta, bandwidth, g)
 
 
-jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+jumprelu.defvjp(sparse.fwd_saving_args(jumprelu, 2), _jumprelu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -146,16 +142,12 @@ def heaviside(z, theta, bandwidth):
     return (z > theta).astype(z.dtype)
 
 
-def _heaviside_fwd(z, theta, bandwidth):
-    return (z > theta).astype(z.dtype), (z, theta)
-
-
 def _heaviside_bwd(bandwidth, res, g):
     z, theta = res
     return jnp.zeros_like(z), _d_theta(1.0, z, theta, bandwidth, g)
 
 
-heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
+heaviside.defvjp(sparse.fwd_saving_args(heaviside, 2), _heaviside_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +168,6 @@ def _low_matmul(a, b, transpose_b: bool, dtype):
     return _dot(a, b, _NT if transpose_b else _NN, dtype)
 
 
-def _low_matmul_fwd(a, b, transpose_b, dtype):
-    return _low_matmul(a, b, transpose_b, dtype), (a, b)
-
-
 def _low_matmul_bwd(transpose_b, dtype, res, g):
     a, b = res
     if transpose_b:  # out[B, F] = a[B, D] · b[F, D]ᵀ
@@ -189,7 +177,7 @@ def _low_matmul_bwd(transpose_b, dtype, res, g):
     return d_a.astype(a.dtype), d_b.astype(b.dtype)
 
 
-_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+_low_matmul.defvjp(sparse.fwd_saving_args(_low_matmul, 2), _low_matmul_bwd)
 
 
 def _mm(a, b_T, dtype, transpose_b: bool = True):
@@ -231,7 +219,6 @@ def batchtopk_entries(pre_BxF, k: int, impl: str | None = None):
     False on padding entries (placed last, on the last row, so rows stay ascending), whose values must
     be zeroed.
     """
-    impl = impl or sparse.impl()
     B, F = pre_BxF.shape
     m = min(F, BATCHTOPK_ROW_CAP * k)
     n_keep = k * B
@@ -337,21 +324,27 @@ class Architecture:
 
 
 class _Dense(Architecture):
-    """Dense codes from dense pre-activations: codes = act(pre), sparsity penalty on them."""
+    """Dense codes from the dense projection x_c @ enc_FxDᵀ, a sparsity penalty on them, and for Gated
+    the auxiliary reconstruction of its gate path through the frozen decoder."""
 
-    def codes(self, cfg, params, pre_BxF):
-        """(codes_BxF, sparsity per token summed over the batch)."""
+    def codes(self, cfg, params, proj_BxF):
+        """(codes_BxF, sparsity per token summed over the batch, Gated's gate activations relu(π_gate) or
+        None) from proj = x_c @ enc_FxDᵀ."""
         raise NotImplementedError
 
     def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
         B, E = y.shape
-        pre = _mm(x_c, params["enc_FxD"], dtype) + params["b_enc"]
-        codes, sparsity = self.codes(cfg, params, pre)
+        codes, sparsity, gate = self.codes(cfg, params, _mm(x_c, params["enc_FxD"], dtype))
         recon = _mm_n(codes, params["dec_FxE"], dtype) + params["b_dec"]
         mse = _mse(recon, y)
         fired_F = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
         stats = {"sparsity": sparsity / B, "fired_F": fired_F, "l0": jnp.sum(fired_F) / B}
-        return mse + coef * stats["sparsity"] / E, mse, recon, stats
+        loss = mse + coef * stats["sparsity"] / E
+        if gate is not None:
+            frozen = _mm_n(gate, jax.lax.stop_gradient(params["dec_FxE"]), dtype)
+            stats["gate_aux"] = _mse(frozen + jax.lax.stop_gradient(params["b_dec"]), y)
+            loss = loss + stats["gate_aux"]
+        return loss, mse, recon, stats
 
 
 class ReLU(_Dense):
@@ -364,9 +357,9 @@ class ReLU(_Dense):
     # unit-scale codes on ~F/2 active latents would start the reconstruction far too large.
     enc_init_scale = DENSE_ENC_INIT_SCALE
 
-    def codes(self, cfg, params, pre_BxF):
-        codes = jax.nn.relu(pre_BxF)
-        return codes, jnp.sum(codes * _decoder_norms(params))
+    def codes(self, cfg, params, proj_BxF):
+        codes = jax.nn.relu(proj_BxF + params["b_enc"])
+        return codes, jnp.sum(codes * _decoder_norms(params)), None
 
 
 class JumpReLU(_Dense):
@@ -387,17 +380,17 @@ class JumpReLU(_Dense):
             theta = np.maximum(q, cfg.jumprelu_init_threshold)
         return {"b_enc": _zeros_F(cfg.width), "log_threshold": jnp.asarray(np.log(theta), jnp.float32)}
 
-    def codes(self, cfg, params, pre_BxF):
-        theta = jnp.exp(params["log_threshold"])
-        codes = jumprelu(pre_BxF, theta, cfg.jumprelu_bandwidth)
-        return codes, jnp.sum(heaviside(pre_BxF, theta, cfg.jumprelu_bandwidth))
+    def codes(self, cfg, params, proj_BxF):
+        pre, theta = proj_BxF + params["b_enc"], jnp.exp(params["log_threshold"])
+        codes = jumprelu(pre, theta, cfg.jumprelu_bandwidth)
+        return codes, jnp.sum(heaviside(pre, theta, cfg.jumprelu_bandwidth)), None
 
     def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
         return {**super().to_saved(cfg, p, buffers, centre_proj_F, s_out),
                 "threshold": np.exp(p["log_threshold"]) / s_out}
 
 
-class Gated(Architecture):
+class Gated(_Dense):
     """Gated SAE (Rajamanoharan et al. 2024a): a gate path chooses latents, a magnitude path sizes them."""
 
     name = "gated"
@@ -408,21 +401,11 @@ class Gated(Architecture):
     def init_params(self, cfg, enc_FxD, x_sample_NxD, centre_D) -> dict:
         return {"b_gate": _zeros_F(cfg.width), "r_mag": _zeros_F(cfg.width), "b_mag": _zeros_F(cfg.width)}
 
-    def loss(self, cfg, params, buffers, x_c, y, coef, key, dtype):
-        B, E = y.shape
-        proj = _mm(x_c, params["enc_FxD"], dtype)
-        pi_gate = proj + params["b_gate"]
-        pi_mag = proj * jnp.exp(params["r_mag"]) + params["b_mag"]
-        codes = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
-        recon = _mm_n(codes, params["dec_FxE"], dtype) + params["b_dec"]
-        mse = _mse(recon, y)
-        gate_act = jax.nn.relu(pi_gate)
-        sparsity = jnp.sum(gate_act * _decoder_norms(params)) / B
-        frozen = _mm_n(gate_act, jax.lax.stop_gradient(params["dec_FxE"]), dtype)
-        aux = _mse(frozen + jax.lax.stop_gradient(params["b_dec"]), y)
-        fired_F = jnp.sum((codes > 0).astype(jnp.float32), axis=0)
-        stats = {"sparsity": sparsity, "gate_aux": aux, "fired_F": fired_F, "l0": jnp.sum(fired_F) / B}
-        return mse + coef * sparsity / E + aux, mse, recon, stats
+    def codes(self, cfg, params, proj_BxF):
+        pi_gate = proj_BxF + params["b_gate"]
+        pi_mag = proj_BxF * jnp.exp(params["r_mag"]) + params["b_mag"]
+        gate = jax.nn.relu(pi_gate)
+        return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0), jnp.sum(gate * _decoder_norms(params)), gate
 
     def to_saved(self, cfg, p, buffers, centre_proj_F, s_out) -> dict:
         return {"b_gate": (p["b_gate"] - centre_proj_F) / s_out, "r_mag": p["r_mag"],

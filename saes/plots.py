@@ -54,10 +54,10 @@ _DEAD_NOTE = ("train: no fire in the last dead_tokens training tokens;\n"
               "eval: no fire on any eval token")
 
 
-def _config(sae_dir: Path | None) -> dict:
-    f = None if sae_dir is None else Path(sae_dir) / "config.json"
+def _config(sae_dir: Path) -> dict:
+    """The SAE's config.json, or {} when it is missing or unreadable."""
     try:
-        return json.loads(f.read_text()) if f is not None and f.exists() else {}
+        return json.loads((Path(sae_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
 

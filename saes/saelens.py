@@ -221,10 +221,8 @@ def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
         expected = _saelens_cfg(config)
     except SAELensFormatError:
         return None
-    if _cfg_mismatches(cfg, expected):
-        return None
     digest = meta.get("featureatlas_weights_sha256")
-    if digest is not None and digest != _weights_digest(weights):
+    if _cfg_mismatches(cfg, expected) or (digest is not None and digest != _weights_digest(weights)):
         return None
     return sae_from_params(config, weights)
 

@@ -121,9 +121,8 @@ def row_entries(idx_BxK, name: str | None = None) -> Entries:
     B, k = idx_BxK.shape
     feats = idx_BxK.reshape(-1).astype(jnp.int32)
     rows = jnp.repeat(jnp.arange(B, dtype=jnp.int32), k)
-    if name == "legacy":  # the old path knew nothing of the row layout
-        return Entries(rows, feats, B, 0, None, None, name)
-    return Entries(rows, feats, B, k, _by_feat(feats, name), None, name)
+    # (k = 0 for legacy: the old path knew nothing of the row layout.)
+    return Entries(rows, feats, B, 0 if name == "legacy" else k, _by_feat(feats, name), None, name)
 
 
 def coo_entries(rows_N, feats_N, n_rows: int, valid_N=None, name: str | None = None) -> Entries:
@@ -277,6 +276,11 @@ def feat_totals(e: Entries, coef_N, n_feats: int):
 # ---------------------------------------------------------------------------------------------
 # Differentiable encode/decode
 # ---------------------------------------------------------------------------------------------
+def fwd_saving_args(f, n: int):
+    """The forward rule of a jax.custom_vjp function f: f's value, with its first n arguments as residuals."""
+    return lambda *args: (f(*args), args[:n])
+
+
 def _entries(static, rows, feats, by_feat):
     n_rows, k, _, name = static
     return Entries(rows, feats, n_rows, k, by_feat, None, name)
@@ -290,10 +294,6 @@ def _preacts(rows, feats, by_feat, x, W, b, values, static):
     return pair_dots(e, x, W, dtype) + b[feats].astype(jnp.float32)
 
 
-def _preacts_fwd(rows, feats, by_feat, x, W, b, values, static):
-    return _preacts(rows, feats, by_feat, x, W, b, values, static), (rows, feats, by_feat, x, W, b)
-
-
 def _preacts_bwd(static, res, g_N):
     rows, feats, by_feat, x, W, b = res
     e, dtype = _entries(static, rows, feats, by_feat), static[2]
@@ -303,7 +303,7 @@ def _preacts_bwd(static, res, g_N):
     return None, None, None, d_x, d_W, d_b, None
 
 
-_preacts.defvjp(_preacts_fwd, _preacts_bwd)
+_preacts.defvjp(fwd_saving_args(_preacts, 6), _preacts_bwd)
 
 
 def selected_preacts(e: Entries, x_BxD, W_FxD, b_F, dtype=jnp.float32, values_N=None):
@@ -321,10 +321,6 @@ def _decode(rows, feats, by_feat, vals, W, static):
     return rows_sum(_entries(static, rows, feats, by_feat), vals, W, static[2])
 
 
-def _decode_fwd(rows, feats, by_feat, vals, W, static):
-    return _decode(rows, feats, by_feat, vals, W, static), (rows, feats, by_feat, vals, W)
-
-
 def _decode_bwd(static, res, g_RxD):
     rows, feats, by_feat, vals, W = res
     e, dtype = _entries(static, rows, feats, by_feat), static[2]
@@ -333,7 +329,7 @@ def _decode_bwd(static, res, g_RxD):
     return None, None, None, d_vals, d_W
 
 
-_decode.defvjp(_decode_fwd, _decode_bwd)
+_decode.defvjp(fwd_saving_args(_decode, 5), _decode_bwd)
 
 
 def decode(e: Entries, vals_N, W_FxD, dtype=jnp.float32):
@@ -348,5 +344,6 @@ def dense_codes(rows_N, feats_N, vals_N, n_rows: int, n_feats: int):
 
 
 __all__ = ["CHUNK", "IMPLS", "Entries", "coo_entries", "decode", "default_impl", "dense_codes", "feat_totals",
-           "feats_sum", "gather_dot", "gather_reduce", "impl", "pair_dots", "row_chunk_dots", "row_chunk_sums",
-           "row_entries", "rows_sum", "scatter_feats", "scatter_rows", "selected_preacts", "topk_method", "use_impl"]
+           "feats_sum", "fwd_saving_args", "gather_dot", "gather_reduce", "impl", "pair_dots", "row_chunk_dots",
+           "row_chunk_sums", "row_entries", "rows_sum", "scatter_feats", "scatter_rows", "selected_preacts",
+           "topk_method", "use_impl"]

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -201,11 +202,10 @@ def build_step(cfgs: Sequence[SAEConfig], tcfg: SAETrainConfig, mesh: Mesh | Non
     massive_thresholds = massive_thresholds or [None] * len(cfgs)
     optimizers = [make_optimizer(c, tcfg) for c in cfgs]
     dtype = jnp.dtype(tcfg.compute_dtype)
-    hooks = sorted({h for c in cfgs for h in (c.hook_in, c.hook_out)})
 
     def sae_updates(saes, batch, step):
         """(new SAE states, metrics per SAE, loss finite per SAE, batch finite)."""
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(batch[h])) for h in hooks]))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in batch.values()]))
         new_saes, metrics, ok = [], [], []
         for i, (cfg, (opt, schedule), s, thr) in enumerate(zip(cfgs, optimizers, saes, massive_thresholds)):
             x, y = batch[cfg.hook_in] * cfg.input_scale, batch[cfg.hook_out] * cfg.output_scale
@@ -258,11 +258,6 @@ def reset_sums(state: TrainState) -> TrainState:
 # ---------------------------------------------------------------------------------------------
 # Set-up: configs, scales, initial state
 # ---------------------------------------------------------------------------------------------
-def default_dead_tokens(total_tokens: int) -> int:
-    """10M tokens (Gao et al. 2024), or a tenth of a shorter run so dead latents are seen and revived."""
-    return int(min(10_000_000, max(1, total_tokens // 10)))
-
-
 def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> list[SAEConfig]:
     """Validate against the source (no data read) and fill in sizes, dead window, model id, fingerprint."""
     out = []
@@ -286,8 +281,8 @@ def resolve_configs(cfgs: Sequence[SAEConfig], source, tcfg: SAETrainConfig) -> 
         if c.width % tcfg.mesh_feature:
             raise ConfigError(f"width {c.width} is not divisible by the mesh feature axis {tcfg.mesh_feature}; "
                               "choose a --width that is, or another --mesh")
-        if c.dead_tokens <= 0:
-            c.dead_tokens = default_dead_tokens(tcfg.total_tokens)
+        if c.dead_tokens <= 0:  # 10M tokens (Gao et al. 2024), or a tenth of a shorter run so dead latents revive
+            c.dead_tokens = int(min(10_000_000, max(1, tcfg.total_tokens // 10)))
         c.model_id = c.model_id or source.model_id
         c.store_fingerprint = source.fingerprint
         c.normalisation_folded = False
@@ -352,26 +347,10 @@ def init_distributed(coordinator: str = "", num_processes: int | None = None, pr
                           "--process-id I on every process, or run under SLURM, Open MPI or a Cloud TPU") from None
 
 
-def _is_main() -> bool:
-    """Only process 0 writes files (metrics, saved SAEs); every process takes part in checkpoints."""
-    return jax.process_index() == 0
-
-
 def _barrier(name: str) -> None:
     """Wait until every process of a multi-host run reaches this point (no-op in one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
-
-
-def _to_host(tree):
-    """Numpy copy of a (possibly multi-host sharded) pytree."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
 
 
 def addressable_rows(x) -> np.ndarray:
@@ -382,7 +361,8 @@ def addressable_rows(x) -> np.ndarray:
 
 def saved_sae(cfg: SAEConfig, params: dict, buffers: dict) -> SAE:
     """The raw-space SAE of one training state (normalisation folded; see saes/io.py)."""
-    host = _to_host({"params": params, "buffers": buffers})
+    tree = {"params": params, "buffers": buffers}  # a numpy copy, gathered from every process of a multi-host run
+    host = multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
     weights = A.to_saved(cfg, host["params"], host["buffers"], cfg.input_scale, cfg.output_scale)
     return sae_from_params(dataclasses.replace(cfg, normalisation_folded=True), weights)
 
@@ -430,6 +410,8 @@ class _Job:
     """What the loop uses besides the device state."""
 
     cfgs: list[SAEConfig]
+    hooks: list[str]
+    """Every hook the SAEs read, sorted."""
     tcfg: SAETrainConfig
     names: list[str]
     dirs: list[Path]
@@ -465,8 +447,9 @@ def train_saes(configs: Sequence[SAEConfig], train_config: SAETrainConfig, sourc
     names = unique_names(cfgs)
     out = Path(out_dir)
     dirs = [out] if len(cfgs) == 1 else [out / n for n in names]
+    # Process 0 alone writes files (metrics, saved SAEs); every process takes part in checkpoints.
     run = Run.prepare(out, JOB, run_settings(cfgs, tcfg, source), resume=resume, overwrite=overwrite, flags=FLAGS,
-                      ignore=RESUMABLE_KEYS, legacy_settings=legacy_settings, main=_is_main())
+                      ignore=RESUMABLE_KEYS, legacy_settings=legacy_settings, main=jax.process_index() == 0)
     _barrier("featureatlas: every process checked --out")  # before process 0 writes run.json into it
     with run.active():
         _barrier("featureatlas: run directory ready")
@@ -475,8 +458,8 @@ def train_saes(configs: Sequence[SAEConfig], train_config: SAETrainConfig, sourc
         cfgs = measure_scales(cfgs, source)
         step_fn, optimizers, zero_sums = build_step(cfgs, tcfg, mesh, massive_thresholds(cfgs, source, tcfg))
         state = initial_state(cfgs, tcfg, source, optimizers)
-        shapes = {h: jax.ShapeDtypeStruct((tcfg.batch_size, source.dim(h)), jnp.float32)
-                  for h in {h for c in cfgs for h in (c.hook_in, c.hook_out)}}
+        hooks = sorted({h for c in cfgs for h in (c.hook_in, c.hook_out)})
+        shapes = {h: jax.ShapeDtypeStruct((tcfg.batch_size, source.dim(h)), jnp.float32) for h in hooks}
         state = state.replace(sums=zero_sums(state.saes, shapes))
         shardings = state_shardings(state, mesh)
         state = jax.device_put(state, shardings)
@@ -491,7 +474,7 @@ def train_saes(configs: Sequence[SAEConfig], train_config: SAETrainConfig, sourc
                 if run.main:
                     d.mkdir(parents=True, exist_ok=True)
                 log.truncate_after(start)
-            job = _Job(cfgs, tcfg, names, dirs, logs, source, run, ckpt,
+            job = _Job(cfgs, hooks, tcfg, names, dirs, logs, source, run, ckpt,
                        jax.jit(step_fn, donate_argnums=(0,), out_shardings=shardings),
                        jax.jit(reset_sums, donate_argnums=(0,), out_shardings=shardings),
                        NamedSharding(mesh, P("data", None)), eval_fn, progress, stop_after)
@@ -502,7 +485,6 @@ def _loop(job: _Job, state: TrainState, start: int) -> TrainResult:
     from tqdm.auto import tqdm
 
     tcfg, B, total = job.tcfg, job.tcfg.batch_size, job.tcfg.total_steps
-    hooks = sorted({h for c in job.cfgs for h in (c.hook_in, c.hook_out)})
     bar = tqdm(total=total * B, initial=start * B, unit="tok", unit_scale=True, disable=not job.progress,
                desc=JOB, dynamic_ncols=True)
     batches = job.source.batches(B, tcfg.seed, start, sharding=job.batch_sharding)
@@ -510,7 +492,7 @@ def _loop(job: _Job, state: TrainState, start: int) -> TrainResult:
     try:
         while step < total:
             batch = next(batches)
-            state = job.jstep(state, {h: batch[h] for h in hooks})
+            state = job.jstep(state, {h: batch[h] for h in job.hooks})
             step += 1
             bar.update(B)
             checkpoint = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < total
@@ -556,13 +538,12 @@ def _check(job: _Job, state: TrainState) -> None:
         raise TrainingDivergedError(
             f"SAE {job.names[bad_sae]}: loss became NaN/Inf at step {bad_step} on a finite batch; lower its lr "
             f"(now {job.cfgs[bad_sae].lr:g}) or raise warmup. Last checkpoint: step {latest}.")
-    hooks = sorted({h for c in job.cfgs for h in (c.hook_in, c.hook_out)})
     replay = job.source.batches(B, job.tcfg.seed, bad_step, sharding=job.batch_sharding)
     try:
         batch = next(replay)  # the stream is a pure function of the step: this is the batch that failed
     finally:
         getattr(replay, "close", lambda: None)()
-    bad = [h for h in hooks if not np.all(np.isfinite(addressable_rows(batch[h])))] or hooks
+    bad = [h for h in job.hooks if not np.all(np.isfinite(addressable_rows(batch[h])))] or job.hooks
     where = "; ".join(f"{h}: {job.source.locate_nonfinite(h)}" for h in bad)
     raise NonFiniteBatchError(
         f"batch of step {bad_step} (tokens {bad_step * B}-{(bad_step + 1) * B}) contains NaN/Inf in "

@@ -231,10 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="", help="comma list of architectures (default: all)")
     p.add_argument("--legacy", default="topk",
                    help="comma list of TopK-family archs also run on the legacy path ('' none, 'all')")
-    p.add_argument("--d-in", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--k", type=int, default=None)
+    for n in PRESETS["small"]:  # --d-in --width --batch --k
+        p.add_argument(f"--{n.replace('_', '-')}", type=int, default=None)
     p.add_argument("--steps", type=int, default=6, help="timed steps per architecture (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
     p.add_argument("--no-ops", dest="ops", action="store_false", help="skip the per-op breakdown")

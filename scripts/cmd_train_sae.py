@@ -110,12 +110,8 @@ def _parse_value(tp, text: str, where: str):
     if args:
         tp = args[0]
     try:
-        if tp is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return tp(text)
-    except ValueError:
+        return {"true": True, "1": True, "false": False, "0": False}[text.lower()] if tp is bool else tp(text)
+    except (KeyError, ValueError):
         raise ConfigError(f"{where} must be a {getattr(tp, '__name__', tp)}, got {text!r}") from None
 
 
@@ -136,13 +132,11 @@ def parse_spec(spec: str) -> dict:
 def sae_configs(args) -> list[SAEConfig]:
     """SAEConfigs from the flags (one SAE) or from each --sae spec layered over them (not yet validated:
     the trainer checks them against the store)."""
-    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAEConfig) if hasattr(args, f.name)}
     cfgs = []
     for spec in [parse_spec(s) for s in args.sae] or [{}]:
-        d = {**base, **spec}
         if "hook_in" in spec and "hook_out" not in spec:
-            d["hook_out"] = ""
-        cfgs.append(SAEConfig.from_dict(d))
+            spec["hook_out"] = ""
+        cfgs.append(config_from_args(SAEConfig, args, **spec))
     return cfgs
 
 
