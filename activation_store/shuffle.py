@@ -92,34 +92,6 @@ def gather_rows(ds, rows: np.ndarray, R: int, limit: int, cache: dict) -> np.nda
     return out
 
 
-def evict_blocks(cache: dict, keep: int, needed: np.ndarray) -> None:
-    """Drop the oldest cached blocks beyond `keep`, except those the current batch still reads."""
-    if len(cache) > keep:
-        needed = set(needed.tolist())
-        for b in list(cache)[: len(cache) - keep]:
-            if b not in needed:
-                del cache[b]
-
-
-def local_batch_slice(sharding, batch_size: int, dim: int) -> slice | None:
-    """The contiguous slice of the global batch this process must provide (None = all of it)."""
-    import jax
-
-    if sharding is None or jax.process_count() == 1:
-        return None
-    slices = [index[0] for index in sharding.addressable_devices_indices_map((batch_size, dim)).values()]
-    return slice(min(s.start or 0 for s in slices), max(batch_size if s.stop is None else s.stop for s in slices))
-
-
-def place(x: np.ndarray, sharding, local: slice | None, batch_size: int):
-    """A host batch (or this process's slice of it) as a device array laid out by `sharding`."""
-    import jax
-
-    if local is not None:
-        return jax.make_array_from_process_local_data(sharding, x, (batch_size, x.shape[1]))
-    return jax.device_put(x, sharding)  # sharding None: the default device
-
-
 class StackedRows:
     """The first n_rows[i] rows of each dataset, stacked: what a sharded store's hook reads as. Supports
     what the readers use of an h5py dataset: `shape`, `dtype`, `chunks` and contiguous slices; `chunks`
@@ -154,19 +126,32 @@ def read_batches(files: Sequence[tuple[str, int]], blocks: dict, plan: ShufflePl
     """{hook: device array [batch_size, d]} for batch start_step, start_step+1, ... (all hooks at the
     same rows). `files`: the store's (path, committed rows) in row order; `blocks`: {hook: block rows
     of a sharded store, or None}. Opens its own handles, so it runs on the prefetch thread."""
+    import jax
+
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(h5py.File(path, "r", locking=False)) for path, _ in files]
         datasets = {h: stacked_rows(handles, [n for _, n in files], h, R) for h, R in blocks.items()}
-        hooks = list(blocks)
-        local = local_batch_slice(sharding, batch_size, datasets[hooks[0]].shape[1])
-        caches: dict[str, dict] = {h: {} for h in hooks}
+        local = None  # the contiguous slice of the global batch this process must provide (None: all of it)
+        if sharding is not None and jax.process_count() > 1:
+            shape = (batch_size, next(iter(datasets.values())).shape[1])
+            slices = [index[0] for index in sharding.addressable_devices_indices_map(shape).values()]
+            local = slice(min(s.start or 0 for s in slices), max(batch_size if s.stop is None else s.stop for s in slices))
+        caches: dict[str, dict] = {h: {} for h in blocks}
         for rows in plan.batch_rows(batch_size, start_step):
             mine = rows if local is None else rows[local]
             out = {}
             for h, ds in datasets.items():
                 R = int(ds.chunks[0])
                 x = gather_rows(ds, mine, R, limit, caches[h]).astype(dtype, copy=False)
-                # one shuffle buffer (a batch straddling two buffers holds both briefly)
-                evict_blocks(caches[h], (plan.G + 4) * max(1, plan.R // R), mine // R)
-                out[h] = place(x, sharding, local, batch_size)
+                # Keep about one shuffle buffer of blocks (a batch straddling two buffers holds both briefly):
+                # drop the oldest beyond that, except those this batch reads.
+                cache, keep = caches[h], (plan.G + 4) * max(1, plan.R // R)
+                if len(cache) > keep:
+                    needed = set((mine // R).tolist())
+                    for b in list(cache)[:len(cache) - keep]:
+                        if b not in needed:
+                            del cache[b]
+                # this process's slice of the host batch as a device array laid out by `sharding`
+                out[h] = (jax.device_put(x, sharding) if local is None  # sharding None: the default device
+                          else jax.make_array_from_process_local_data(sharding, x, (batch_size, x.shape[1])))
             yield out

@@ -197,33 +197,32 @@ def has_hdf5_signature(path) -> bool:
     return False
 
 
-def not_a_store(path) -> NotAStoreError | None:
-    """A NotAStoreError saying what `path` is when it is plainly not a store file (None otherwise)."""
+def check_not_a_store(path) -> None:
+    """Raise NotAStoreError saying what `path` is when it is plainly not a store file."""
     path = Path(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.h5"))[:5]
         hint = f" (it holds {', '.join(found)})" if found else ""
-        return NotAStoreError(f"{path} is a directory, not an activation store file; pass the store's .h5 file "
-                              f"path{hint}, or a sharded store's directory (of shard-<i>-of-<n>.h5 files)")
+        raise NotAStoreError(f"{path} is a directory, not an activation store file; pass the store's .h5 file "
+                             f"path{hint}, or a sharded store's directory (of shard-<i>-of-<n>.h5 files)")
     if path.exists() and not path.is_file():
-        return NotAStoreError(f"{path} is not a regular file; pass the .h5 file written by `featureatlas harvest`")
+        raise NotAStoreError(f"{path} is not a regular file; pass the .h5 file written by `featureatlas harvest`")
     if path.is_file() and path.stat().st_size == 0:
-        return NotAStoreError(f"{path} is an empty file, not an activation store; pass the store written by "
-                              "`featureatlas harvest` (which may write into this path with --overwrite)")
-    return None
+        raise NotAStoreError(f"{path} is an empty file, not an activation store; pass the store written by "
+                             "`featureatlas harvest` (which may write into this path with --overwrite)")
 
 
-def foreign_hdf5(path, f: h5py.File) -> NotAStoreError | None:
-    """A NotAStoreError if the open HDF5 file `f` carries no featureatlas format attribute."""
+def check_foreign_hdf5(path, f: h5py.File) -> None:
+    """Raise NotAStoreError if the open HDF5 file `f` carries no featureatlas format attribute."""
     fmt = f.attrs.get("format")
     if isinstance(fmt, bytes):
         fmt = fmt.decode(errors="replace")
     if fmt == FORMAT:
-        return None
+        return
     what = f"its format attribute is {fmt!r}" if fmt is not None else "it has no format attribute"
     content = ", ".join(f"/{k}" for k in list(f.keys())[:5]) or "nothing"
     missing = "" if "tokens" in f else "no /tokens, "
-    return NotAStoreError(
+    raise NotAStoreError(
         f"{path} is an HDF5 file but not a featureatlas store ({missing}{what}; it holds {content}); pass the store "
         "written by `featureatlas harvest`, or choose another --out for a new store")
 

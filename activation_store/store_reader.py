@@ -30,8 +30,8 @@ from featureatlas.activation_store.runs import atomic_write_json
 from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches, stacked_rows
 from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError, StoreError,
                                                         chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
-                                                        foreign_hdf5, has_hdf5_signature, has_shards, layout_problems,
-                                                        not_a_store, shard_files, shard_range, val_context_mask)
+                                                        check_foreign_hdf5, has_hdf5_signature, has_shards, layout_problems,
+                                                        check_not_a_store, shard_files, shard_range, val_context_mask)
 
 STATS_FORMAT = "featureatlas-store-stats/1"
 
@@ -96,8 +96,7 @@ class ActivationStore:
             return cls._open_shards(path)
         if not path.exists():
             raise StoreNotFoundError(f"no activation store at {path}: run `featureatlas harvest ... --out {path}` first")
-        if (problem := not_a_store(path)) is not None:
-            raise problem
+        check_not_a_store(path)
         if not os.access(path, os.R_OK):
             raise StoreError(f"store {path} is not readable (permission denied); fix its permissions")
         if not has_hdf5_signature(path):
@@ -111,8 +110,7 @@ class ActivationStore:
             raise corrupted(path, str(err)) from None
         try:
             with f:
-                if (foreign := foreign_hdf5(path, f)) is not None:
-                    raise foreign
+                check_foreign_hdf5(path, f)
                 attrs = decode_attrs(f.attrs)
                 if attrs.get("format_version") != FORMAT_VERSION:
                     raise StoreError(f"store {path} has format version {attrs.get('format_version')}, "
@@ -362,8 +360,12 @@ class ActivationStore:
         self.check_hook(hook)
         if hook in self._stats:
             return self._stats[hook]
-        key = self._stats_key(hook)
-        result = _read_cached_stats(stats_path(self.path), hook, key)
+        key, path = self._stats_key(hook), stats_path(self.path)
+        entry = _stats_record(path)["hooks"].get(hook)
+        result = None
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # the cached entry, if for these rows and well formed
+            if entry["key"] == key:
+                result = np.asarray(entry["mean"], np.float64), float(entry["mean_sq_norm"])
         if result is None:
             total, sq, n = np.zeros(self.dim(hook), np.float64), 0.0, 0
             rows_per_chunk = max(1, (64 << 20) // (8 * self.dim(hook)))  # ~64 MiB of float64 at a time
@@ -374,7 +376,11 @@ class ActivationStore:
             if n == 0:
                 raise StoreError(f"the train split of {self.path} is empty: cannot compute stats")
             result = (total / n, sq / n)
-            _write_cached_stats(stats_path(self.path), hook, key, result, n)
+            record = _stats_record(path)  # read again: another reader may have cached another hook meanwhile
+            record["hooks"][hook] = {"key": key, "n_rows": n, "mean": [float(v) for v in result[0]],
+                                     "mean_sq_norm": float(result[1])}
+            with contextlib.suppress(OSError):  # a read-only directory: the in-memory cache is all we keep
+                atomic_write_json(path, record)
         self._stats[hook] = result
         return result
 
@@ -386,10 +392,8 @@ class ActivationStore:
         if self.sharded:
             return [f"{p.path.name}: {problem}" for p in self.parts
                     for problem in ActivationStore.open(p.path).verify(check_values)]
-        problems = []
+        problems = []  # n_committed outside [0, n_contexts] is refused by open (layout_problems)
         a, T, N = self._attrs, self.context_length, self.n_committed
-        if not 0 <= N <= self.n_planned:
-            problems.append(f"n_committed={N} outside [0, {self.n_planned}]")
         with h5py.File(self.path, "r", locking=False) as f:
             tokens, n_valid, doc_ids, labels = (f[name][()] for name in ("tokens", "n_valid", "doc_id", "label"))
             fp = corpus_fingerprint(tokens, n_valid, doc_ids, labels, self.label_names, a.get("tokenizer", ""))
@@ -445,25 +449,10 @@ def _only(batches, hook: str):
             yield batch[hook]
 
 
-def _read_cached_stats(path: Path, hook: str, key: dict) -> tuple[np.ndarray, float] | None:
-    try:
+def _stats_record(path: Path) -> dict:
+    """The sidecar's content, or an empty record when it is missing, unreadable or of another format."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         record = json.loads(path.read_text())
-        entry = record["hooks"][hook]
-        if record.get("format") != STATS_FORMAT or entry["key"] != key:
-            return None
-        return np.asarray(entry["mean"], np.float64), float(entry["mean_sq_norm"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _write_cached_stats(path: Path, hook: str, key: dict, result: tuple[np.ndarray, float], n_rows: int) -> None:
-    try:
-        record = json.loads(path.read_text())
-        if record.get("format") != STATS_FORMAT or not isinstance(record.get("hooks"), dict):
-            raise ValueError
-    except (OSError, ValueError):
-        record = {"format": STATS_FORMAT, "hooks": {}}
-    record["hooks"][hook] = {"key": key, "n_rows": int(n_rows), "mean": [float(v) for v in result[0]],
-                             "mean_sq_norm": float(result[1])}
-    with contextlib.suppress(OSError):  # a read-only directory: the in-memory cache is all we keep
-        atomic_write_json(path, record)
+        if record.get("format") == STATS_FORMAT and isinstance(record.get("hooks"), dict):
+            return record
+    return {"format": STATS_FORMAT, "hooks": {}}
