@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,21 +265,17 @@ def pack_documents(
     """
     rows, n_valid, doc_ids, labels = [], [], [], []
     total = 0
-    for doc_id, label, doc_tokens in docs:
-        for piece in split_document(doc_tokens, context_length, min_tokens):
-            if max_contexts is not None and len(rows) >= max_contexts:
-                break
-            if max_tokens is not None and total + len(piece) + 1 > max_tokens:
-                max_contexts = len(rows)  # a later, shorter piece must not sneak in after the cap
-                break
-            rows.append(np.full(context_length, pad_id, np.int32))
-            rows[-1][:1 + len(piece)] = [bos_id, *piece]
-            n_valid.append(len(piece) + 1)
-            doc_ids.append(doc_id)
-            labels.append(label)
-            total += len(piece) + 1
-        if max_contexts is not None and len(rows) >= max_contexts:
-            break
+    pieces = ((doc_id, label, piece) for doc_id, label, doc_tokens in docs
+              for piece in split_document(doc_tokens, context_length, min_tokens))
+    for doc_id, label, piece in itertools.islice(pieces, max_contexts):  # islice stops before reading past the cap
+        if max_tokens is not None and total + len(piece) + 1 > max_tokens:
+            break  # a later, shorter piece must not sneak in after the cap
+        rows.append(np.full(context_length, pad_id, np.int32))
+        rows[-1][:1 + len(piece)] = [bos_id, *piece]
+        n_valid.append(len(piece) + 1)
+        doc_ids.append(doc_id)
+        labels.append(label)
+        total += len(piece) + 1
     tokens = np.stack(rows) if rows else np.zeros((0, context_length), np.int32)
     return (tokens, np.array(n_valid, np.int32), np.array(doc_ids, np.int64), np.array(labels, np.int32))
 

@@ -77,10 +77,10 @@ class _Worker:
         except BaseException as err:  # re-raised in the consumer's thread
             self.put(_Failure(err))
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()  # a generator's finally blocks (closing files) run here, on this thread
+            # A generator's finally blocks (closing files) run here, on this thread. An iterator without
+            # close (or none made: the source failed) raises AttributeError, suppressed like close's errors.
+            with contextlib.suppress(Exception):
+                iterator.close()
             self.source = None
             _LIVE.discard(self)
 

@@ -192,7 +192,6 @@ class MetricsLog:
         with open(self.path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-            f.flush()
 
     def truncate_after(self, step: int, key: str = "step") -> None:
         """Drop rows logged after `step` (they will be logged again by the resumed run); 0 clears the log."""

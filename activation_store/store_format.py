@@ -172,11 +172,6 @@ def decode_attrs(raw: Mapping) -> dict:
     return out
 
 
-def fsync_h5(f: h5py.File) -> None:
-    with contextlib.suppress(OSError, ValueError, TypeError):  # a non-POSIX driver: the flush is all we can do
-        os.fsync(f.id.get_vfd_handle())
-
-
 def corrupted(path, detail: str) -> StoreCorruptedError:
     return StoreCorruptedError(
         f"store {path} is truncated or corrupted: {detail}; delete it and harvest again "

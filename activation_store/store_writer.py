@@ -19,8 +19,7 @@ import numpy as np
 from featureatlas.activation_store.corpus import corpus_fingerprint
 from featureatlas.activation_store.runs import atomic_write
 from featureatlas.activation_store.store_format import (CHUNK_TARGET_BYTES, DTYPES, FORMAT, FORMAT_VERSION, StoreError,
-                                                        chunk_contexts, corrupted, crc32, decode_attrs, encode_attr,
-                                                        fsync_h5)
+                                                        chunk_contexts, corrupted, crc32, decode_attrs, encode_attr)
 from featureatlas.activation_store.store_reader import ActivationStore
 
 # Free space kept in reserve beyond a commit's rows (HDF5 flushes, filesystem block rounding).
@@ -139,8 +138,7 @@ def create_store(
         "corpus_fingerprint": corpus_fingerprint(tokens_NxT, n_valid_N, doc_id_N, label_N, label_names, tokenizer),
         "harvest_config": {},
     }
-    fixed = ("format", "format_version", "hooks", "dims", "context_length", "dtype", "n_contexts", "n_tokens",
-             "commit_contexts", "corpus_fingerprint", "label_names", "val_fraction")
+    fixed = root.keys() - {"model_id", "weights_hash", "tokenizer", "bos_id", "harvest_config"}
     clash = [k for k in attrs if k in fixed and json.dumps(attrs[k]) != json.dumps(root[k])]
     if clash:
         raise StoreError(f"attrs may not override the store's own {clash} (given {[attrs[k] for k in clash]})")
@@ -221,16 +219,18 @@ class StoreWriter:
             crcs[j] = crc32(rows)
             self.on_phase("hook_written", index)
         self.file["commit_crc"].write_direct(crcs[None], dest_sel=np.s_[index:index + 1])
-        self.file.flush()
-        if self.fsync:
-            fsync_h5(self.file)
+        self._flush()
         self.on_phase("rows_flushed", index)
         # Only now do the rows become visible.
         self.file["n_committed"].write_direct(np.array(c1, np.int64))
+        self._flush()
+        self.on_phase("committed", index)
+
+    def _flush(self) -> None:
         self.file.flush()
         if self.fsync:
-            fsync_h5(self.file)
-        self.on_phase("committed", index)
+            with contextlib.suppress(OSError, ValueError, TypeError):  # a non-POSIX driver: the flush is all we can do
+                os.fsync(self.file.id.get_vfd_handle())
 
     def close(self) -> None:
         if self.file.id.valid:
