@@ -32,36 +32,28 @@ class ShufflePlan:
     def __init__(self, rows: np.ndarray, block_rows: int, n_blocks: int, group_blocks: int, shuffle: bool, seed: int):
         self.rows, self.R, self.n_blocks, self.G = rows, block_rows, n_blocks, group_blocks
         self.shuffle, self.seed = shuffle, seed
-        self.n = int(rows.size)
         # rows of block b are rows[starts[b]:starts[b+1]]
         self.starts = np.searchsorted(rows, np.arange(n_blocks + 1, dtype=np.int64) * block_rows)
-        self.counts = np.diff(self.starts)
-
-    def block_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_blocks)
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.n_blocks)
-
-    def group_rows(self, epoch: int, order: np.ndarray, g: int) -> np.ndarray:
-        blocks = order[g * self.G:(g + 1) * self.G]
-        rows = np.concatenate([self.rows[self.starts[b]:self.starts[b + 1]] for b in blocks])
-        if self.shuffle:
-            rows = rows[np.random.default_rng([self.seed, epoch, 1, g]).permutation(rows.size)]
-        return rows
 
     def segments(self, position: int) -> Iterator[np.ndarray]:
-        """Row index arrays that, concatenated, form the infinite stream from `position` on."""
-        epoch, offset = divmod(position, self.n)
+        """Row index arrays that, concatenated, form the infinite stream from `position` on: per epoch,
+        the shuffle buffers (groups of G blocks in the epoch's block order) with their rows permuted."""
+        epoch, offset = divmod(position, self.rows.size)
         while True:
-            order = self.block_order(epoch)
-            per_group = np.add.reduceat(self.counts[order], np.arange(0, self.n_blocks, self.G))
+            order = (np.random.default_rng([self.seed, epoch, 0]).permutation(self.n_blocks) if self.shuffle
+                     else np.arange(self.n_blocks))
+            per_group = np.add.reduceat(np.diff(self.starts)[order], np.arange(0, self.n_blocks, self.G))
             ends = np.cumsum(per_group)
             g = int(np.searchsorted(ends, offset, side="right"))
             skip = offset - (int(ends[g - 1]) if g else 0)
             for gi in range(g, len(per_group)):
                 if per_group[gi] == 0:
                     continue
-                yield self.group_rows(epoch, order, gi)[skip:]
+                rows = np.concatenate([self.rows[self.starts[b]:self.starts[b + 1]]
+                                       for b in order[gi * self.G:(gi + 1) * self.G]])
+                if self.shuffle:
+                    rows = rows[np.random.default_rng([self.seed, epoch, 1, gi]).permutation(rows.size)]
+                yield rows[skip:]
                 skip = 0
             epoch, offset = epoch + 1, 0
 
