@@ -142,11 +142,9 @@ def batch_inputs(corpus: PackedCorpus, c0: int, batch_size: int) -> tuple[np.nda
     """(tokens_BxT, mask_BxT, n_real) for contexts [c0, c0+B); missing rows are BOS-only dummies so
     every batch has the same shape (one compiled function)."""
     tokens = corpus.tokens_NxT[c0:c0 + batch_size]
-    n_valid = corpus.n_valid_N[c0:c0 + batch_size]
     n_real = tokens.shape[0]
-    if n_real < batch_size:
-        tokens = np.concatenate([tokens, np.repeat(tokens[:1, :], batch_size - n_real, axis=0)])
-        n_valid = np.concatenate([n_valid, np.ones(batch_size - n_real, np.int32)])
+    tokens = np.concatenate([tokens, np.repeat(tokens[:1], batch_size - n_real, axis=0)])  # copies of the first
+    n_valid = np.pad(corpus.n_valid_N[c0:c0 + batch_size], (0, batch_size - n_real), constant_values=1)
     mask = (np.arange(corpus.context_length)[None, :] < n_valid[:, None]).astype(np.int32)
     return tokens, mask, n_real
 
