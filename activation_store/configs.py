@@ -80,15 +80,6 @@ def flags_of(*classes: type) -> dict[str, str]:
             if f.metadata.get("cli") is not False}
 
 
-def _tuple_item(tp):
-    """The item type of tuple[X, ...] / list[X], else None."""
-    origin = typing.get_origin(tp)
-    if origin in (tuple, list):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return args[0] if args else str
-    return None
-
-
 def _plain(value):
     if isinstance(value, Config):
         return value.to_dict()
@@ -213,8 +204,9 @@ def add_config_arguments(parser, cls: type, *, skip: Sequence[str] = (), default
             kwargs["choices"] = list(f.metadata.get("choices"))
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif _tuple_item(tp) is not None:
-            kwargs.update(nargs="+", type=_parse_scalar(_tuple_item(tp), flag))
+        elif typing.get_origin(tp) in (tuple, list):  # tuple[X, ...] / list[X]: one or more X
+            item = next((a for a in typing.get_args(tp) if a is not Ellipsis), str)
+            kwargs.update(nargs="+", type=_parse_scalar(item, flag))
         elif tp in (int, float, str):
             kwargs["type"] = _parse_scalar(tp, flag) if tp is not str else str
         target.add_argument(flag, **kwargs)

@@ -235,8 +235,7 @@ def harvest(config: HarvestConfig, out, *, lm=None, overwrite: bool = False, pro
                 # A setting added after the store was written, asked at its default, is no difference.
                 expected = {**identity, "harvest_config": {k: v for k, v in asked.items()
                                                            if k in old or v != defaults.get(k)}}
-                check_compatible(existing.attrs, expected, out)
-                existing.close()
+                check_compatible(existing.attrs, expected, out)  # (open holds no file handle: nothing to close)
                 if existing.complete:
                     return HarvestResult(existing)
             start = existing.n_committed if existing is not None else 0

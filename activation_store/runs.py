@@ -69,13 +69,12 @@ FILE_MODE = 0o644
 # ---------------------------------------------------------------------------------------------
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory so a rename inside it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
     with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_temp(directory: Path, name: str, data: bytes | str | Callable[[Path], None]) -> Path:

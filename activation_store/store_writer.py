@@ -269,8 +269,7 @@ def write_store(
         if np.ndim(a) != 2 or np.shape(a)[0] != N * T:
             raise StoreError(f"acts[{hook!r}] must have shape [n_ctx*T={N * T}, d], got {np.shape(a)}")
     dims = {hook: int(np.shape(a)[1]) for hook, a in acts.items()}
-    path = Path(path)
-    create_store(path, tokens_NxT=tokens, n_valid_N=n_valid, doc_id_N=doc_ids, label_N=labels,
+    path = create_store(path, tokens_NxT=tokens, n_valid_N=n_valid, doc_id_N=doc_ids, label_N=labels,
                  label_names=label_names, dims=dims, dtype=dtype, attrs=dict(attrs or {}),
                  commit_contexts=commit_contexts, val_fraction=val_fraction, bos_id=bos_id, chunk_bytes=chunk_bytes)
     with contextlib.closing(StoreWriter(path, fsync=False)) as writer:
