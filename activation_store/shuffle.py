@@ -127,7 +127,8 @@ def read_batches(files: Sequence[tuple[str, int]], blocks: dict, plan: ShufflePl
         if sharding is not None and jax.process_count() > 1:
             shape = (batch_size, next(iter(datasets.values())).shape[1])
             slices = [index[0] for index in sharding.addressable_devices_indices_map(shape).values()]
-            local = slice(min(s.start or 0 for s in slices), max(batch_size if s.stop is None else s.stop for s in slices))
+            local = slice(min(s.start or 0 for s in slices),
+                          max(batch_size if s.stop is None else s.stop for s in slices))
         caches: dict[str, dict] = {h: {} for h in blocks}
         for rows in plan.batch_rows(batch_size, start_step):
             mine = rows if local is None else rows[local]

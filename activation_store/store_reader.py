@@ -29,9 +29,10 @@ from featureatlas.activation_store.prefetch import Prefetcher
 from featureatlas.activation_store.runs import atomic_write_json
 from featureatlas.activation_store.shuffle import ShufflePlan, gather_rows, read_batches, stacked_rows
 from featureatlas.activation_store.store_format import (FORMAT_VERSION, IDENTITY_KEYS, StoreCorruptedError, StoreError,
-                                                        chunk_contexts, corrupted, crc32, decode_attrs, disk_bytes,
-                                                        check_foreign_hdf5, has_hdf5_signature, has_shards, layout_problems,
-                                                        check_not_a_store, shard_files, shard_range, val_context_mask)
+                                                        check_foreign_hdf5, check_not_a_store, chunk_contexts,
+                                                        corrupted, crc32, decode_attrs, disk_bytes, has_hdf5_signature,
+                                                        has_shards, layout_problems, shard_files, shard_range,
+                                                        val_context_mask)
 
 STATS_FORMAT = "featureatlas-store-stats/1"
 
@@ -363,7 +364,7 @@ class ActivationStore:
         key, path = self._stats_key(hook), stats_path(self.path)
         entry = _stats_record(path)["hooks"].get(hook)
         result = None
-        with contextlib.suppress(KeyError, TypeError, ValueError):  # the cached entry, if for these rows and well formed
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # the cached entry if for these rows, well formed
             if entry["key"] == key:
                 result = np.asarray(entry["mean"], np.float64), float(entry["mean_sq_norm"])
         if result is None:
