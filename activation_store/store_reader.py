@@ -323,9 +323,11 @@ class ActivationStore:
         files = [(str(p.path), p.n_committed * self.context_length) for p in self.parts]
         blocks = {h: self._shard_block(h) for h in hook_list}
 
-        def produce():
+        def produce():  # {hook: array} batches, or the arrays of the one hook asked as a string
             batches = read_batches(files, blocks, plan, batch_size, start_step, sharding, dtype, limit)
-            return _only(batches, hooks) if isinstance(hooks, str) else batches
+            with contextlib.closing(batches):  # closed (its files with it) when the Prefetcher stops
+                for batch in batches:
+                    yield batch[hooks] if isinstance(hooks, str) else batch
 
         return Prefetcher(produce, prefetch, name=f"store-batches-{hook_list[0]}")
 
@@ -441,13 +443,6 @@ class ActivationStore:
             "size_on_disk_mb": round(sum(disk_bytes(p.path) for p in self.parts) / 2**20, 3),
             **({"shards": len(self.parts)} if self.sharded else {}),
         }
-
-
-def _only(batches, hook: str):
-    """The `hook` arrays of a stream of {hook: array} batches (closing the stream when closed)."""
-    with contextlib.closing(batches):
-        for batch in batches:
-            yield batch[hook]
 
 
 def _stats_record(path: Path) -> dict:
