@@ -172,8 +172,7 @@ class ActivationStore:
     def close(self) -> None:
         with self._lock:
             for f in self._h5:
-                if f.id.valid:
-                    f.close()
+                f.close()  # (h5py's close skips a file already closed)
             self._h5 = []
 
     def __enter__(self):

@@ -233,8 +233,7 @@ class StoreWriter:
                 os.fsync(self.file.id.get_vfd_handle())
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        self.file.close()  # (h5py's close skips a file already closed)
 
 
 def write_store(
