@@ -39,11 +39,15 @@ RULE = "||x|| > {factor:g} x median ||x|| of the store's train tokens (BOS exclu
 _READ_ROWS = 8192  # rows read at once by store_norm_threshold (bounds memory for wide hooks)
 
 
-def norm_threshold(norms_N, factor: float = DEFAULT_FACTOR) -> float:
-    """factor * median(norms_N): the norm above which a token counts as massive (finite norms only)."""
+def _check_factor(factor: float) -> None:
     if not np.isfinite(factor) or factor <= 1.0:
         raise ConfigError(f"massive-token factor must be a finite number > 1 (tokens above factor x the median "
                           f"norm), got {factor!r}; the default is {DEFAULT_FACTOR:g}")
+
+
+def norm_threshold(norms_N, factor: float = DEFAULT_FACTOR) -> float:
+    """factor * median(norms_N): the norm above which a token counts as massive (finite norms only)."""
+    _check_factor(factor)
     norms = np.asarray(norms_N, np.float64).ravel()
     norms = norms[np.isfinite(norms)]
     if norms.size == 0:
@@ -63,8 +67,8 @@ def store_norm_threshold(store, hook: str, *, factor: float = DEFAULT_FACTOR, n_
 
     `store`: an ActivationStore or the path of one. The sample depends only on (store, seed), so every
     job that asks gets the same threshold. A store without train rows (a tiny one) uses all its rows.
-    A bad `factor` is refused by `norm_threshold`.
     """
+    _check_factor(factor)
     if n_sample < 1:
         raise ConfigError(f"n_sample must be positive, got {n_sample}")
     if isinstance(store, (str, Path)):
