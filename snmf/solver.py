@@ -113,9 +113,7 @@ def check_informative(sq_norm: float, col_var_sum: float) -> None:
 
 
 def check_matrix(A_DxN: np.ndarray) -> float:
-    """Validate a full-batch matrix; returns ‖A‖²_F (accumulated in float64)."""
-    if A_DxN.ndim != 2:
-        raise ValueError(f"A must be 2-D (d × n), got shape {A_DxN.shape}")
+    """Validate a full-batch (2-D) matrix; returns ‖A‖²_F (accumulated in float64)."""
     check_finite(A_DxN)
     sq = var_sum = 0.0
     for i in range(0, A_DxN.shape[0], 64):  # float64 accumulation, a few rows at a time
