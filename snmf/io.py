@@ -131,18 +131,15 @@ def pca_files(dic: PCADictionary, config: dict) -> dict:
                          pca_split="± halves: features 0..k-1 are +axis, k..2k-1 are −axis")
 
 
-def read_config(out_dir: str) -> dict:
+def load(out_dir: str):
+    """Load a saved SNMF / DiffMeans / PCA result as its Dictionary (Y is not loaded); its config.json
+    is the Dictionary's `config`."""
     path = os.path.join(published(out_dir), CONFIG)
     if not os.path.exists(path):
         raise RunError(f"no {CONFIG} in {out_dir}: not a saved dictionary "
                        "(train one with `featureatlas train-snmf`)")
     with open(path) as f:
-        return json.load(f)
-
-
-def load(out_dir: str):
-    """Load a saved SNMF / DiffMeans / PCA result as its Dictionary (Y is not loaded)."""
-    config = read_config(out_dir)
+        config = json.load(f)
     method = config.get("method")
     weights = os.path.join(out_dir, WEIGHTS)
     if method == "snmf":

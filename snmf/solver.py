@@ -239,19 +239,15 @@ def snmf_update(A_DxN, Y_KxN, YYt_KxK, sq_norm_A, m: int):
     return densify(idx_KxM, vals_KxM, d), Y_KxN, YYt_KxK, loss
 
 
-def track_best(state: SNMFState, Zt_KxD, Y_KxN, YYt_KxK, loss, tol: float) -> SNMFState:
-    """Best-so-far bookkeeping: improvement means loss < best·(1 − tol)."""
-    improved = loss < state.best_loss * (1.0 - tol)
-    return SNMFState(Zt_KxD, Y_KxN, YYt_KxK, loss, jnp.where(improved, Zt_KxD, state.best_Zt_KxD),
-                     jnp.where(improved, Y_KxN, state.best_Y_KxN), jnp.where(improved, loss, state.best_loss),
-                     jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32))
-
-
 @partial(jax.jit, static_argnames=("m", "tol"), donate_argnums=(0,))
 def snmf_step(state: SNMFState, A_DxN, sq_norm_A, *, m: int, tol: float) -> SNMFState:
-    """One full semi-NMF iteration (steps 1–5 + best-so-far), compiled as one XLA program."""
+    """One full semi-NMF iteration (steps 1–5 + best-so-far), compiled as one XLA program.
+    Best-so-far bookkeeping: improvement means loss < best·(1 − tol)."""
     Zt, Y, YYt, loss = snmf_update(A_DxN, state.Y_KxN, state.YYt_KxK, sq_norm_A, m)
-    return track_best(state, Zt, Y, YYt, loss, tol)
+    improved = loss < state.best_loss * (1.0 - tol)
+    return SNMFState(Zt, Y, YYt, loss, jnp.where(improved, Zt, state.best_Zt_KxD),
+                     jnp.where(improved, Y, state.best_Y_KxN), jnp.where(improved, loss, state.best_loss),
+                     jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32))
 
 
 def step_flops(d: int, n: int, k: int, m: int) -> float:
@@ -295,13 +291,12 @@ def state_like(k: int, d: int, n: int) -> dict:
             for f in SNMFState._fields}
 
 
-def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, init: tuple[np.ndarray, np.ndarray] | None = None,
-                   checkpoints=None, checkpoint_every: int = 10,
+def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, checkpoints=None, checkpoint_every: int = 10,
                    on_iter: Callable[[int, float, float, float], None] | None = None,
                    progress: bool = False) -> SNMFFit:
-    """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations.
+    """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations,
+    from `snmf.init.initial_factors(A, cfg)`.
 
-    init: (Z0_DxK, Y0_KxN); default `snmf.init.initial_factors(A, cfg)`.
     checkpoints: an `activation_store.runs.Checkpoints` (orbax); the state (a pytree) is saved every
       `checkpoint_every` iterations and at the end, with the iteration as its step. When it already
       holds a checkpoint the fit continues from it, giving the same result as an uninterrupted run
@@ -322,7 +317,7 @@ def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, init: tuple[np.ndarray
         state = SNMFState(**checkpoints.restore(start, like=state_like(cfg.k, d, n)))
     else:
         start = 0
-        Z0_DxK, Y0_KxN = init if init is not None else initial_factors(A_DxN, cfg)
+        Z0_DxK, Y0_KxN = initial_factors(A_DxN, cfg)
         state = initial_state(np.asarray(Z0_DxK, np.float32).T, np.asarray(Y0_KxN, np.float32))
 
     A = jnp.asarray(A_DxN)
