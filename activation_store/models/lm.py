@@ -90,17 +90,16 @@ def params_hash(tensors: dict) -> str:
 
 class LanguageModel:
     """A frozen transformer: `config`, `params` (pytree of jnp arrays), `tokenizer`, `model_id`,
-    `weights_hash`, and pure jitted functions over params (see the module docstring)."""
+    `weights_hash`, and pure jitted functions over params (see the module docstring). Built by
+    `from_hf_tensors`, which checks the config (every loader and `random_model` go through it)."""
 
-    def __init__(self, config: ModelConfig, params, tokenizer, model_id: str, weights_hash: str,
-                 chat_system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT):
-        _check_config(config)
+    def __init__(self, config: ModelConfig, params, tokenizer, model_id: str, weights_hash: str):
         self.config = config
         self.params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.weights_hash = weights_hash
-        self.chat_system_prompt = chat_system_prompt
+        self.chat_system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT  # chat_template's default system turn
         self.hook_names: tuple[str, ...] = config.hook_names()
         self._compiled: OrderedDict = OrderedDict()
         self._W_U = None
@@ -115,7 +114,7 @@ class LanguageModel:
 
     @classmethod
     def from_hf_tensors(cls, config: ModelConfig, tensors: dict, tokenizer, model_id: str,
-                        weights_hash: str, **kw) -> "LanguageModel":
+                        weights_hash: str) -> "LanguageModel":
         """Build from HF-named tensors (Llama: PyTorch [out, in] Linear weights, HF rotate_half RoPE
         layout; GPT-2: Conv1D [in, out], an optional 'transformer.' prefix is accepted)."""
         _check_config(config)
@@ -132,7 +131,7 @@ class LanguageModel:
             got = tuple(np.shape(tensors[name]))
             if got != tuple(shape):
                 raise CorruptModelError(f"{model_id}: tensor {name} has shape {got}, config implies {tuple(shape)}")
-        return cls(config, arch.from_hf(config, tensors), tokenizer, model_id, weights_hash, **kw)
+        return cls(config, arch.from_hf(config, tensors), tokenizer, model_id, weights_hash)
 
     def to_hf_tensors(self) -> dict:
         """HF-named numpy fp32 tensors; from_hf_tensors(config, lm.to_hf_tensors(), ...) rebuilds this model."""
