@@ -189,7 +189,10 @@ class LanguageModel:
         """(logits_BxTxV | None, {hook: acts_BxTxd}), float32; see the module docstring."""
         compute_dtype = check_compute_dtype(compute_dtype)
         tokens_BxT, mask_BxT = self._check_tokens(tokens_BxT, attention_mask_BxT)
-        capture = self._check_capture(capture)
+        capture = (capture,) if isinstance(capture, str) else tuple(capture)
+        for h in capture:
+            self.check_hook(h)
+        capture = tuple(dict.fromkeys(capture))  # duplicates dropped, first occurrence order
         edits = self._check_edits(edits)
         if stop_at not in (None, "capture"):
             raise ValueError(f"stop_at must be None or 'capture', got {stop_at!r}")
@@ -212,7 +215,9 @@ class LanguageModel:
     def generate(self, params, prompt_tokens, max_new: int, *, sampling: Sampling = Sampling(), edits=(),
                  key=None, stop_at_eos: bool = True, return_logits: bool = False, pad_to: int = 8):
         """Tokens generated after each prompt (KV cache; edits at every position); see module docstring."""
-        single = _is_flat_token_list(prompt_tokens)
+        # one prompt ([ints] or a 1-D array), or a batch (list of lists / 2-D array)
+        single = (len(prompt_tokens.shape) == 1 if hasattr(prompt_tokens, "shape")
+                  else all(np.ndim(t) == 0 for t in prompt_tokens))
         rows = [list(map(int, prompt_tokens))] if single else [list(map(int, r)) for r in prompt_tokens]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("generate needs non-empty prompts (start them with BOS)")
@@ -297,12 +302,6 @@ class LanguageModel:
             raise ValueError(f"sequence longer than the model's {self.config.max_ctx} learned positions")
         return jnp.asarray(tok, jnp.int32), jnp.asarray(mask)
 
-    def _check_capture(self, capture) -> tuple[str, ...]:
-        capture = (capture,) if isinstance(capture, str) else tuple(capture)
-        for h in capture:
-            self.check_hook(h)
-        return tuple(dict.fromkeys(capture))  # duplicates dropped, first occurrence order
-
     def _check_edits(self, edits) -> tuple[Edit, ...]:
         edits = (edits,) if isinstance(edits, Edit) else tuple(edits)
         for e in edits:
@@ -324,11 +323,6 @@ def check_compute_dtype(compute_dtype) -> str:
         raise ConfigError(f"compute_dtype must be one of {', '.join(transformer.COMPUTE_DTYPES)}, "
                           f"got {compute_dtype!r}")
     return name
-
-
-def _is_flat_token_list(x) -> bool:
-    """True for one prompt ([ints] or a 1-D array), False for a batch (list of lists / 2-D array)."""
-    return len(x.shape) == 1 if hasattr(x, "shape") else all(np.ndim(t) == 0 for t in x)
 
 
 def _check_config(cfg: ModelConfig) -> None:
