@@ -273,14 +273,14 @@ def _take_rows(chunks: Iterable, n_rows: int) -> Iterator:
 _THRESHOLDS: dict[tuple, float] = {}
 
 
-def _store_threshold(store, hook: str) -> float:
-    """massive.store_norm_threshold (its default factor), remembered per (store file, committed contexts, hook):
-    a training run evaluates every few hundred steps and the sample read would cost each time."""
+def _store_threshold(store, hook: str, factor: float) -> float:
+    """massive.store_norm_threshold, remembered per (store file, committed contexts, hook, factor): a
+    training run evaluates every few hundred steps and the sample read would cost each time."""
     from featureatlas.activation_store import massive
 
-    key = (str(store.path), int(store.n_committed), hook)
+    key = (str(store.path), int(store.n_committed), hook, float(factor))
     if key not in _THRESHOLDS:
-        _THRESHOLDS[key] = massive.store_norm_threshold(store, hook)
+        _THRESHOLDS[key] = massive.store_norm_threshold(store, hook, factor=factor)
     return _THRESHOLDS[key]
 
 
@@ -294,7 +294,10 @@ def evaluate_dictionary(
     split: str = "val",
     batch_size: int = 4096,
     ce_batch_size: int = 8,
+    seed: int = 0,
     error_term: bool = True,
+    massive_threshold: float | None = None,
+    massive_factor: float | None = None,
 ) -> dict:
     """Reconstruction metrics over the first `n_tokens` non-BOS tokens of `split` (store order), plus
     the spliced CE/KL metrics (eval/splice.py) on `n_contexts_ce` contexts of `split` when `lm` is given.
@@ -303,10 +306,10 @@ def evaluate_dictionary(
     activations of the same tokens. error_term=True also splices x_hat + (x - x_hat) (reported as
     ce_with_error, which must equal ce_clean; costs one more forward pass per batch).
 
-    Massive tokens (activation_store/massive.py): a target with ||x|| > massive.DEFAULT_FACTOR x the
-    median target norm of the store's train split (`store_norm_threshold`, read once per store state and
-    hook). The rule, threshold and count excluded are reported with the metrics. The CE contexts are
-    drawn with seed 0 (`contexts_from_store`).
+    Massive tokens (activation_store/massive.py): a target with ||x|| > massive_threshold; by default
+    the threshold is massive_factor (default massive.DEFAULT_FACTOR) x the median target norm of the
+    store's train split (`store_norm_threshold`; pass the threshold to skip reading that sample on
+    repeated evaluations). The rule, threshold and count excluded are reported with the metrics.
     Returns one flat dict; `scalars()` drops density_F so the rest is JSON-writable.
     """
     from featureatlas.activation_store import massive
@@ -324,14 +327,20 @@ def evaluate_dictionary(
     targets = None
     if hook_out != hook_in:
         targets = _take_rows(store.iter_chunks(hook_out, batch_size, split=split, exclude_bos=True), n_tokens)
+    factor = massive.DEFAULT_FACTOR if massive_factor is None else massive_factor
+    if massive_threshold is None:
+        massive_threshold = _store_threshold(store, hook_out, factor)
+        rule = massive.RULE.format(factor=factor)
+    else:
+        rule = f"||x|| > {massive_threshold:g} (a given threshold)"
     out = {"hook": hook_in, "hook_out": hook_out, "split": split}
     out.update(evaluate_reconstruction(dictionary, inputs, None, target_hook_batches=targets,
-                                       massive_threshold=_store_threshold(store, hook_out)))
-    out["massive_rule"] = massive.RULE.format(factor=massive.DEFAULT_FACTOR)
+                                       massive_threshold=massive_threshold))
+    out["massive_rule"] = rule
     if lm is not None:
         if store.weights_hash and lm.weights_hash and store.weights_hash != lm.weights_hash:
             raise ValueError(f"store {store.path} was harvested from {store.model_id!r} (weights {store.weights_hash}), "
                              f"but lm is {lm.model_id!r} (weights {lm.weights_hash}); splice with the same model")
-        tokens, mask = contexts_from_store(store, n_contexts_ce, split=split)
+        tokens, mask = contexts_from_store(store, n_contexts_ce, split=split, seed=seed)
         out.update(splice_metrics(lm, dictionary, tokens, mask, batch_size=ce_batch_size, error_term=error_term))
     return out
