@@ -51,7 +51,8 @@ def check_ranks(ranks) -> None:
 
 
 def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[Level]:
-    """Levels 1.. of the hierarchy above the main features Z0 (ranks: checked by `check_ranks`, ranks[0] == Z0's k)."""
+    """Levels 1.. of the hierarchy above the main features Z0 (ranks[0] == Z0's k)."""
+    check_ranks(ranks)
     Zprev, _ = unit_columns(np.asarray(Z0_DxK, np.float32))
     levels = [Level(Zprev, None, [[] for _ in range(Zprev.shape[1])], float("nan"))]
     for k in ranks[1:]:

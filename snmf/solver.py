@@ -113,7 +113,9 @@ def check_informative(sq_norm: float, col_var_sum: float) -> None:
 
 
 def check_matrix(A_DxN: np.ndarray) -> float:
-    """Validate a full-batch (2-D) matrix; returns ‖A‖²_F (accumulated in float64)."""
+    """Validate a full-batch matrix; returns ‖A‖²_F (accumulated in float64)."""
+    if A_DxN.ndim != 2:
+        raise ValueError(f"A must be 2-D (d × n), got shape {A_DxN.shape}")
     check_finite(A_DxN)
     sq = var_sum = 0.0
     for i in range(0, A_DxN.shape[0], 64):  # float64 accumulation, a few rows at a time
@@ -291,12 +293,13 @@ def state_like(k: int, d: int, n: int) -> dict:
             for f in SNMFState._fields}
 
 
-def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, checkpoints=None, checkpoint_every: int = 10,
+def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, init: tuple[np.ndarray, np.ndarray] | None = None,
+                   checkpoints=None, checkpoint_every: int = 10,
                    on_iter: Callable[[int, float, float, float], None] | None = None,
                    progress: bool = False) -> SNMFFit:
-    """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations,
-    from `snmf.init.initial_factors(A, cfg)`.
+    """Fit A ≈ Z·Y by iterating `snmf_step` until `cfg.iters` or `cfg.patience` stale iterations.
 
+    init: (Z0_DxK, Y0_KxN); default `snmf.init.initial_factors(A, cfg)`.
     checkpoints: an `activation_store.runs.Checkpoints` (orbax); the state (a pytree) is saved every
       `checkpoint_every` iterations and at the end, with the iteration as its step. When it already
       holds a checkpoint the fit continues from it, giving the same result as an uninterrupted run
@@ -317,7 +320,7 @@ def fit_full_batch(A_DxN: np.ndarray, cfg: SNMFConfig, *, checkpoints=None, chec
         state = SNMFState(**checkpoints.restore(start, like=state_like(cfg.k, d, n)))
     else:
         start = 0
-        Z0_DxK, Y0_KxN = initial_factors(A_DxN, cfg)
+        Z0_DxK, Y0_KxN = init if init is not None else initial_factors(A_DxN, cfg)
         state = initial_state(np.asarray(Z0_DxK, np.float32).T, np.asarray(Y0_KxN, np.float32))
 
     A = jnp.asarray(A_DxN)

@@ -167,7 +167,6 @@ def fit_streaming(source, cfg: SNMFConfig, *, chunk_size: int, workdir: str, mu_
                   progress: bool = False) -> SNMFFit:
     """Fit A ≈ Z·Y over `source` (see `snmf.data`) in passes of `chunk_size` tokens.
 
-    chunk_size and mu_steps are >= 1 (`train.SNMFJobConfig` checks the flags).
     Returns an `SNMFFit` with the best Z; with save_y its `Yt_NxK` is the best state's Yᵀ
     as a `YFile` in `workdir` (else None). checkpoints: an `activation_store.runs.Checkpoints`,
     saved after every pass (step = passes done, 0 after the initialization); when it holds a
@@ -177,6 +176,8 @@ def fit_streaming(source, cfg: SNMFConfig, *, chunk_size: int, workdir: str, mu_
 
     n, d = source.n, source.d
     cfg.validate(d, n)
+    if chunk_size < 1 or mu_steps < 1:
+        raise ConfigError(f"--chunk-size ({chunk_size}) and --mu-steps ({mu_steps}) must be positive")
     chunk_size = min(chunk_size, n)
     m = cfg.kept_per_column(d)
     os.makedirs(workdir, exist_ok=True)
