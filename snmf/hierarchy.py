@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from featureatlas.activation_store.errors import ConfigError
-from featureatlas.snmf.io import read_rows, unit_columns
+from featureatlas.snmf.io import unit_columns
 from featureatlas.snmf.solver import SNMFConfig, fit_full_batch
 
 CHILD_FRACTION = 0.15
@@ -31,14 +31,14 @@ class Level:
     rel_error: float
 
 
-def children_of(Y_KxKprev: np.ndarray, fraction: float = CHILD_FRACTION,
-                max_children: int = MAX_CHILDREN) -> list[list[int]]:
-    """The tree rule on G = Yᵀ: for each parent c, children f with G[f,c] ≥ fraction·max_f G[f,c]."""
+def children_of(Y_KxKprev: np.ndarray) -> list[list[int]]:
+    """The tree rule on G = Yᵀ: for each parent c, children f with G[f,c] ≥ CHILD_FRACTION·max_f G[f,c],
+    at most MAX_CHILDREN of them."""
     out = []
     for row in Y_KxKprev:  # row c of Y = column c of G
         top = row.max()
-        cand = np.nonzero(row >= fraction * top)[0] if top > 0 else np.zeros(0, np.int64)
-        cand = cand[np.argsort(-row[cand], kind="stable")][:max_children]
+        cand = np.nonzero(row >= CHILD_FRACTION * top)[0] if top > 0 else np.zeros(0, np.int64)
+        cand = cand[np.argsort(-row[cand], kind="stable")][:MAX_CHILDREN]
         out.append([int(f) for f in cand])
     return out
 
@@ -64,24 +64,23 @@ def fit_levels(Z0_DxK: np.ndarray, ranks: list[int], base: SNMFConfig) -> list[L
     return levels
 
 
-def top_tokens_per_level(levels: list[Level], Yt_NxK, norms_K: np.ndarray, top: int = 10,
-                         block: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per level: (token indices k_l×top, coefficients k_l×top) of the largest C_L entries.
+def top_tokens_per_level(levels: list[Level], Yt_NxK, norms_K: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per level: (token indices k_l×10, coefficients k_l×10) of the 10 largest C_L entries.
 
     Yt_NxK is level 0's Yᵀ as the solver returns it, an ndarray or a streaming `YFile`, read by
     blocks; norms_K the norms of its Z's columns, which rescale it to the unit-Z scale.
     """
-    n = Yt_NxK.shape[0]
+    n, block = Yt_NxK.shape[0], 65536
     best = [(np.zeros((lv.Z_DxK.shape[1], 0), np.int64), np.zeros((lv.Z_DxK.shape[1], 0), np.float32)) for lv in levels]
     for s in range(0, n, block):
         count = min(block, n - s)
-        C_KxB = (read_rows(Yt_NxK, s, count) * norms_K).T
+        C_KxB = (np.asarray(Yt_NxK[s:s + count], np.float32) * norms_K).T
         for li, lv in enumerate(levels):
             if lv.Y_KxKprev is not None:
                 C_KxB = lv.Y_KxKprev @ C_KxB
             idx = np.concatenate([best[li][0], np.broadcast_to(np.arange(s, s + count), C_KxB.shape)], 1)
             val = np.concatenate([best[li][1], C_KxB], 1)
-            keep = np.argsort(-val, axis=1, kind="stable")[:, :top]
+            keep = np.argsort(-val, axis=1, kind="stable")[:, :10]
             best[li] = (np.take_along_axis(idx, keep, 1), np.take_along_axis(val, keep, 1))
     return best
 

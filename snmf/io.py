@@ -93,13 +93,6 @@ def unit_columns(Z_DxK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (Z_DxK / norms).astype(np.float32), norms
 
 
-def read_rows(Yt_NxK, start: int, count: int) -> np.ndarray:
-    """Rows start .. start+count of Yᵀ, an ndarray or the streaming solver's `YFile`, as float32."""
-    if hasattr(Yt_NxK, "read"):
-        return Yt_NxK.read(start, count)
-    return np.asarray(Yt_NxK[start:start + count], np.float32)
-
-
 def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, block: int = 65536) -> dict:
     """config.json and weights.safetensors of an SNMF result: Z normalised to unit columns; Yᵀ
     (ndarray or streaming `YFile`, read by blocks) scaled to match."""
@@ -107,8 +100,8 @@ def snmf_files(Z_DxK: np.ndarray, config: dict, *, Yt_NxK=None, rows_N=None, blo
     tensors: dict = {"Z_DxK": Zn}
     if Yt_NxK is not None:
         n, k = Yt_NxK.shape
-        tensors["Yt_NxK"] = Chunked((n, k), np.float32, lambda: (read_rows(Yt_NxK, s, min(block, n - s)) * norms
-                                                                 for s in range(0, n, block)))
+        tensors["Yt_NxK"] = Chunked((n, k), np.float32, lambda: (
+            np.asarray(Yt_NxK[s:min(s + block, n)], np.float32) * norms for s in range(0, n, block)))
         if rows_N is not None:
             tensors["rows_N"] = np.asarray(rows_N, np.int64)
     return _result_files("snmf", tensors, config, n_features=Zn.shape[1], z_unit_norm=True, saved_y=Yt_NxK is not None)
@@ -138,18 +131,15 @@ def pca_files(dic: PCADictionary, config: dict) -> dict:
                          pca_split="± halves: features 0..k-1 are +axis, k..2k-1 are −axis")
 
 
-def read_config(out_dir: str) -> dict:
+def load(out_dir: str):
+    """Load a saved SNMF / DiffMeans / PCA result as its Dictionary (Y is not loaded); its config.json
+    is the Dictionary's `config`."""
     path = os.path.join(published(out_dir), CONFIG)
     if not os.path.exists(path):
         raise RunError(f"no {CONFIG} in {out_dir}: not a saved dictionary "
                        "(train one with `featureatlas train-snmf`)")
     with open(path) as f:
-        return json.load(f)
-
-
-def load(out_dir: str):
-    """Load a saved SNMF / DiffMeans / PCA result as its Dictionary (Y is not loaded)."""
-    config = read_config(out_dir)
+        config = json.load(f)
     method = config.get("method")
     weights = os.path.join(out_dir, WEIGHTS)
     if method == "snmf":

@@ -241,19 +241,15 @@ def snmf_update(A_DxN, Y_KxN, YYt_KxK, sq_norm_A, m: int):
     return densify(idx_KxM, vals_KxM, d), Y_KxN, YYt_KxK, loss
 
 
-def track_best(state: SNMFState, Zt_KxD, Y_KxN, YYt_KxK, loss, tol: float) -> SNMFState:
-    """Best-so-far bookkeeping: improvement means loss < best·(1 − tol)."""
-    improved = loss < state.best_loss * (1.0 - tol)
-    return SNMFState(Zt_KxD, Y_KxN, YYt_KxK, loss, jnp.where(improved, Zt_KxD, state.best_Zt_KxD),
-                     jnp.where(improved, Y_KxN, state.best_Y_KxN), jnp.where(improved, loss, state.best_loss),
-                     jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32))
-
-
 @partial(jax.jit, static_argnames=("m", "tol"), donate_argnums=(0,))
 def snmf_step(state: SNMFState, A_DxN, sq_norm_A, *, m: int, tol: float) -> SNMFState:
-    """One full semi-NMF iteration (steps 1–5 + best-so-far), compiled as one XLA program."""
+    """One full semi-NMF iteration (steps 1–5 + best-so-far), compiled as one XLA program.
+    Best-so-far bookkeeping: improvement means loss < best·(1 − tol)."""
     Zt, Y, YYt, loss = snmf_update(A_DxN, state.Y_KxN, state.YYt_KxK, sq_norm_A, m)
-    return track_best(state, Zt, Y, YYt, loss, tol)
+    improved = loss < state.best_loss * (1.0 - tol)
+    return SNMFState(Zt, Y, YYt, loss, jnp.where(improved, Zt, state.best_Zt_KxD),
+                     jnp.where(improved, Y, state.best_Y_KxN), jnp.where(improved, loss, state.best_loss),
+                     jnp.where(improved, 0, state.bad_iters + 1).astype(jnp.int32))
 
 
 def step_flops(d: int, n: int, k: int, m: int) -> float:

@@ -65,23 +65,24 @@ def stream_state_like(k: int, d: int, m: int) -> dict:
 
 
 class YFile:
-    """Yᵀ (n×k float32) in a file, read by row ranges; each pass writes a whole new version
+    """Yᵀ (n×k float32) in a file, read by row slices; each pass writes a whole new version
     (`rewrite_y`)."""
 
     def __init__(self, path: str, n: int, k: int):
         self.path, self.n, self.k, self.shape = path, n, k, (n, k)
-        self.dtype = np.dtype(np.float32)
 
-    def read(self, start: int, count: int) -> np.ndarray:
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows rows.start .. rows.stop (both given, stop <= n), like the same slice of an n×k array."""
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} is gone (streaming Y files are deleted once a result "
                                     "is saved); fit again without --resume")
+        count = rows.stop - rows.start
         with open(self.path, "rb", buffering=0) as f:
-            buf = os.pread(f.fileno(), count * self.k * 4, start * self.k * 4)
+            buf = os.pread(f.fileno(), count * self.k * 4, rows.start * self.k * 4)
         return np.frombuffer(buf, np.float32).reshape(count, self.k)
 
     def __array__(self, dtype=None, copy=None):
-        out = self.read(0, self.n)
+        out = self[0:self.n]
         return out.astype(dtype) if dtype is not None else out
 
 
@@ -249,7 +250,7 @@ def _one_pass(source, st, chunk_size, files, mu_steps, cfg, save_y, m) -> dict:
         YAt, YYt, cross = np.zeros((cfg.k, source.d)), np.zeros((cfg.k, cfg.k)), 0.0
         with Prefetcher(lambda: transposed_chunks(source, chunk_size), depth=1) as chunks:
             for start, count, A in chunks:
-                Yt = np.pad(files[cur].read(start, count), ((0, chunk_size - count), (0, 0)))
+                Yt = np.pad(files[cur][start:start + count], ((0, chunk_size - count), (0, 0)))
                 Yt_new, ya, yy, cr = stream_chunk_step(A, Yt, s, idx, vals, Q, mu_steps=mu_steps)
                 write(start, np.asarray(Yt_new)[:count])
                 YAt += np.asarray(ya, np.float64)

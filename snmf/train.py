@@ -121,9 +121,8 @@ def train(cfg: SNMFJobConfig) -> dict:
         run.write_results({k: config[k] for k in RESULT_KEYS if k in config})
         if cfg.method == "snmf" and cfg.chunk_size:  # the result holds what is needed; the n×k scratch can be large
             remove_y_files(str(run.dir / STREAM_DIR))
-    config = io.read_config(cfg.out)
-    config["summary"] = summarize(cfg, config, io.load(cfg.out))
-    return config
+    dic = io.load(cfg.out)
+    return {**dic.config, "summary": summarize(cfg, dic.config, dic)}
 
 
 def prepare(cfg: SNMFJobConfig) -> tuple[SNMFJobConfig, Run, StoreColumns]:

@@ -9,11 +9,11 @@ from .lm import LanguageModel, params_hash
 from .random_init import random_model
 
 
-def load_model(name_or_path, **kw) -> LanguageModel:
+def load_model(name_or_path) -> LanguageModel:
     """Load "smollm2-135m", a .gguf file or a Hugging Face directory (see models.registry)."""
     from .registry import load_model as f
 
-    return f(name_or_path, **kw)
+    return f(name_or_path)
 
 
 __all__ = ["LanguageModel", "load_model", "random_model", "Edit", "add", "clamp", "replace", "Sampling",

@@ -20,7 +20,6 @@ import numpy as np
 
 from featureatlas.activation_store.errors import FeatureAtlasError
 
-from . import llama
 from .config import ModelConfig
 from .tokenizer import BPETokenizer
 
@@ -44,10 +43,13 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 
 
 @dataclass(frozen=True)
-class GGUFContents:
+class ModelContents:
+    """What a loader read (GGUF here, a HF directory in hf.py), before it becomes a LanguageModel."""
+
     config: ModelConfig
     tensors: dict[str, np.ndarray]  # HF names, float32
     tokenizer: BPETokenizer
+    files: tuple = ()  # HF directories: the safetensors files the tensors came from (their hashes name the weights)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -121,7 +123,8 @@ def read_config(reader) -> ModelConfig:
         pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"))
 
 
-def read_tokenizer(reader) -> BPETokenizer:
+def read_tokenizer(reader, config: ModelConfig) -> BPETokenizer:
+    """The GGUF's byte-level BPE tokenizer, with the special ids `read_config` read into config."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(
@@ -130,11 +133,8 @@ def read_tokenizer(reader) -> BPETokenizer:
     return BPETokenizer.from_gguf_fields(
         tokens=_field(reader, "tokenizer.ggml.tokens", REQUIRED), pre=_field(reader, "tokenizer.ggml.pre"),
         merges=_field(reader, "tokenizer.ggml.merges", REQUIRED),
-        token_types=_field(reader, "tokenizer.ggml.token_type"),
-        bos_id=_int_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_id=_int_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_id=_int_field(reader, "tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"))
+        token_types=_field(reader, "tokenizer.ggml.token_type"), bos_id=config.bos_id, eos_id=config.eos_id,
+        pad_id=config.pad_id, chat_template=_field(reader, "tokenizer.chat_template"))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -166,8 +166,9 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return out.reshape(shape)
 
 
-def read_gguf(path) -> GGUFContents:
-    """Parse a GGUF into (ModelConfig, HF-named float32 tensors, tokenizer)."""
+def read_gguf(path) -> ModelContents:
+    """Parse a GGUF into (ModelConfig, HF-named float32 tensors, tokenizer). Missing or misshapen tensors
+    are refused where the tensors are used, by `LanguageModel.from_hf_tensors` (CorruptModelError)."""
     path = os.fspath(path)
     reader = _open_reader(path)
     config = read_config(reader)
@@ -179,16 +180,4 @@ def read_gguf(path) -> GGUFContents:
         if arch in _PERMUTED_ARCHS and (".q_proj." in name or ".k_proj." in name):
             w = unpermute_rope_rows(w, config.n_heads if ".q_proj." in name else config.n_kv_heads)
         tensors[name] = w
-    _check_shapes(config, tensors)
-    return GGUFContents(config, tensors, read_tokenizer(reader))
-
-
-def _check_shapes(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
-    """The embedding, final norm and every layer's projection matrices are there, with HF (llama) shapes."""
-    for name, (shape, _) in llama.hf_spec(cfg).items():
-        if name == "lm_head.weight" or "layernorm" in name or not name.endswith(".weight"):
-            continue
-        if name not in tensors:
-            raise CorruptModelError(f"GGUF is missing tensor {name!r} (HF name) for a {cfg.n_layers}-layer model")
-        if tensors[name].shape != shape:
-            raise CorruptModelError(f"tensor {name!r} has shape {tensors[name].shape}, expected {shape}")
+    return ModelContents(config, tensors, read_tokenizer(reader, config))

@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig
-from .gguf_loader import CorruptModelError
+from .gguf_loader import CorruptModelError, ModelContents
 from .tokenizer import BPETokenizer
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 GPT2_MODEL_TYPES = ("gpt2",)
-
-
-@dataclass(frozen=True)
-class HFContents:
-    config: ModelConfig
-    tensors: dict[str, np.ndarray]  # HF names, float32
-    tokenizer: BPETokenizer
-    files: tuple[Path, ...]  # the safetensors files the tensors came from
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -132,7 +123,7 @@ def _read_tokenizer(path: Path, config: ModelConfig) -> BPETokenizer:
                                   chat_template=tok_cfg.get("chat_template"))
 
 
-def read_hf_dir(path) -> HFContents:
+def read_hf_dir(path) -> ModelContents:
     """Parse a local HF checkpoint directory into (ModelConfig, HF-named float32 tensors, tokenizer)."""
     path = Path(path)
     cfg_file = path / "config.json"
@@ -148,7 +139,7 @@ def read_hf_dir(path) -> HFContents:
     except Exception as e:  # safetensors raises its own error types on damaged files
         raise ValueError(f"could not read weights in {path} ({type(e).__name__}: {e}); "
                          "the safetensors files may be truncated or corrupted") from e
-    return HFContents(config, tensors, _read_tokenizer(path, config), files)
+    return ModelContents(config, tensors, _read_tokenizer(path, config), files)
 
 
 def write_hf_dir(path, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer) -> None:
@@ -180,10 +171,10 @@ def save_hf_dir(lm, path) -> None:
     write_hf_dir(path, lm.config, lm.to_hf_tensors(), lm.tokenizer)
 
 
-def load_hf_dir(path, **kwargs):
+def load_hf_dir(path):
     """Load a local HF checkpoint directory as a LanguageModel (same as `registry.load_model(path)`)."""
     from .registry import load_model
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    return load_model(path, **kwargs)
+    return load_model(path)

@@ -90,17 +90,16 @@ def params_hash(tensors: dict) -> str:
 
 class LanguageModel:
     """A frozen transformer: `config`, `params` (pytree of jnp arrays), `tokenizer`, `model_id`,
-    `weights_hash`, and pure jitted functions over params (see the module docstring)."""
+    `weights_hash`, and pure jitted functions over params (see the module docstring). Built by
+    `from_hf_tensors`, which checks the config (every loader and `random_model` go through it)."""
 
-    def __init__(self, config: ModelConfig, params, tokenizer, model_id: str, weights_hash: str,
-                 chat_system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT):
-        _check_config(config)
+    def __init__(self, config: ModelConfig, params, tokenizer, model_id: str, weights_hash: str):
         self.config = config
         self.params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.weights_hash = weights_hash
-        self.chat_system_prompt = chat_system_prompt
+        self.chat_system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT  # chat_template's default system turn
         self.hook_names: tuple[str, ...] = config.hook_names()
         self._compiled: OrderedDict = OrderedDict()
         self._W_U = None
@@ -115,7 +114,7 @@ class LanguageModel:
 
     @classmethod
     def from_hf_tensors(cls, config: ModelConfig, tensors: dict, tokenizer, model_id: str,
-                        weights_hash: str, **kw) -> "LanguageModel":
+                        weights_hash: str) -> "LanguageModel":
         """Build from HF-named tensors (Llama: PyTorch [out, in] Linear weights, HF rotate_half RoPE
         layout; GPT-2: Conv1D [in, out], an optional 'transformer.' prefix is accepted)."""
         _check_config(config)
@@ -132,7 +131,7 @@ class LanguageModel:
             got = tuple(np.shape(tensors[name]))
             if got != tuple(shape):
                 raise CorruptModelError(f"{model_id}: tensor {name} has shape {got}, config implies {tuple(shape)}")
-        return cls(config, arch.from_hf(config, tensors), tokenizer, model_id, weights_hash, **kw)
+        return cls(config, arch.from_hf(config, tensors), tokenizer, model_id, weights_hash)
 
     def to_hf_tensors(self) -> dict:
         """HF-named numpy fp32 tensors; from_hf_tensors(config, lm.to_hf_tensors(), ...) rebuilds this model."""
@@ -190,7 +189,10 @@ class LanguageModel:
         """(logits_BxTxV | None, {hook: acts_BxTxd}), float32; see the module docstring."""
         compute_dtype = check_compute_dtype(compute_dtype)
         tokens_BxT, mask_BxT = self._check_tokens(tokens_BxT, attention_mask_BxT)
-        capture = self._check_capture(capture)
+        capture = (capture,) if isinstance(capture, str) else tuple(capture)
+        for h in capture:
+            self.check_hook(h)
+        capture = tuple(dict.fromkeys(capture))  # duplicates dropped, first occurrence order
         edits = self._check_edits(edits)
         if stop_at not in (None, "capture"):
             raise ValueError(f"stop_at must be None or 'capture', got {stop_at!r}")
@@ -213,7 +215,9 @@ class LanguageModel:
     def generate(self, params, prompt_tokens, max_new: int, *, sampling: Sampling = Sampling(), edits=(),
                  key=None, stop_at_eos: bool = True, return_logits: bool = False, pad_to: int = 8):
         """Tokens generated after each prompt (KV cache; edits at every position); see module docstring."""
-        single = _is_flat_token_list(prompt_tokens)
+        # one prompt ([ints] or a 1-D array), or a batch (list of lists / 2-D array)
+        single = (len(prompt_tokens.shape) == 1 if hasattr(prompt_tokens, "shape")
+                  else all(np.ndim(t) == 0 for t in prompt_tokens))
         rows = [list(map(int, prompt_tokens))] if single else [list(map(int, r)) for r in prompt_tokens]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("generate needs non-empty prompts (start them with BOS)")
@@ -298,12 +302,6 @@ class LanguageModel:
             raise ValueError(f"sequence longer than the model's {self.config.max_ctx} learned positions")
         return jnp.asarray(tok, jnp.int32), jnp.asarray(mask)
 
-    def _check_capture(self, capture) -> tuple[str, ...]:
-        capture = (capture,) if isinstance(capture, str) else tuple(capture)
-        for h in capture:
-            self.check_hook(h)
-        return tuple(dict.fromkeys(capture))  # duplicates dropped, first occurrence order
-
     def _check_edits(self, edits) -> tuple[Edit, ...]:
         edits = (edits,) if isinstance(edits, Edit) else tuple(edits)
         for e in edits:
@@ -325,11 +323,6 @@ def check_compute_dtype(compute_dtype) -> str:
         raise ConfigError(f"compute_dtype must be one of {', '.join(transformer.COMPUTE_DTYPES)}, "
                           f"got {compute_dtype!r}")
     return name
-
-
-def _is_flat_token_list(x) -> bool:
-    """True for one prompt ([ints] or a 1-D array), False for a batch (list of lists / 2-D array)."""
-    return len(x.shape) == 1 if hasattr(x, "shape") else all(np.ndim(t) == 0 for t in x)
 
 
 def _check_config(cfg: ModelConfig) -> None:

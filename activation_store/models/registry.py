@@ -18,9 +18,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from featureatlas.activation_store.errors import FeatureAtlasError
 
 from .config import ModelConfig
@@ -139,7 +136,7 @@ def load_config(name_or_path) -> ModelConfig | None:
     return read_config(_open_reader(os.fspath(path)))
 
 
-def load_model(name_or_path, *, dtype=jnp.float32):
+def load_model(name_or_path):
     """Load a LanguageModel by registered name, .gguf path or HF directory (see module docstring)."""
     from .lm import LanguageModel
 
@@ -153,10 +150,7 @@ def load_model(name_or_path, *, dtype=jnp.float32):
         sha = _combined_sha256(contents.files)
     else:
         contents, sha = read_gguf(path), file_sha256(path)
-    lm = LanguageModel.from_hf_tensors(contents.config, contents.tensors, contents.tokenizer, model_id, sha)
-    if jnp.dtype(dtype) != jnp.float32:
-        lm.params = jax.tree.map(lambda a: a.astype(dtype), lm.params)
-    return lm
+    return LanguageModel.from_hf_tensors(contents.config, contents.tensors, contents.tokenizer, model_id, sha)
 
 
 def _combined_sha256(files) -> str:
