@@ -41,7 +41,7 @@ BatchTopK and Matryoshka-BatchTopK run as JumpReLU at inference, so they export 
 of the weights in metadata["featureatlas_weights_sha256"], so export → import restores the original
 architecture and weights bit for bit. When SAELens loaded, edited and re-saved the directory (a
 new `k`, another threshold, another hook), the fields that decide the forward pass (see
-`_cfg_mismatches`) or the weight digest no longer agree with that embedded config, and the
+`_cfg_differs`) or the weight digest no longer agree with that embedded config, and the
 directory is read as a plain SAELens SAE instead, so the edit is what gets imported.
 
 JumpReLU sign: SAELens computes relu(h)·1[h > θ], we compute h·1[h > θ]; the two agree exactly
@@ -187,20 +187,13 @@ _TOP_FIELDS = {"architecture": _DEFAULT_ARCHITECTURE, "d_in": None, "d_sae": Non
 _META_FIELDS = ("hook_name", "hook_name_out", "model_name")
 
 
-def _cfg_mismatches(found: dict, expected: dict) -> list[str]:
-    """`field: found != expected` for every deciding field where a cfg.json differs from `expected`
-    (what our export of the embedded config writes); fields `expected` lacks are compared only
-    when `found` sets them to something other than SAELens's default."""
-    out = []
-    for key, default in _TOP_FIELDS.items():
-        a, b = found.get(key, default), expected.get(key, default)
-        if a != b:
-            out.append(f"{key}: {a!r} != {b!r}")
+def _cfg_differs(found: dict, expected: dict) -> bool:
+    """Whether a cfg.json differs from `expected` (what our export of the embedded config writes) in any
+    deciding field; fields `expected` lacks count only when `found` sets them to something other than
+    SAELens's default."""
     meta_f, meta_e = found.get("metadata") or {}, expected.get("metadata") or {}
-    for key in _META_FIELDS:
-        if meta_f.get(key) != meta_e.get(key):
-            out.append(f"metadata.{key}: {meta_f.get(key)!r} != {meta_e.get(key)!r}")
-    return out
+    return (any(found.get(key, default) != expected.get(key, default) for key, default in _TOP_FIELDS.items())
+            or any(meta_f.get(key) != meta_e.get(key) for key in _META_FIELDS))
 
 
 def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
@@ -222,7 +215,7 @@ def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
     except SAELensFormatError:
         return None
     digest = meta.get("featureatlas_weights_sha256")
-    if _cfg_mismatches(cfg, expected) or (digest is not None and digest != _weights_digest(weights)):
+    if _cfg_differs(cfg, expected) or (digest is not None and digest != _weights_digest(weights)):
         return None
     return sae_from_params(config, weights)
 
