@@ -89,20 +89,14 @@ def from_transformerlens_hook(name: str) -> str:
     return from_transformerlens(name) or name
 
 
-def _saelens_architecture(config: SAEConfig) -> str:
-    """SAELens's `architecture` for the saved SAE of `config` (its SavedForm record)."""
-    name = A.saelens_architecture(config)
-    if name is None:  # SavedForm.saelens_transcoder None: SAELens has no transcoder of that form
+def _saelens_cfg(config: SAEConfig) -> dict:
+    """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
+    arch = A.saelens_architecture(config)
+    if arch is None:  # SavedForm.saelens_transcoder None: SAELens has no transcoder of that form
         exportable = ", ".join(f.name for f in A.SAVED_FORMS.values() if f.saelens_transcoder)
         raise SAELensFormatError(
             f"SAELens has no {A.saved_form(config).name} transcoder ({config.architecture}); only transcoders that "
             f"run as {exportable} at inference (BatchTopK runs as jumprelu) export")
-    return name
-
-
-def _saelens_cfg(config: SAEConfig) -> dict:
-    """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
-    arch = _saelens_architecture(config)
     topk = A.saved_form(config) is A.TOPK_FORM
     hook_name, hook_layer = to_transformerlens_hook(config.hook_in)
     # exclude_special_tokens: our stores train without BOS.
@@ -166,17 +160,6 @@ def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
     # Both files appear together (never new weights beside an old cfg.json).
     publish_files(out, {WEIGHTS_FILE: lambda p: save_file(tensors, str(p)), CFG_FILE: json.dumps(cfg, indent=2)})
     return out
-
-
-def _read_dir(path: Path) -> tuple[dict, dict]:
-    cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
-    if path.is_dir():
-        published(path)  # completes an export that a crash interrupted
-    if not cfile.exists():
-        raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
-    if not wfile.exists():
-        raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
-    return json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
 
 
 # Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
@@ -246,15 +229,6 @@ def _saelens_form(cfg: dict) -> tuple[str, A.SavedForm, bool]:
     return (name, *_SAELENS_FORMS[name])
 
 
-def _fold_decoder_norm(params: dict) -> dict:
-    """W_enc·n, b_enc·n, W_dec / n with n = max(‖W_dec_i‖, 1e-8), as SAELens's fold_W_dec_norm: the
-    codes become h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec)
-    is unchanged, so the saved SAE needs no rescale at run time."""
-    n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
-    return {"W_enc": params["W_enc"] * n_F[None, :], "b_enc": params["b_enc"] * n_F,
-            "W_dec": params["W_dec"] / n_F[:, None]}
-
-
 def import_saelens(path: str | Path) -> SAE:
     """Load a SAELens directory (cfg.json + sae_weights.safetensors) as our SAE.
 
@@ -264,7 +238,14 @@ def import_saelens(path: str | Path) -> SAE:
     reshaping have no exact equivalent and raise SAELensFormatError.
     """
     path = Path(path)
-    cfg, w = _read_dir(path)
+    cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
+    if path.is_dir():
+        published(path)  # completes an export that a crash interrupted
+    if not cfile.exists():
+        raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
+    if not wfile.exists():
+        raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
+    cfg, w = json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
     restored = _restore_featureatlas(cfg, w)
     if restored is not None:
         return restored
@@ -316,7 +297,12 @@ def import_saelens(path: str | Path) -> SAE:
             raise SAELensFormatError(
                 f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
                 f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote")
-        params.update(_fold_decoder_norm(params))
+        # SAELens's fold_W_dec_norm: W_enc·n, b_enc·n, W_dec / n with n = max(‖W_dec_i‖, 1e-8). The codes become
+        # h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec) is unchanged, so the
+        # saved SAE needs no rescale at run time.
+        n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
+        params.update(W_enc=params["W_enc"] * n_F[None, :], b_enc=params["b_enc"] * n_F,
+                      W_dec=params["W_dec"] / n_F[:, None])
 
     hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
     hook_out_tl = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""
