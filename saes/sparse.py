@@ -117,12 +117,10 @@ class Entries:
 
 def row_entries(idx_BxK, name: str | None = None) -> Entries:
     """Entries of k latents per row (TopK): rows = 0…0 1…1 …, feats = idx row-major."""
-    name = name or impl()
     B, k = idx_BxK.shape
-    feats = idx_BxK.reshape(-1).astype(jnp.int32)
-    rows = jnp.repeat(jnp.arange(B, dtype=jnp.int32), k)
+    e = coo_entries(jnp.repeat(jnp.arange(B, dtype=jnp.int32), k), idx_BxK.reshape(-1), B, None, name)
     # (k = 0 for legacy: the old path knew nothing of the row layout.)
-    return Entries(rows, feats, B, 0 if name == "legacy" else k, _by_feat(feats, name), None, name)
+    return e if e.impl == "legacy" else dataclasses.replace(e, k=k)
 
 
 def coo_entries(rows_N, feats_N, n_rows: int, valid_N=None, name: str | None = None) -> Entries:
