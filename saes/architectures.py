@@ -108,18 +108,11 @@ SAVED_FORMS = {f.name: f for f in (RELU_FORM, TOPK_FORM, JUMPRELU_FORM, GATED_FO
 # ---------------------------------------------------------------------------------------------
 # Straight-through estimators for JumpReLU (Rajamanoharan et al. 2024b, eqs. 11-12)
 # ---------------------------------------------------------------------------------------------
-def _rect(u):
-    """Rectangle kernel K(u) = 1[|u| < 1/2]."""
-    return (jnp.abs(u) < 0.5).astype(u.dtype)
-
-
-def _sum_to(x, shape):
-    return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
-
-
 def _d_theta(scale, z, theta, bandwidth, g):
-    """The pseudo-derivative −(scale/ε) K((z − θ)/ε) · g, summed to θ's shape."""
-    return _sum_to(-(scale / bandwidth) * _rect((z - theta) / bandwidth) * g, theta.shape)
+    """The pseudo-derivative −(scale/ε) K((z − θ)/ε) · g, summed to θ's shape; K(u) = 1[|u| < 1/2] (rectangle)."""
+    u = (z - theta) / bandwidth
+    d = -(scale / bandwidth) * (jnp.abs(u) < 0.5).astype(u.dtype) * g
+    return d.reshape((-1,) + theta.shape).sum(0) if d.shape != theta.shape else d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

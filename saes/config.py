@@ -123,9 +123,9 @@ class SAEConfig(Config):
         architecture(self)  # an unknown architecture first, with the list of known ones
         super().validate()
         self.check_structure()
-        arch = architecture(self).selection(self)
-        explicit = self.k_aux != DEFAULT_K_AUX  # the default is capped at the width instead
-        if arch.uses_auxk and self.auxk_coef > 0 and explicit and self.k_aux > self.width:
+        uses_auxk = architecture(self).selection(self).uses_auxk
+        # Only an explicit --k-aux is refused: the default is capped at the width instead.
+        if uses_auxk and self.auxk_coef > 0 and self.k_aux != DEFAULT_K_AUX and self.k_aux > self.width:
             raise ConfigError(f"--k-aux {self.k_aux} is larger than the width {self.width}: AuxK uses at most "
                               "width dead latents; choose --k-aux <= --width (or 0 to turn AuxK off)")
         return self

@@ -54,24 +54,17 @@ def save_sae(sae: SAE, path: str | Path, train_config: dict | None = None, data:
     return Path(path)
 
 
-def load_config(path: str | Path) -> tuple[SAEConfig, dict]:
-    """(SAEConfig, train config dict) of a saved SAE directory."""
+def load_sae(path: str | Path) -> SAE:
+    """Load a directory written by `save_sae` (its config.json's "train" and "data" records are not read)."""
     path = published(path)
-    cfile = path / "config.json"
+    cfile, wfile = path / "config.json", path / "weights.safetensors"
     if not cfile.exists():
         raise FileNotFoundError(f"{cfile} not found; is {path} an SAE directory written by save_sae / train-sae?")
     raw = json.loads(cfile.read_text())
     fmt = raw.get("format", FORMAT)
     if fmt != FORMAT:
         raise ConfigError(f"{cfile} has format {fmt!r}, this version reads {FORMAT!r}")
-    return SAEConfig.from_dict(raw, where=str(cfile), ignore=RECORDS), raw.get("train", {})
-
-
-def load_sae(path: str | Path) -> SAE:
-    """Load a directory written by `save_sae`."""
-    path = published(path)
-    config, _ = load_config(path)
-    wfile = path / "weights.safetensors"
+    config = SAEConfig.from_dict(raw, where=str(cfile), ignore=RECORDS)
     if not wfile.exists():
         raise FileNotFoundError(f"{wfile} not found next to config.json; the SAE directory is incomplete")
     return sae_from_params(config, load_file(str(wfile)))

@@ -97,10 +97,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; point at an SAE directory written by train-sae")
-    rows = MetricsLog(path).rows()
-    train = sorted((r for r in rows if r.get("kind", "train") == "train"), key=lambda r: r.get("step", 0))
-    evals = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r.get("step", 0))
-    return train, evals
+    rows = sorted(MetricsLog(path).rows(), key=lambda r: r.get("step", 0))
+    return [r for r in rows if r.get("kind", "train") == "train"], [r for r in rows if r.get("kind") == "eval"]
 
 
 def _x_tokens(rows: Sequence[dict]) -> np.ndarray:
@@ -170,18 +168,15 @@ def plot_density(hist: dict, out_png: Path, title: str = "") -> Path:
     return _save(fig, out_png)
 
 
-def _sae_dirs(run_dir: Path) -> list[Path]:
-    if (run_dir / "metrics.jsonl").exists():
-        return [run_dir]
-    return sorted(p for p in run_dir.iterdir() if (p / "metrics.jsonl").exists())
-
-
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write training_curves.png and (when an eval row has a histogram) density_hist.png into each SAE
     directory of `run_dir` (the run itself, or its sub-directories when several SAEs were trained),
     plus frontier.png in run_dir when there are several. Returns the written paths."""
     run_dir = Path(run_dir)
-    dirs = _sae_dirs(run_dir) if run_dir.is_dir() else []
+    if (run_dir / "metrics.jsonl").exists():
+        dirs = [run_dir]
+    else:
+        dirs = sorted(p for p in run_dir.iterdir() if (p / "metrics.jsonl").exists()) if run_dir.is_dir() else []
     if not dirs:
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir} or its sub-directories; is it a train-sae output?")
     written = []

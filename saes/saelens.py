@@ -41,7 +41,7 @@ BatchTopK and Matryoshka-BatchTopK run as JumpReLU at inference, so they export 
 of the weights in metadata["featureatlas_weights_sha256"], so export → import restores the original
 architecture and weights bit for bit. When SAELens loaded, edited and re-saved the directory (a
 new `k`, another threshold, another hook), the fields that decide the forward pass (see
-`_cfg_mismatches`) or the weight digest no longer agree with that embedded config, and the
+`_cfg_differs`) or the weight digest no longer agree with that embedded config, and the
 directory is read as a plain SAELens SAE instead, so the edit is what gets imported.
 
 JumpReLU sign: SAELens computes relu(h)·1[h > θ], we compute h·1[h > θ]; the two agree exactly
@@ -89,20 +89,14 @@ def from_transformerlens_hook(name: str) -> str:
     return from_transformerlens(name) or name
 
 
-def _saelens_architecture(config: SAEConfig) -> str:
-    """SAELens's `architecture` for the saved SAE of `config` (its SavedForm record)."""
-    name = A.saelens_architecture(config)
-    if name is None:  # SavedForm.saelens_transcoder None: SAELens has no transcoder of that form
+def _saelens_cfg(config: SAEConfig) -> dict:
+    """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
+    arch = A.saelens_architecture(config)
+    if arch is None:  # SavedForm.saelens_transcoder None: SAELens has no transcoder of that form
         exportable = ", ".join(f.name for f in A.SAVED_FORMS.values() if f.saelens_transcoder)
         raise SAELensFormatError(
             f"SAELens has no {A.saved_form(config).name} transcoder ({config.architecture}); only transcoders that "
             f"run as {exportable} at inference (BatchTopK runs as jumprelu) export")
-    return name
-
-
-def _saelens_cfg(config: SAEConfig) -> dict:
-    """The cfg.json (without the weight digest) that an export of an SAE with `config` writes."""
-    arch = _saelens_architecture(config)
     topk = A.saved_form(config) is A.TOPK_FORM
     hook_name, hook_layer = to_transformerlens_hook(config.hook_in)
     # exclude_special_tokens: our stores train without BOS.
@@ -168,17 +162,6 @@ def export_saelens(sae_or_dir: SAE | str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _read_dir(path: Path) -> tuple[dict, dict]:
-    cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
-    if path.is_dir():
-        published(path)  # completes an export that a crash interrupted
-    if not cfile.exists():
-        raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
-    if not wfile.exists():
-        raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
-    return json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
-
-
 # Fields of cfg.json that decide SAELens's forward pass (top level) or what the SAE is attached to
 # (metadata), with the value SAELens assumes when a field is absent.
 _TOP_FIELDS = {"architecture": _DEFAULT_ARCHITECTURE, "d_in": None, "d_sae": None, "d_out": None,
@@ -187,20 +170,13 @@ _TOP_FIELDS = {"architecture": _DEFAULT_ARCHITECTURE, "d_in": None, "d_sae": Non
 _META_FIELDS = ("hook_name", "hook_name_out", "model_name")
 
 
-def _cfg_mismatches(found: dict, expected: dict) -> list[str]:
-    """`field: found != expected` for every deciding field where a cfg.json differs from `expected`
-    (what our export of the embedded config writes); fields `expected` lacks are compared only
-    when `found` sets them to something other than SAELens's default."""
-    out = []
-    for key, default in _TOP_FIELDS.items():
-        a, b = found.get(key, default), expected.get(key, default)
-        if a != b:
-            out.append(f"{key}: {a!r} != {b!r}")
+def _cfg_differs(found: dict, expected: dict) -> bool:
+    """Whether a cfg.json differs from `expected` (what our export of the embedded config writes) in any
+    deciding field; fields `expected` lacks count only when `found` sets them to something other than
+    SAELens's default."""
     meta_f, meta_e = found.get("metadata") or {}, expected.get("metadata") or {}
-    for key in _META_FIELDS:
-        if meta_f.get(key) != meta_e.get(key):
-            out.append(f"metadata.{key}: {meta_f.get(key)!r} != {meta_e.get(key)!r}")
-    return out
+    return (any(found.get(key, default) != expected.get(key, default) for key, default in _TOP_FIELDS.items())
+            or any(meta_f.get(key) != meta_e.get(key) for key in _META_FIELDS))
 
 
 def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
@@ -222,7 +198,7 @@ def _restore_featureatlas(cfg: dict, weights: dict) -> SAE | None:
     except SAELensFormatError:
         return None
     digest = meta.get("featureatlas_weights_sha256")
-    if _cfg_mismatches(cfg, expected) or (digest is not None and digest != _weights_digest(weights)):
+    if _cfg_differs(cfg, expected) or (digest is not None and digest != _weights_digest(weights)):
         return None
     return sae_from_params(config, weights)
 
@@ -253,15 +229,6 @@ def _saelens_form(cfg: dict) -> tuple[str, A.SavedForm, bool]:
     return (name, *_SAELENS_FORMS[name])
 
 
-def _fold_decoder_norm(params: dict) -> dict:
-    """W_enc·n, b_enc·n, W_dec / n with n = max(‖W_dec_i‖, 1e-8), as SAELens's fold_W_dec_norm: the
-    codes become h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec)
-    is unchanged, so the saved SAE needs no rescale at run time."""
-    n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
-    return {"W_enc": params["W_enc"] * n_F[None, :], "b_enc": params["b_enc"] * n_F,
-            "W_dec": params["W_dec"] / n_F[:, None]}
-
-
 def import_saelens(path: str | Path) -> SAE:
     """Load a SAELens directory (cfg.json + sae_weights.safetensors) as our SAE.
 
@@ -271,7 +238,14 @@ def import_saelens(path: str | Path) -> SAE:
     reshaping have no exact equivalent and raise SAELensFormatError.
     """
     path = Path(path)
-    cfg, w = _read_dir(path)
+    cfile, wfile = path / CFG_FILE, path / WEIGHTS_FILE
+    if path.is_dir():
+        published(path)  # completes an export that a crash interrupted
+    if not cfile.exists():
+        raise FileNotFoundError(f"{cfile} not found; a SAELens SAE directory holds cfg.json and {WEIGHTS_FILE}")
+    if not wfile.exists():
+        raise FileNotFoundError(f"{wfile} not found next to {cfile}; the SAELens directory is incomplete")
+    cfg, w = json.loads(cfile.read_text()), {k: np.asarray(v, np.float32) for k, v in load_file(str(wfile)).items()}
     restored = _restore_featureatlas(cfg, w)
     if restored is not None:
         return restored
@@ -323,7 +297,12 @@ def import_saelens(path: str | Path) -> SAE:
             raise SAELensFormatError(
                 f"rescale_acts_by_decoder_norm is set for architecture {cfg.get('architecture')!r}, which SAELens "
                 f"only defines for {', '.join(_RESCALED_ARCHITECTURES)}; this cfg.json is not one SAELens wrote")
-        params.update(_fold_decoder_norm(params))
+        # SAELens's fold_W_dec_norm: W_enc·n, b_enc·n, W_dec / n with n = max(‖W_dec_i‖, 1e-8). The codes become
+        # h·n (what a rescaled encoder selects and thresholds) and decode((h·n)/n · W_dec) is unchanged, so the
+        # saved SAE needs no rescale at run time.
+        n_F = np.maximum(np.linalg.norm(params["W_dec"], axis=1), 1e-8)
+        params.update(W_enc=params["W_enc"] * n_F[None, :], b_enc=params["b_enc"] * n_F,
+                      W_dec=params["W_dec"] / n_F[:, None])
 
     hook_in = from_transformerlens_hook(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
     hook_out_tl = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""

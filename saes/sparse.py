@@ -117,12 +117,10 @@ class Entries:
 
 def row_entries(idx_BxK, name: str | None = None) -> Entries:
     """Entries of k latents per row (TopK): rows = 0…0 1…1 …, feats = idx row-major."""
-    name = name or impl()
     B, k = idx_BxK.shape
-    feats = idx_BxK.reshape(-1).astype(jnp.int32)
-    rows = jnp.repeat(jnp.arange(B, dtype=jnp.int32), k)
+    e = coo_entries(jnp.repeat(jnp.arange(B, dtype=jnp.int32), k), idx_BxK.reshape(-1), B, None, name)
     # (k = 0 for legacy: the old path knew nothing of the row layout.)
-    return Entries(rows, feats, B, 0 if name == "legacy" else k, _by_feat(feats, name), None, name)
+    return e if e.impl == "legacy" else dataclasses.replace(e, k=k)
 
 
 def coo_entries(rows_N, feats_N, n_rows: int, valid_N=None, name: str | None = None) -> Entries:
@@ -192,30 +190,9 @@ def _row_chunks(part_fn, X_BxM, idx_BxK, W_FxD, out_width: int):
     return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((n_chunks * c, out_width), jnp.float32))[:X_BxM.shape[0]]
 
 
-def row_chunk_dots(A_BxD, idx_BxK, W_FxD):
-    """out[b, j] = A[b] · W[idx[b, j]] in float32, a loop over chunks of ROW_CHUNK rows: each chunk's
-    gathered rows [c, k, D] stay in cache for one batched dot (CPU)."""
-    dot = lambda a, w: jnp.einsum("bd,bkd->bk", a, w, preferred_element_type=jnp.float32)  # noqa: E731
-    return _row_chunks(dot, A_BxD, idx_BxK, W_FxD, idx_BxK.shape[1])
-
-
-def row_chunk_sums(coef_BxK, idx_BxK, W_FxD):
-    """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32, a loop over chunks of ROW_CHUNK rows (CPU; a
-    chain of k gathers is not kept in one fusion by XLA:CPU inside a training step)."""
-    wsum = lambda coef, w: jnp.einsum("bk,bkd->bd", coef, w.astype(jnp.float32))  # noqa: E731
-    return _row_chunks(wsum, coef_BxK.astype(jnp.float32), idx_BxK, W_FxD, W_FxD.shape[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # Loop-free pieces (gather implementation)
 # ---------------------------------------------------------------------------------------------
-def gather_reduce(coef_BxK, idx_BxK, W_FxD):
-    """out[b] = Σ_j coef[b, j] · W[idx[b, j]] in float32: one gather-multiply-reduce, which XLA:GPU keeps
-    in one reduction fusion (no [B, k, D] array; scripts/hlo_check.py reports it if it is not)."""
-    prod = coef_BxK[:, :, None].astype(jnp.float32) * W_FxD[idx_BxK].astype(jnp.float32)
-    return jnp.sum(prod, axis=1)
-
-
 def _sorted_scatter(keys_N, coef_N, rows_of_A, A_RxD, n_out: int):
     """out[i] = Σ_{n: keys[n]=i} coef[n] · A[rows_of_A[n]] in float32, keys ascending."""
     upd = coef_N[:, None].astype(jnp.float32) * A_RxD[rows_of_A].astype(jnp.float32)
@@ -232,9 +209,15 @@ def _acc(e: Entries, dtype):
 def rows_sum(e: Entries, coef_N, W_FxD, dtype=jnp.float32):
     """[n_rows, D] float32: out[r] = Σ_{n: rows[n]=r} coef[n] · W[feats[n]] (module docstring)."""
     W = W_FxD.astype(dtype)
-    if e.k:
-        sums = gather_reduce if e.impl == "gather" else row_chunk_sums
-        return sums(coef_N.reshape(e.n_rows, e.k), e.idx_BxK, W)
+    if e.k:  # TopK: k entries per row
+        coef_BxK = coef_N.reshape(e.n_rows, e.k).astype(jnp.float32)
+        if e.impl == "gather":
+            # One gather-multiply-reduce, which XLA:GPU keeps in one reduction fusion (no [B, k, D] array;
+            # scripts/hlo_check.py reports it if it is not).
+            return jnp.sum(coef_BxK[:, :, None] * W[e.idx_BxK].astype(jnp.float32), axis=1)
+        # Chunks of ROW_CHUNK rows: a chain of k gathers is not kept in one fusion by XLA:CPU inside a training step.
+        wsum = lambda coef, w: jnp.einsum("bk,bkd->bd", coef, w.astype(jnp.float32))  # noqa: E731
+        return _row_chunks(wsum, coef_BxK, e.idx_BxK, W, W.shape[1])
     if e.impl == "gather":
         return _sorted_scatter(e.rows, coef_N, e.feats, W, e.n_rows)
     acc = _acc(e, dtype)
@@ -249,8 +232,9 @@ def pair_dots(e: Entries, A_RxD, W_FxD, dtype=jnp.float32):
             prod = A[:, None, :].astype(jnp.float32) * W[e.idx_BxK].astype(jnp.float32)
             return jnp.sum(prod, axis=-1).reshape(-1)
         return jnp.sum(A[e.rows].astype(jnp.float32) * W[e.feats].astype(jnp.float32), axis=-1)
-    if e.k:
-        return row_chunk_dots(A, e.idx_BxK, W).reshape(-1)
+    if e.k:  # each chunk's gathered rows [c, k, D] stay in cache for one batched dot (CPU)
+        dot = lambda a, w: jnp.einsum("bd,bkd->bk", a, w, preferred_element_type=jnp.float32)  # noqa: E731
+        return _row_chunks(dot, A, e.idx_BxK, W, e.k).reshape(-1)
     return gather_dot(e.rows, e.feats, A, W, _acc(e, dtype)).astype(jnp.float32)
 
 
@@ -344,6 +328,5 @@ def dense_codes(rows_N, feats_N, vals_N, n_rows: int, n_feats: int):
 
 
 __all__ = ["CHUNK", "IMPLS", "Entries", "coo_entries", "decode", "default_impl", "dense_codes", "feat_totals",
-           "feats_sum", "fwd_saving_args", "gather_dot", "gather_reduce", "impl", "pair_dots", "row_chunk_dots",
-           "row_chunk_sums", "row_entries", "rows_sum", "scatter_feats", "scatter_rows", "selected_preacts",
-           "topk_method", "use_impl"]
+           "feats_sum", "fwd_saving_args", "gather_dot", "impl", "pair_dots", "row_entries", "rows_sum",
+           "scatter_feats", "scatter_rows", "selected_preacts", "topk_method", "use_impl"]

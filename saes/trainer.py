@@ -85,16 +85,12 @@ class TrainingDivergedError(FeatureAtlasError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Names, mesh, shardings
 # ---------------------------------------------------------------------------------------------
-def sae_name(cfg: SAEConfig) -> str:
-    hooks = cfg.hook_in if not cfg.is_transcoder else f"{cfg.hook_in}-to-{cfg.hook_out}"
-    k = f"_k{cfg.k}" if A.architecture(cfg).uses_k else ""
-    return f"{cfg.architecture}_{hooks}_w{cfg.width}{k}"
-
-
 def unique_names(cfgs: Sequence[SAEConfig]) -> list[str]:
+    """arch_hook[-to-hook_out]_wWIDTH[_kK] per SAE, with _2, _3, ... on repeats."""
     names, seen = [], {}
     for c in cfgs:
-        n = sae_name(c)
+        hooks = c.hook_in if not c.is_transcoder else f"{c.hook_in}-to-{c.hook_out}"
+        n = f"{c.architecture}_{hooks}_w{c.width}" + (f"_k{c.k}" if A.architecture(c).uses_k else "")
         seen[n] = seen.get(n, 0) + 1
         names.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
     return names

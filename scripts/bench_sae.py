@@ -281,22 +281,19 @@ def main(argv=None) -> int:
             cmd += [f"--{n.replace('_', '-')}", str(v)]
         try:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.timeout or None)
+            error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1]
         except subprocess.TimeoutExpired:
-            results.append({"arch": arch, "impl": impl, "error": f"timed out after {args.timeout:g} s"})
-            print(f"{arch:>10} {impl:>6}: timed out", file=sys.stderr, flush=True)
-            report(gf, False)
-            continue
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results.append({"arch": arch, "impl": impl,
-                            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
-            report(gf, False)
-            continue
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        ops = " ".join(f"{k} {v:.1f}" for k, v in res.get("ops_ms", {}).items())
-        print(f"{arch:>10} {res['impl']:>6}: {res['tokens_per_s']:>9.0f} tok/s  {res['step_ms']:>8.1f} ms/step  "
-              f"{res['gflops']:>7.1f} GFLOP/s  rss {res['peak_rss_mb']:.0f} MB  {ops}", flush=True)
-        results.append(res)
+            proc, error = None, f"timed out after {args.timeout:g} s"
+        if error:  # recorded, and the next architecture runs
+            print(f"{arch:>10} {impl:>6}: timed out" if proc is None else proc.stderr[-3000:], file=sys.stderr,
+                  flush=True)
+            results.append({"arch": arch, "impl": impl, "error": error})
+        else:
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            ops = " ".join(f"{k} {v:.1f}" for k, v in res.get("ops_ms", {}).items())
+            print(f"{arch:>10} {res['impl']:>6}: {res['tokens_per_s']:>9.0f} tok/s  {res['step_ms']:>8.1f} ms/step  "
+                  f"{res['gflops']:>7.1f} GFLOP/s  rss {res['peak_rss_mb']:.0f} MB  {ops}", flush=True)
+            results.append(res)
         report(gf, False)
     emit(report(matmul_gflops(), True))
     return 0

@@ -19,15 +19,13 @@ continues with --resume (same settings required; the differences are listed othe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
 import typing
 from dataclasses import dataclass
 
-from featureatlas.activation_store.configs import (Config, add_config_arguments, config_from_args, flag_of,
-                                                   setting)
+from featureatlas.activation_store.configs import Config, add_config_arguments, config_from_args, flags_of, setting
 from featureatlas.activation_store.errors import ConfigError
 from featureatlas.saes.config import SAEConfig, SAETrainConfig
 
@@ -68,8 +66,8 @@ class TrainSAECommand(Config):
 
 def _spec_keys() -> dict[str, str]:
     """{--sae key: SAEConfig field}: every command-line SAE setting by field name and by flag (l1_coef, l1)."""
-    fields = [f.name for f in dataclasses.fields(SAEConfig) if f.metadata.get("cli") is not False]
-    return {**{flag_of(SAEConfig, n).lstrip("-").replace("-", "_"): n for n in fields}, **{n: n for n in fields}}
+    flags = flags_of(SAEConfig)
+    return {**{flag.lstrip("-").replace("-", "_"): n for n, flag in flags.items()}, **{n: n for n in flags}}
 
 
 def register(subparsers) -> None:
@@ -105,8 +103,7 @@ def _parse_value(tp, text: str, where: str):
     """`text` as a value of the field type `tp` (int, float, str, bool, int | None, tuple[int, ...])."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is tuple:
-        item = lambda s: _parse_value(args[0], s, where)  # noqa: E731
-        return tuple(item(s) for s in text.split(":") if s)
+        return tuple(_parse_value(args[0], s, where) for s in text.split(":") if s)
     if args:
         tp = args[0]
     try:
@@ -190,8 +187,7 @@ def run(args) -> int:
               file=sys.stderr)
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.mesh.strip() == "all":
-        data, feature = parse_mesh("all")
-        tcfg = tcfg.replace(mesh_data=data).validate()
+        tcfg = tcfg.replace(mesh_data=parse_mesh("all")[0]).validate()
     store = ActivationStore.open(args.store)
     if not store.complete:
         print(f"[train-sae] warning: {args.store} is partial: {store.n_committed} of {store.n_planned} planned "
